@@ -1,0 +1,245 @@
+"""``concept-explainer``: the offline pipeline, one subcommand per step.
+
+    concept-explainer render     --out data/shapes                  # demo data + factors.csv
+    concept-explainer train      --data data/shapes --out build/shapes/classifier
+    concept-explainer export     --classifier build/shapes/classifier --out build/shapes/bundle
+    concept-explainer archive    --bundle build/shapes/bundle --name shapes --model-store model_store
+    concept-explainer build-demo                                    # all of the above
+    concept-explainer query      --image x.png --model shapes       # ask a running TorchServe
+
+Bring your own model: ``export --model-file net.py --model-class Net --weights w.safetensors
+--data my_images/`` (classes and input size from the data, or ``--classes``/``--size``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from handlers.runtime.bundle import ModelMetadata
+from handlers.runtime.imaging import InputSpec
+
+CLASSIFIER_WEIGHTS = "weights.safetensors"
+CLASSIFIER_INFO = "classifier.json"
+
+
+def cmd_render(args: argparse.Namespace) -> dict:
+    from export.data.renderer import render_dataset
+    t0 = time.perf_counter()
+    out = render_dataset(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
+                         seed=args.seed, workers=args.workers)
+    info = {"out": str(out), "images": args.n_train + args.n_test, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"rendered {info['images']} images into {out} in {info['seconds']} s")
+    return info
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    import torch
+    from export.data.loader import infer_input_spec, load_image_folder
+    from export.models import build_model, save_weights
+    from export.train import TrainConfig, train_classifier
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = infer_input_spec(args.data, size=args.size)
+    train = load_image_folder(args.data, spec, "train", limit=args.limit)
+    test = load_image_folder(args.data, spec, "test", limit=args.limit and max(args.limit // 4, 1))
+    model = build_model(args.arch, len(train.classes), spec.channels)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      max_steps=args.max_steps)
+    result = train_classifier(model, train, test, spec, cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / CLASSIFIER_WEIGHTS)
+    info = {"architecture": args.arch, "classes": list(train.classes), "input": spec.to_json(),
+            "training": {"epochs": args.epochs, "steps": result.steps, "train_images": len(train),
+                         "test_images": len(test), "test_accuracy": round(result.test_accuracy, 4),
+                         "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
+                         "history": result.history}}
+    (out / CLASSIFIER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"trained {args.arch}: held-out accuracy {result.test_accuracy:.4f} "
+          f"in {result.seconds:.0f} s ({result.steps} steps, {torch.get_num_threads()} threads)")
+    return info
+
+
+def _load_classifier(args: argparse.Namespace):
+    """(model, spec, classes, info) from a ``train`` output folder or a user's model file."""
+    from export.data.loader import infer_input_spec, scan_image_folder
+    from export.models import build_model, load_user_model, load_weights
+    if args.classifier:
+        info = json.loads((Path(args.classifier) / CLASSIFIER_INFO).read_text())
+        spec = InputSpec.from_json(info["input"])
+        model = build_model(info["architecture"], len(info["classes"]), spec.channels)
+        load_weights(model, Path(args.classifier) / CLASSIFIER_WEIGHTS)
+        return model.eval(), spec, tuple(info["classes"]), info
+    if not (args.model_file and args.model_class and args.weights):
+        raise SystemExit("export needs --classifier DIR, or --model-file, --model-class and --weights")
+    if args.data:
+        classes, _ = scan_image_folder(args.data)
+        spec = infer_input_spec(args.data, size=args.size, channels=args.channels)
+    else:
+        if not (args.classes and args.size):
+            raise SystemExit("without --data, give --classes and --size (and --channels, --mean, --std)")
+        classes = tuple(c.strip() for c in args.classes.split(","))
+        ch = args.channels or 3
+        spec = InputSpec(args.size, args.size, ch, tuple(args.mean or [0.5] * ch), tuple(args.std or [0.25] * ch))
+    if args.classes:
+        classes = tuple(c.strip() for c in args.classes.split(","))
+    model = load_user_model(args.model_file, args.model_class)
+    load_weights(model, args.weights)
+    return model.eval(), spec, classes, {"model_file": str(args.model_file), "model_class": args.model_class}
+
+
+def cmd_export(args: argparse.Namespace) -> dict:
+    from export.archive import write_bundle
+    from export.onnx_export import INPUT_NAME, LOGITS_NAME, default_layers, export_classifier, parity
+    model, spec, classes, info = _load_classifier(args)
+    layers = args.layers.split(",") if args.layers else default_layers(model)
+    report: dict = {}
+
+    def fill(tmp: Path) -> ModelMetadata:
+        infos = export_classifier(model, spec, layers, tmp / "classifier.onnx")
+        report["parity_max_abs_diff"] = parity(model, tmp / "classifier.onnx", spec, layers)
+        if report["parity_max_abs_diff"] > 1e-4:
+            raise RuntimeError(f"onnxruntime disagrees with torch by {report['parity_max_abs_diff']:.2e}")
+        extra = {"source": {k: v for k, v in info.items() if k != "input"}}
+        return ModelMetadata(args.name, args.version, tuple(classes), spec, "classifier.onnx",
+                             INPUT_NAME, LOGITS_NAME, tuple(infos), extra)
+
+    out = write_bundle(args.out, fill)
+    print(f"bundle written to {out}; layers {layers}; torch/onnxruntime max abs diff "
+          f"{report['parity_max_abs_diff']:.2e}")
+    return {"bundle": str(out), "layers": layers, **report}
+
+
+def cmd_archive(args: argparse.Namespace) -> dict:
+    from export.archive import build_mar
+    from handlers.runtime.bundle import load_bundle
+    bundle = load_bundle(args.bundle)  # refuse to archive a corrupted bundle
+    mar = build_mar(args.bundle, args.name or bundle.metadata.name, args.version or bundle.metadata.version,
+                    args.model_store, args.model_config)
+    print(f"archived {mar} ({mar.stat().st_size / 1e6:.2f} MB, bundle sha256 {bundle.sha256[:12]})")
+    return {"mar": str(mar)}
+
+
+def cmd_build_demo(args: argparse.Namespace) -> dict:
+    t0 = time.perf_counter()
+    data, build = Path(args.data), Path(args.build)
+    report: dict = {}
+    if not (data / "factors.csv").is_file() or args.force:
+        report["render"] = cmd_render(argparse.Namespace(out=data, n_train=args.n_train, n_test=args.n_test,
+                                                         size=64, seed=args.seed, workers=None))
+    if not (build / "classifier" / CLASSIFIER_INFO).is_file() or args.force:
+        report["train"] = cmd_train(argparse.Namespace(
+            data=data, out=build / "classifier", arch="demo_resnet", size=None, limit=None,
+            epochs=args.epochs, batch_size=128, lr=4e-3, seed=args.seed, max_steps=None, threads=None))
+    report["export"] = cmd_export(argparse.Namespace(
+        classifier=build / "classifier", model_file=None, model_class=None, weights=None, data=None,
+        classes=None, size=None, channels=None, mean=None, std=None, layers=None,
+        out=build / "bundle", name=args.name, version=args.version))
+    report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
+                                                       version=args.version, model_store=args.model_store,
+                                                       model_config=None))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (build / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"demo build finished in {report['seconds']} s; report in {build / 'build-report.json'}")
+    return report
+
+
+def cmd_query(args: argparse.Namespace) -> dict:
+    from export.client import TorchServeClient
+    client = TorchServeClient(args.url, key_file=args.key_file)
+    client.wait_ready(args.model, timeout=args.timeout)
+    status, body = client.post_image(args.endpoint, args.model, Path(args.image).read_bytes())
+    print(json.dumps(body, indent=2))
+    if status != 200:
+        raise SystemExit(f"HTTP {status}")
+    return body
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="concept-explainer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("render", help="render the controlled-factor demo data set")
+    r.add_argument("--out", default="data/shapes")
+    r.add_argument("--n-train", type=int, default=16000)
+    r.add_argument("--n-test", type=int, default=4000)
+    r.add_argument("--size", type=int, default=64)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int, default=None)
+    r.set_defaults(func=cmd_render)
+
+    t = sub.add_parser("train", help="train a project architecture on an image folder")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--arch", default="demo_resnet")
+    t.add_argument("--size", type=int, default=None, help="input size (default: the data's)")
+    t.add_argument("--epochs", type=int, default=8)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=4e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, default=None, help="use at most this many training images")
+    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export a classifier to ONNX and write the artifact bundle")
+    e.add_argument("--classifier", help="output folder of `train`")
+    e.add_argument("--model-file", help="your own model: a Python file defining an nn.Module")
+    e.add_argument("--model-class")
+    e.add_argument("--weights", help="safetensors, or a state dict .pt (loaded with weights_only=True)")
+    e.add_argument("--data", help="image folder, to read classes and input size from")
+    e.add_argument("--classes", help="comma-separated class names (overrides --data)")
+    e.add_argument("--size", type=int)
+    e.add_argument("--channels", type=int, choices=(1, 3))
+    e.add_argument("--mean", type=float, nargs="+")
+    e.add_argument("--std", type=float, nargs="+")
+    e.add_argument("--layers", help="comma-separated module names to expose (default: layer1..N, avgpool)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--name", default="shapes")
+    e.add_argument("--version", default="1.0")
+    e.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("archive", help="build model_store/NAME.mar from a bundle")
+    a.add_argument("--bundle", required=True)
+    a.add_argument("--name")
+    a.add_argument("--version")
+    a.add_argument("--model-store", default="model_store")
+    a.add_argument("--model-config", help="model-config.yaml (default: export/model-config.yaml)")
+    a.set_defaults(func=cmd_archive)
+
+    d = sub.add_parser("build-demo", help="render, train, export and archive the demo model")
+    d.add_argument("--data", default="data/shapes")
+    d.add_argument("--build", default="build/shapes")
+    d.add_argument("--model-store", default="model_store")
+    d.add_argument("--name", default="shapes")
+    d.add_argument("--version", default="1.0")
+    d.add_argument("--n-train", type=int, default=16000)
+    d.add_argument("--n-test", type=int, default=4000)
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="redo data and training even if present")
+    d.set_defaults(func=cmd_build_demo)
+
+    q = sub.add_parser("query", help="send an image to a running TorchServe")
+    q.add_argument("--image", required=True)
+    q.add_argument("--model", default="shapes")
+    q.add_argument("--endpoint", default="predictions", choices=("predictions", "explanations"))
+    q.add_argument("--url", default="http://127.0.0.1:8080")
+    q.add_argument("--key-file", default="key_file.json")
+    q.add_argument("--timeout", type=float, default=120)
+    q.set_defaults(func=cmd_query)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Export the classifier to ONNX with the activations of explanation layers as extra outputs.
+
+Serving then gets logits and every activation it needs from one onnxruntime run.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from handlers.runtime.bundle import LayerInfo
+from handlers.runtime.imaging import InputSpec
+
+INPUT_NAME = "image"
+LOGITS_NAME = "logits"
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """ResNet-style names (``layer1..N`` and ``avgpool``) when present, else the top-level
+    children except the last (the head)."""
+    names = [n for n, _ in model.named_children()]
+    stages = [n for n in names if n.startswith("layer") and n[5:].isdigit()]
+    if stages:
+        return stages + (["avgpool"] if "avgpool" in names else [])
+    return names[:-1]
+
+
+class WithActivations(nn.Module):
+    """Wraps a classifier: forward returns ``(logits, act_1, ..., act_L)``.
+
+    Activations are captured with forward hooks on the named submodules, so any eager
+    ``nn.Module`` works without changes to its code.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = list(layers)
+        modules = dict(model.named_modules())
+        unknown = [l for l in self.layers if l not in modules]
+        if unknown:
+            raise ValueError(f"unknown layers {unknown}; the model has {[n for n in modules if n][:40]}")
+        self._acts: dict[str, torch.Tensor] = {}
+        self._handles = [modules[l].register_forward_hook(self._hook(l)) for l in self.layers]
+
+    def _hook(self, name: str):
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            self._acts[name] = output
+        return hook
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._acts.clear()
+        logits = self.model(x)
+        return (logits, *[self._acts[l] for l in self.layers])
+
+
+def output_name(layer: str) -> str:
+    return "act_" + layer.replace(".", "_")
+
+
+def export_classifier(model: nn.Module, spec: InputSpec, layers: Sequence[str], path: str | Path) -> list[LayerInfo]:
+    """Write ``path`` (one self-contained ONNX file, dynamic batch) and describe its layer outputs."""
+    model = model.eval()
+    wrapped = WithActivations(model, layers).eval()
+    x = torch.zeros(2, spec.channels, spec.height, spec.width)
+    with torch.no_grad():
+        outs = wrapped(x)
+    names = [LOGITS_NAME, *[output_name(l) for l in layers]]
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(wrapped, (x,), str(path), dynamo=True, external_data=False,
+                          input_names=[INPUT_NAME], output_names=names,
+                          dynamic_shapes={"x": {0: batch}}, verbose=False)
+    return [LayerInfo(l, output_name(l), tuple(int(s) for s in o.shape[1:])) for l, o in zip(layers, outs[1:])]
+
+
+def parity(model: nn.Module, path: str | Path, spec: InputSpec, layers: Sequence[str],
+           batch_sizes: Sequence[int] = (1, 8), seed: int = 0) -> float:
+    """Max abs difference between torch and onnxruntime over logits and activations."""
+    wrapped = WithActivations(model.eval(), layers).eval()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b in batch_sizes:
+        x = torch.randn(b, spec.channels, spec.height, spec.width, generator=gen)
+        with torch.no_grad():
+            ref = [t.numpy() for t in wrapped(x)]
+        got = session.run(None, {INPUT_NAME: x.numpy()})
+        for r, g in zip(ref, got):
+            if r.shape != g.shape:
+                raise AssertionError(f"shape mismatch {r.shape} vs {g.shape} at batch {b}")
+            worst = max(worst, float(np.abs(r - g).max()))
+    return worst

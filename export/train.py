@@ -1,0 +1,93 @@
+"""Classifier training on an :class:`export.data.loader.ImageDataset` (CPU friendly)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.data.loader import ImageDataset
+from handlers.runtime.imaging import InputSpec, normalize
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings: AdamW with a one-cycle learning-rate schedule."""
+
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 4e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    max_steps: int | None = None  # stop early after this many steps (tests, smoke runs)
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float
+    seconds: float
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def batches(ds: ImageDataset, spec: InputSpec, batch_size: int, order: np.ndarray | None = None):
+    """Yield (x float32 (B, C, H, W) tensor, y int64 (B,) tensor) in ``order``."""
+    order = np.arange(len(ds)) if order is None else order
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        yield torch.from_numpy(normalize(ds.pixels[idx], spec)), torch.from_numpy(ds.labels[idx])
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
+    """Logits (N, K) of the model in eval mode."""
+    model.eval()
+    return np.concatenate([model(x).numpy() for x, _ in batches(ds, spec, batch_size)])
+
+
+def accuracy(model: nn.Module, ds: ImageDataset, spec: InputSpec) -> float:
+    return float((predict_logits(model, ds, spec).argmax(1) == ds.labels).mean())
+
+
+def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, spec: InputSpec,
+                     cfg: TrainConfig = TrainConfig(), progress: bool = True) -> TrainResult:
+    """Train in place with cross-entropy; evaluate on ``test`` after each epoch."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    steps_per_epoch = -(-len(train) // cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.25)
+    loss_fn = nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    step = 0
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=total, desc="train", disable=not progress, unit="step")
+    for epoch in range(cfg.epochs):
+        model.train()
+        running, n_steps = 0.0, 0
+        for x, y in batches(train, spec, cfg.batch_size, rng.permutation(len(train))):
+            loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running += float(loss.detach())
+            n_steps += 1
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+            if step >= total:
+                break
+        acc = accuracy(model, test, spec)
+        history.append({"epoch": epoch + 1, "loss": running / max(n_steps, 1),
+                        "test_accuracy": acc})
+        bar.set_postfix(epoch=epoch + 1, test_acc=f"{acc:.4f}")
+        if step >= total:
+            break
+    bar.close()
+    model.eval()
+    return TrainResult(history[-1]["test_accuracy"], time.perf_counter() - t0, step, history)

@@ -1,0 +1,73 @@
+"""TorchServe entry point: the only module that knows TorchServe.
+
+It translates TorchServe's batch (``data`` list plus ``context``) into
+:class:`handlers.runtime.service.RawRequest` objects, sets each request's HTTP status and
+content type, and returns one JSON body per request. All logic lives in
+``handlers.runtime`` so the core can move to another server. TorchServe's loader requires
+exactly one class in this module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from handlers.runtime import service as service_mod
+from handlers.runtime import settings as settings_mod
+
+log = logging.getLogger(__name__)
+
+_BODY_KEYS = ("data", "body", "file", "image")
+
+
+def _header(headers: dict[str, Any], name: str) -> str | None:
+    lname = name.lower()
+    for key, value in headers.items():
+        if key.lower() == lname and isinstance(value, str):
+            return value
+    return None
+
+
+class ConceptExplainerHandler:
+    """TorchServe custom handler: ``initialize(context)`` once, ``handle(data, context)`` per batch."""
+
+    def __init__(self) -> None:
+        self.service: service_mod.ExplainerService | None = None
+        self.initialized = False
+
+    def initialize(self, context: Any) -> None:
+        """Read settings once, verify and load the bundle. A bad bundle fails loading."""
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        settings = settings_mod.HandlerSettings.from_mapping(yaml_config.get("handler"))
+        model_dir = context.system_properties.get("model_dir")
+        self.service = service_mod.ExplainerService.load(model_dir, settings)
+        self.initialized = True
+
+    def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
+        """One JSON body per request, with per-request status and content type set."""
+        assert self.service is not None, "handler used before initialize()"
+        requests = [self._raw_request(i, row, context) for i, row in enumerate(data or [])]
+        replies = self.service.handle_batch(requests)
+        bodies = []
+        for i, reply in enumerate(replies):
+            context.set_response_status(reply.status, "", idx=i)
+            context.set_response_content_type(i, "application/json")
+            bodies.append(json.dumps(reply.body, separators=(",", ":")).encode())
+        return bodies
+
+    @staticmethod
+    def _raw_request(idx: int, row: dict[str, Any], context: Any) -> service_mod.RawRequest:
+        headers: dict[str, Any] = {}
+        try:
+            headers = context.get_all_request_header(idx) or {}
+        except (AttributeError, IndexError, TypeError):
+            pass
+        key = next((k for k in _BODY_KEYS if k in row), None)
+        if key is None and len(row) == 1:
+            key = next(iter(row))
+        value = row.get(key) if key is not None else None
+        part = headers.get(key) if key is not None else None
+        content_type = part.get("content-type") if isinstance(part, dict) else None
+        content_type = content_type or _header(headers, "Content-Type")
+        explain = (_header(headers, "explain") or "").lower() == "true"
+        return service_mod.RawRequest(value=value, content_type=content_type, explain=explain)

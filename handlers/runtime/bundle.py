@@ -1,0 +1,164 @@
+"""The artifact bundle: a folder of portable files (ONNX, JSON) plus ``manifest.json``.
+
+``manifest.json`` lists every file with its sha256. :func:`load_bundle` verifies every
+hash before anything is used, so a corrupted or partial bundle refuses to load (with a
+message naming the file, the expected and the actual hash) instead of serving wrong
+answers. Export writes bundles with :func:`write_manifest`; serving reads them with
+:func:`load_bundle`. No pickles anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from handlers.runtime.errors import ArtifactError
+from handlers.runtime.imaging import InputSpec
+
+MANIFEST = "manifest.json"
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _bundle_digest(files: dict[str, str]) -> str:
+    """One hash for the whole bundle: sha256 over the sorted ``name:hash`` lines."""
+    lines = "".join(f"{name}:{files[name]}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def write_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """Hash every file under ``bundle_dir`` (except the manifest) and write the manifest."""
+    root = Path(bundle_dir)
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format_version": FORMAT_VERSION, "files": files,
+                "bundle_sha256": _bundle_digest(files)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    """Check every file listed in the manifest; return the manifest.
+
+    Raises:
+        ArtifactError: manifest missing or malformed, a listed file missing, or a hash
+            mismatch (message names the file, expected and actual sha256).
+    """
+    root = Path(bundle_dir)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"bundle {root}: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+        files: dict[str, str] = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"bundle {root}: {MANIFEST} is malformed: {exc}") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"bundle {root}: unsupported format_version {manifest.get('format_version')}")
+    for name, expected in sorted(files.items()):
+        file = root / name
+        if not file.is_file():
+            raise ArtifactError(f"bundle {root}: file {name} is missing (expected sha256 {expected})")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ArtifactError(
+                f"bundle {root}: file {name} has sha256 {actual}, manifest expects {expected}")
+    if manifest.get("bundle_sha256") != _bundle_digest(files):
+        raise ArtifactError(f"bundle {root}: bundle_sha256 does not match the listed files")
+    return manifest
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer available for explanations: module name, ONNX output name, activation shape (C, H, W) or (D,)."""
+
+    name: str
+    output: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """Everything serving needs to know about the classifier (from ``metadata.json``)."""
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    input: InputSpec
+    classifier_file: str
+    input_name: str
+    logits_name: str
+    layers: tuple[LayerInfo, ...]
+    extra: dict[str, Any]
+
+    def class_index(self, label: str) -> int | None:
+        try:
+            return self.classes.index(label)
+        except ValueError:
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "name": self.name, "version": self.version,
+            "classes": list(self.classes), "input": self.input.to_json(),
+            "classifier": {"file": self.classifier_file, "input": self.input_name,
+                           "logits": self.logits_name},
+            "layers": [{"name": l.name, "output": l.output, "shape": list(l.shape)} for l in self.layers],
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelMetadata":
+        known = {"format_version", "name", "version", "classes", "input", "classifier", "layers"}
+        try:
+            return cls(
+                name=str(d["name"]), version=str(d["version"]),
+                classes=tuple(str(c) for c in d["classes"]),
+                input=InputSpec.from_json(d["input"]),
+                classifier_file=str(d["classifier"]["file"]),
+                input_name=str(d["classifier"]["input"]),
+                logits_name=str(d["classifier"]["logits"]),
+                layers=tuple(LayerInfo(str(l["name"]), str(l["output"]), tuple(int(s) for s in l["shape"]))
+                             for l in d["layers"]),
+                extra={k: v for k, v in d.items() if k not in known},
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{METADATA} is malformed: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle on disk."""
+
+    root: Path
+    metadata: ModelMetadata
+    sha256: str
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+
+def load_bundle(bundle_dir: str | Path) -> Bundle:
+    """Verify the manifest, then read the metadata. Raises :class:`ArtifactError`."""
+    root = Path(bundle_dir)
+    manifest = verify_bundle(root)
+    if METADATA not in manifest["files"]:
+        raise ArtifactError(f"bundle {root}: {METADATA} is not listed in the manifest")
+    metadata = ModelMetadata.from_json(json.loads((root / METADATA).read_text()))
+    if metadata.classifier_file not in manifest["files"]:
+        raise ArtifactError(f"bundle {root}: {metadata.classifier_file} is not listed in the manifest")
+    return Bundle(root, metadata, manifest["bundle_sha256"])

@@ -1,0 +1,62 @@
+"""The classifier as one onnxruntime graph: logits plus the activations of explanation layers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+
+def make_session(path: str | Path, providers: Sequence[str], intra_op_threads: int) -> ort.InferenceSession:
+    """An onnxruntime session on the first available of ``providers`` (CPU always last)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(0, int(intra_op_threads))
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = set(ort.get_available_providers())
+    chosen = [p for p in providers if p in available and p != "CPUExecutionProvider"]
+    chosen.append("CPUExecutionProvider")
+    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+
+
+@dataclass(frozen=True)
+class ClassifierOutput:
+    """One batched classifier run.
+
+    logits: (N, K) float32; activations: layer name -> (N, C, H, W) or (N, D) float32.
+    """
+
+    logits: np.ndarray
+    activations: dict[str, np.ndarray]
+
+
+class OnnxClassifier:
+    """Runs the exported classifier graph and returns logits and layer activations together."""
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, logits_name: str,
+                 layer_outputs: dict[str, str]) -> None:
+        self.session = session
+        self.input_name = input_name
+        self.logits_name = logits_name
+        self.layer_outputs = dict(layer_outputs)
+        self._names = [logits_name, *self.layer_outputs.values()]
+        graph_outputs = {o.name for o in session.get_outputs()}
+        missing = [n for n in self._names if n not in graph_outputs]
+        if missing:
+            raise ValueError(f"classifier graph lacks outputs {missing}; it has {sorted(graph_outputs)}")
+
+    def __call__(self, x: np.ndarray) -> ClassifierOutput:
+        """x: float32 (N, C, H, W), already normalised."""
+        outs = self.session.run(self._names, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        acts = {layer: out for layer, out in zip(self.layer_outputs, outs[1:])}
+        return ClassifierOutput(logits=outs[0], activations=acts)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) logits, computed stably in float64, returned as float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)

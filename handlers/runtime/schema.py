@@ -1,0 +1,120 @@
+"""Request parsing and response formatting (the REST contract), independent of TorchServe.
+
+A request is raw image bytes (``image/png``, ``image/jpeg``) or JSON
+``{"data": "<base64 image>", ...options}``. TorchServe hands JSON bodies over already
+decoded (a dict) and everything else as bytes; both arrive here as ``value``.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
+JSON_TYPES = ("application/json",)
+PREDICT_OPTIONS = ("data", "top_k")
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """A parsed request: the image bytes and the options that apply to it."""
+
+    image: bytes
+    top_k: int | None = None
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def _parse_json(body: bytes | str) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"malformed JSON body: {exc}") from None
+
+
+def _b64(data: Any, max_bytes: int) -> bytes:
+    if not isinstance(data, str):
+        raise InvalidRequest(f'"data" must be a base64 string, got {type(data).__name__}')
+    if len(data) * 3 // 4 > max_bytes:
+        raise PayloadTooLarge(f'"data" decodes to more than {max_bytes} bytes')
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidRequest(f'"data" is not valid base64: {exc}') from None
+
+
+def body_to_json_or_image(value: Any, content_type: str | None, max_bytes: int) -> tuple[dict | None, bytes | None]:
+    """Classify a request body: ``(json_object, None)`` or ``(None, image_bytes)``.
+
+    Raises:
+        InvalidRequest: empty body, malformed JSON, JSON that is not an object.
+        UnsupportedMediaType: a content type that is neither an image nor JSON.
+        PayloadTooLarge: a body above ``max_bytes``.
+    """
+    media = _media_type(content_type)
+    if value is None:
+        raise InvalidRequest("empty request body: expected an image or a JSON object")
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) > max_bytes:
+            raise PayloadTooLarge(f"request body is {len(value)} bytes; the limit is {max_bytes}")
+        value = bytes(value)
+        if not value:
+            raise InvalidRequest("empty request body: expected an image or a JSON object")
+        if media in JSON_TYPES or (media not in IMAGE_TYPES and value.lstrip()[:1] in (b"{", b"[")):
+            value = _parse_json(value)
+        elif media and media not in IMAGE_TYPES and not media.startswith("image/"):
+            raise UnsupportedMediaType(
+                f"content type {media!r} is not accepted; send image/png, image/jpeg or application/json")
+        else:
+            return None, value
+    elif isinstance(value, str):
+        if len(value) > max_bytes:
+            raise PayloadTooLarge(f"request body is {len(value)} characters; the limit is {max_bytes}")
+        if media in JSON_TYPES or value.lstrip()[:1] in ("{", "["):
+            value = _parse_json(value)
+        else:
+            raise UnsupportedMediaType(
+                f"content type {media or 'text'!r} is not accepted; send image/png, image/jpeg or application/json")
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"JSON body must be an object with a \"data\" field, got {type(value).__name__}")
+    return value, None
+
+
+def _int_option(obj: dict, key: str, low: int, high: int) -> int | None:
+    if key not in obj or obj[key] is None:
+        return None
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidOption(f'"{key}" must be an integer, got {json.dumps(v)[:40]}')
+    if not low <= v <= high:
+        raise InvalidOption(f'"{key}" must be between {low} and {high}, got {v}')
+    return v
+
+
+def parse_predict(value: Any, content_type: str | None, *, max_bytes: int, num_classes: int) -> PredictRequest:
+    """Parse a ``/predictions`` request. Options: ``top_k`` (1..number of classes)."""
+    obj, image = body_to_json_or_image(value, content_type, max_bytes)
+    if obj is None:
+        assert image is not None
+        return PredictRequest(image=image)
+    unknown = sorted(set(obj) - set(PREDICT_OPTIONS))
+    if unknown:
+        raise InvalidOption(f"unknown fields {unknown}; /predictions accepts {list(PREDICT_OPTIONS)}")
+    if "data" not in obj:
+        raise InvalidRequest('JSON body needs a "data" field with the base64 image')
+    return PredictRequest(image=_b64(obj["data"], max_bytes), top_k=_int_option(obj, "top_k", 1, num_classes))
+
+
+def top_predictions(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """probabilities: (K,) -> the k most probable classes, highest first (ties: lower index first)."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")[:k]
+    return [{"index": int(i), "label": classes[int(i)], "probability": round(float(p[i]), 6)} for i in order]

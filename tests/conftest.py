@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny rendered data set, a briefly trained classifier, its bundle and .mar.
+
+Everything is built once per test session in a temporary folder (no downloads, no
+committed artifacts). The tiny model is trained for a few steps only: tests check that
+serving reproduces the exported network exactly, not that the network is accurate.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from export import cli
+
+TINY_SIZE = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.data.renderer import render_dataset
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    return render_dataset(out, n_train=300, n_test=100, size=TINY_SIZE, seed=7, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "classifier"
+    cli.cmd_train(argparse.Namespace(data=tiny_data, out=out, arch="demo_resnet", size=None, limit=None,
+                                     epochs=1, batch_size=64, lr=4e-3, seed=0, max_steps=3, threads=None))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_classifier: Path) -> Path:
+    out = tiny_classifier.parent / "bundle"
+    cli.cmd_export(argparse.Namespace(
+        classifier=tiny_classifier, model_file=None, model_class=None, weights=None, data=None,
+        classes=None, size=None, channels=None, mean=None, std=None, layers=None,
+        out=out, name="tiny", version="0.1"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mar(tiny_bundle: Path) -> Path:
+    store = tiny_bundle.parent / "model_store"
+    cli.cmd_archive(argparse.Namespace(bundle=tiny_bundle, name="tiny", version="0.1",
+                                       model_store=store, model_config=None))
+    return store / "tiny.mar"
+
+
+@pytest.fixture(scope="session")
+def sample_pngs(tiny_data: Path) -> list[bytes]:
+    """Ten test images' PNG bytes, one per class folder."""
+    files = sorted((tiny_data / "test").glob("*/*.png"))
+    by_class: dict[str, Path] = {}
+    for f in files:
+        by_class.setdefault(f.parent.name, f)
+    return [p.read_bytes() for p in by_class.values()]

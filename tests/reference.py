@@ -1,0 +1,26 @@
+"""Independent reference computations used by several test layers."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+
+def reference_probabilities(bundle_dir: Path, png: bytes) -> np.ndarray:
+    """Softmax of the bundle's ONNX logits for one image, preprocessed with plain Pillow/numpy
+    from metadata.json (not through handlers.runtime), as a check on the serving path."""
+    meta = json.loads((bundle_dir / "metadata.json").read_text())
+    spec = meta["input"]
+    mode = "RGB" if spec["channels"] == 3 else "L"
+    img = Image.open(io.BytesIO(png)).convert(mode).resize((spec["width"], spec["height"]), Image.BILINEAR)
+    x = np.asarray(img, dtype=np.float32).reshape(spec["height"], spec["width"], spec["channels"]) / 255.0
+    x = (x - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    x = x.transpose(2, 0, 1)[None]
+    sess = ort.InferenceSession(str(bundle_dir / meta["classifier"]["file"]), providers=["CPUExecutionProvider"])
+    logits = sess.run([meta["classifier"]["logits"]], {meta["classifier"]["input"]: x})[0][0].astype(np.float64)
+    e = np.exp(logits - logits.max())
+    return e / e.sum()

@@ -1,0 +1,139 @@
+"""Decoding untrusted bytes and preprocessing, against Pillow/numpy computed by hand."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handlers.runtime.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from handlers.runtime.imaging import InputSpec, decode_image, encode_png, normalize, sniff_format, to_pixels
+
+FORMATS = ("PNG", "JPEG")
+RGB = InputSpec(32, 32, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+GRAY = InputSpec(32, 32, 1, (0.5,), (0.25,))
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def rgb_image(w: int = 40, h: int = 30, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width x height but carries almost no data (a 'bomb')."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decode_png_and_jpeg_roundtrip():
+    img = rgb_image()
+    out = decode_image(encode(img), max_pixels=10**6, allowed_formats=FORMATS)
+    assert np.array_equal(np.asarray(out), np.asarray(img))
+    jpg = decode_image(encode(img, "JPEG", quality=95), max_pixels=10**6, allowed_formats=FORMATS)
+    assert jpg.size == img.size and jpg.format == "JPEG"
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", b"\x00" * 100, b"{json"])
+def test_not_an_image_is_invalid(data):
+    with pytest.raises(InvalidImage):
+        decode_image(data, max_pixels=10**6, allowed_formats=FORMATS)
+
+
+@pytest.mark.parametrize("cut", [8, 30, 60, 0.5, 0.9])
+def test_truncated_png_is_invalid(cut):
+    data = encode(rgb_image(64, 64))
+    cut = cut if isinstance(cut, int) else int(len(data) * cut)
+    with pytest.raises(InvalidImage):
+        decode_image(data[:cut], max_pixels=10**6, allowed_formats=FORMATS)
+
+
+def test_corrupt_png_body_is_invalid():
+    data = bytearray(encode(rgb_image(64, 64)))
+    data[60:90] = b"\xff" * 30
+    with pytest.raises(InvalidImage):
+        decode_image(bytes(data), max_pixels=10**6, allowed_formats=FORMATS)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
+def test_other_formats_are_unsupported_media(fmt):
+    data = encode(rgb_image().convert("P") if fmt == "GIF" else rgb_image(), fmt)
+    assert sniff_format(data) == fmt
+    with pytest.raises(UnsupportedMediaType):
+        decode_image(data, max_pixels=10**6, allowed_formats=FORMATS)
+
+
+def test_decompression_bomb_rejected_from_header():
+    data = png_header_only(100_000, 100_000)
+    assert len(data) < 200
+    with pytest.raises(PayloadTooLarge, match="pixel"):
+        decode_image(data, max_pixels=4096 * 4096, allowed_formats=FORMATS)
+
+
+def test_pixel_limit_is_configurable():
+    data = encode(rgb_image(40, 30))
+    decode_image(data, max_pixels=1200, allowed_formats=FORMATS)
+    with pytest.raises(PayloadTooLarge):
+        decode_image(data, max_pixels=1199, allowed_formats=FORMATS)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1", "I", "F"])
+def test_every_mode_converts_to_model_channels(mode):
+    base = rgb_image(50, 20)
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257).astype("<u2"))
+        assert img.mode == "I;16"
+    elif mode in ("I", "F"):
+        img = base.convert("L").convert(mode)
+    else:
+        img = base.convert(mode)
+    for spec in (RGB, GRAY):
+        px = to_pixels(img, spec)
+        assert px.shape == (spec.height, spec.width, spec.channels) and px.dtype == np.uint8
+
+
+def test_16bit_gray_scales_to_8bit():
+    arr8 = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    img = Image.fromarray((arr8 * 257).astype("<u2"))
+    assert img.mode == "I;16"
+    px = to_pixels(img, InputSpec(16, 16, 1, (0.0,), (1.0,)))
+    assert np.array_equal(px[:, :, 0], arr8.astype(np.uint8))
+
+
+def test_resize_matches_pillow_bilinear():
+    img = rgb_image(80, 50)
+    expected = np.asarray(img.resize((32, 32), Image.BILINEAR))
+    assert np.array_equal(to_pixels(img, RGB), expected)
+
+
+def test_normalize_is_affine_per_channel():
+    px = np.random.default_rng(1).integers(0, 256, (2, 4, 5, 3), dtype=np.uint8)
+    x = normalize(px, RGB)
+    assert x.shape == (2, 3, 4, 5) and x.dtype == np.float32
+    for c in range(3):
+        ref = (px[..., c] / 255.0 - RGB.mean[c]) / RGB.std[c]
+        np.testing.assert_allclose(x[:, c], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_encode_png_roundtrip():
+    arr = np.random.default_rng(2).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(arr)))), arr)
+    gray = arr[:, :, :1]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(gray)))), gray[:, :, 0])
+
+
+def test_input_spec_validates():
+    with pytest.raises(ValueError):
+        InputSpec(32, 32, 2, (0, 0), (1, 1))
+    with pytest.raises(ValueError):
+        InputSpec(32, 32, 3, (0,), (1,))
+    assert InputSpec.from_json(RGB.to_json()) == RGB
