@@ -79,7 +79,7 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
             n_steps += 1
             step += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss):.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.3f}")
             if step >= total:
                 break
         acc = accuracy(model, test, spec)

@@ -48,6 +48,8 @@ class ConceptExplainerHandler:
         assert self.service is not None, "handler used before initialize()"
         requests = [self._raw_request(i, row, context) for i, row in enumerate(data or [])]
         replies = self.service.handle_batch(requests)
+        failed = sum(r.status >= 400 for r in replies)
+        log.info("handled batch n=%d ok=%d failed=%d", len(replies), len(replies) - failed, failed)
         bodies = []
         for i, reply in enumerate(replies):
             context.set_response_status(reply.status, "", idx=i)

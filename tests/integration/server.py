@@ -1,0 +1,101 @@
+"""Start and stop a real TorchServe on free loopback ports (for integration tests and bench)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from export.client import TorchServeClient
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_from_shipped(workdir: Path, model_store: Path, **overrides: str) -> tuple[Path, dict[str, int]]:
+    """The shipped config.properties with fresh loopback ports and the given model store."""
+    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+    text = (REPO / "config.properties").read_text()
+    for name, port in ports.items():
+        text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
+    text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
+    for key, value in overrides.items():
+        if re.search(rf"^{key}=", text, flags=re.M):
+            text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        else:
+            text += f"\n{key}={value}\n"
+    path = workdir / "config.properties"
+    path.write_text(text)
+    return path, ports
+
+
+class TorchServe:
+    """``with TorchServe(workdir, store, {"tiny": "tiny.mar"}) as ts: ts.client.post_image(...)``"""
+
+    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], timeout: float = 120,
+                 **config: str) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_store = Path(model_store)
+        self.models = models
+        self.timeout = timeout
+        self.config_path, self.ports = config_from_shipped(self.workdir, self.model_store, **config)
+        self.proc: subprocess.Popen | None = None
+        self.client = TorchServeClient(f"http://127.0.0.1:{self.ports['inference']}",
+                                       f"http://127.0.0.1:{self.ports['management']}",
+                                       key_file=self.workdir / "key_file.json")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+
+    def log(self, name: str = "model_log.log") -> str:
+        path = self.workdir / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> "TorchServe":
+        torchserve = Path(sys.executable).parent / "torchserve"
+        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"),
+                   METRICS_LOCATION=str(self.workdir / "logs"), TS_CONFIG_FILE=str(self.config_path))
+        cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
+               "--model-store", str(self.model_store),
+               "--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=open(self.workdir / "ts.out", "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while not (self.workdir / "key_file.json").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"TorchServe did not start:\n{(self.workdir / 'ts.out').read_text()[-3000:]}")
+            time.sleep(0.2)
+        for name in self.models:
+            self.client.wait_ready(name, timeout=max(deadline - time.monotonic(), 1))
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,102 @@
+"""A real TorchServe on free loopback ports, with the shipped config (token auth on)."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from export.client import read_keys
+from tests.integration.server import TorchServe
+from tests.reference import reference_probabilities
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(tiny_mar: Path, tmp_path_factory):
+    with TorchServe(tmp_path_factory.mktemp("ts"), tiny_mar.parent, {"tiny": tiny_mar.name}) as ts:
+        yield ts
+
+
+def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint: str = "predictions",
+         auth: bool = True) -> requests.Response:
+    headers = {"Content-Type": content_type}
+    if auth:
+        headers["Authorization"] = f"Bearer {read_keys(ts.workdir / 'key_file.json')['inference']}"
+    return requests.post(f"{ts.client.url}/{endpoint}/tiny", data=body, headers=headers, timeout=60)
+
+
+def workers(ts: TorchServe) -> list[tuple[str, str]]:
+    status, body = ts.client.describe("tiny")
+    assert status == 200
+    return [(w["id"], w["startTime"]) for w in body[0]["workers"]]
+
+
+def assert_matches_reference(body: dict, bundle: Path, png: bytes) -> None:
+    ref = reference_probabilities(bundle, png)
+    assert [p["index"] for p in body["predictions"]] == list(np.argsort(-ref, kind="stable")[:5])
+    for p in body["predictions"]:
+        assert p["probability"] == pytest.approx(ref[p["index"]], abs=2e-6)
+
+
+def test_token_auth_is_on(server, sample_pngs):
+    r = post(server, sample_pngs[0], auth=False)
+    assert r.status_code in (400, 401) and "Token" in r.text
+
+
+def test_single_prediction_equals_onnxruntime(server, tiny_bundle, sample_pngs):
+    r = post(server, sample_pngs[0])
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/json")
+    assert_matches_reference(r.json(), tiny_bundle, sample_pngs[0])
+    j = post(server, json.dumps({"data": base64.b64encode(sample_pngs[0]).decode(), "top_k": 3}).encode(),
+             "application/json")
+    assert j.status_code == 200 and j.json()["predictions"] == r.json()["predictions"][:3]
+
+
+def test_concurrent_requests_are_batched_and_correct(server, tiny_bundle, sample_pngs):
+    pngs = sample_pngs * 4
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda p: post(server, p), pngs))
+    for png, r in zip(pngs, responses):
+        assert r.status_code == 200
+        assert_matches_reference(r.json(), tiny_bundle, png)
+    sizes = [int(n) for n in re.findall(r"handled batch n=(\d+)", server.log())]
+    assert max(sizes) > 1, f"no batch larger than one request was formed: {sizes[-40:]}"
+
+
+def test_malformed_requests_get_4xx_json_and_worker_survives(server, tiny_bundle, sample_pngs):
+    before = workers(server)
+    good = sample_pngs[2]
+    cases = [
+        (b"not an image", "image/png", 400, "InvalidImage"),
+        (good[: len(good) // 3], "image/png", 400, "InvalidImage"),
+        (b"{\"data\": ", "application/json", 400, "InvalidRequest"),
+        (json.dumps({"data": "@@@"}).encode(), "application/json", 400, "InvalidRequest"),
+        (json.dumps({"data": base64.b64encode(good).decode(), "top_k": -1}).encode(), "application/json",
+         400, "InvalidOption"),
+        (b"GIF89a" + b"\x00" * 40, "image/gif", 415, "UnsupportedMediaType"),
+        (good, "text/plain", 415, "UnsupportedMediaType"),
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [(case, pool.submit(post, server, case[0], case[1])) for case in cases * 3]
+        futures += [((good, "image/png", 200, None), pool.submit(post, server, good)) for _ in range(8)]
+    for (body, ctype, status, etype), fut in futures:
+        r = fut.result()
+        assert r.status_code == status, (ctype, r.text)
+        if etype:
+            err = r.json()["error"]
+            assert err["type"] == etype and err["message"]
+        else:
+            assert_matches_reference(r.json(), tiny_bundle, good)
+    assert workers(server) == before
+
+
+def test_explanations_endpoint_answers_501_until_artifacts_exist(server, sample_pngs):
+    r = post(server, sample_pngs[0], endpoint="explanations")
+    assert r.status_code == 501 and r.json()["error"]["type"] == "ExplanationsUnavailable"
