@@ -1,0 +1,50 @@
+# torchserve-concept-explainer: the two commands a user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+MODEL ?= shapes
+SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
+
+.PHONY: venv demo build serve query stop test test-unit test-integration clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+## Render data, train, export, archive model_store/shapes.mar, serve it, ask it one question.
+demo: build serve query
+	@echo
+	@echo "TorchServe is running on 127.0.0.1:8080 (inference), :8081 (management), :8082 (metrics)."
+	@echo "The inference key is in key_file.json. Stop the server with: make stop"
+
+build: venv
+	$(BIN)/concept-explainer build-demo --model-store model_store --name $(MODEL)
+
+serve: venv
+	-@$(BIN)/torchserve --stop --foreground >/dev/null 2>&1
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store \
+		--models $(MODEL)=$(MODEL).mar > logs-torchserve.out 2>&1
+
+query: venv
+	$(BIN)/concept-explainer query --model $(MODEL) --image $(SAMPLE) --endpoint predictions
+
+stop:
+	-$(BIN)/torchserve --stop --foreground
+
+## The whole test suite (unit, handler with a mock context, integration against a real TorchServe).
+test: venv
+	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit tests/handler
+
+test-integration: venv
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf build model_store/*.mar logs logs-torchserve.out key_file.json .pytest_cache
