@@ -55,13 +55,13 @@ def build_mar(bundle_dir: str | Path, name: str, version: str, model_store: str 
     puts the model folder first on the worker's PYTHONPATH), so serving needs only
     TorchServe, onnxruntime, numpy and Pillow.
     """
-    store = Path(model_store)
+    store = Path(model_store).resolve()
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mar-stage-") as tmp:
         stage = Path(tmp) / "stage"
         stage.mkdir()
         _copy_handlers(stage)
-        shutil.copytree(bundle_dir, stage / "bundle")
+        shutil.copytree(Path(bundle_dir).resolve(), stage / "bundle")
         archiver = (shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent))
                     or shutil.which("torch-model-archiver"))
         if archiver is None:

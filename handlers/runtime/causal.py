@@ -1,0 +1,232 @@
+"""Compiled causal queries over a discrete Bayesian network (numpy only; no pgmpy at serve time).
+
+For an input, every concept is observed. For a concept ``X`` and each of its states ``x``
+the model answers ``P(Y | do(X = x), e_ND(X))`` where ``e_ND(X)`` is the evidence on the
+non-descendants of ``X``. With every non-descendant observed, the truncated factorisation
+gives (shared/methods.md, method 1)::
+
+    P(Y | do(x), e_ND) = sum over De(X) of  prod_{d in De(X) + {Y}} P(d | pa(d))
+
+Compilation happens once at load: for each concept the factors, their einsum subscripts
+and a contraction path are fixed; per request the conditional probability tables are
+sliced at the observed parent states and contracted with that path, keeping ``X``'s state
+as a free axis, so one contraction gives the whole ``(states of X, states of Y)`` table.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+
+FORMAT = "causal-bn/1"
+
+
+@dataclass(frozen=True)
+class CPT:
+    """``P(node | parents)`` as an array of shape ``(card(node), card(parent_1), ...)``."""
+
+    node: str
+    states: tuple[Any, ...]
+    parents: tuple[str, ...]
+    table: np.ndarray
+
+    @property
+    def card(self) -> int:
+        return len(self.states)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Precompiled contraction for one intervened concept."""
+
+    concept: str
+    outcome_is_descendant: bool
+    # per factor: node name and, per parent axis, either ("obs", parent) or ("keep", parent)
+    factors: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    subscripts: str
+    path: list[Any]
+
+
+class CompiledCausalModel:
+    """Interventional queries ``P(outcome | do(X = x), evidence on non-descendants of X)``.
+
+    Build with :meth:`from_pgmpy` (export time) or :meth:`from_file` (serve time).
+    Evidence maps every concept (every node except the outcome) to its observed state
+    (a state name as in the network; for this project's networks, ints ``0..S-1``).
+    """
+
+    def __init__(self, cpts: Sequence[CPT], outcome: str) -> None:
+        self.cpts: dict[str, CPT] = {c.node: c for c in cpts}
+        if outcome not in self.cpts:
+            raise ValueError(f"outcome {outcome!r} is not a node of the network")
+        self.outcome = outcome
+        for c in cpts:
+            expected = (c.card, *(self.cpts[p].card for p in c.parents))
+            if tuple(c.table.shape) != expected:
+                raise ValueError(f"CPT of {c.node} has shape {c.table.shape}, expected {expected}")
+            if not np.allclose(c.table.sum(axis=0), 1.0, atol=1e-6):
+                raise ValueError(f"CPT of {c.node} does not sum to one over the node's states")
+        self.children: dict[str, list[str]] = {n: [] for n in self.cpts}
+        for c in cpts:
+            for p in c.parents:
+                self.children[p].append(c.node)
+        self.order = self._topological_order()
+        self.concepts: tuple[str, ...] = tuple(n for n in self.order if n != outcome)
+        self._state_index = {n: {s: i for i, s in enumerate(c.states)} for n, c in self.cpts.items()}
+        self._plans = {x: self._compile(x) for x in self.concepts}
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_pgmpy(cls, model: Any, outcome: str = "Y") -> "CompiledCausalModel":
+        """From a fitted ``pgmpy`` ``DiscreteBayesianNetwork`` (CPDs attached)."""
+        cpts = []
+        for node in model.nodes():
+            cpd = model.get_cpds(node)
+            if cpd is None:
+                raise ValueError(f"node {node!r} has no CPD")
+            variables = list(cpd.variables)
+            card = [int(c) for c in cpd.cardinality]
+            values = np.asarray(cpd.get_values(), dtype=np.float64).reshape(card)
+            states = tuple(cpd.state_names[node]) if cpd.state_names else tuple(range(card[0]))
+            cpts.append(CPT(str(node), states, tuple(str(v) for v in variables[1:]), values))
+        return cls(cpts, outcome)
+
+    def to_json(self) -> dict[str, Any]:
+        """Portable form: graph, state names and CPTs (2-D, parents' states in C order)."""
+        return {"format": FORMAT, "outcome": self.outcome, "nodes": [
+            {"name": n, "states": list(self.cpts[n].states), "parents": list(self.cpts[n].parents),
+             "cpd": self.cpts[n].table.reshape(self.cpts[n].card, -1).tolist()} for n in self.order]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "CompiledCausalModel":
+        if data.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} document (format={data.get('format')!r})")
+        cards = {n["name"]: len(n["states"]) for n in data["nodes"]}
+        cpts = [CPT(n["name"], tuple(n["states"]), tuple(n["parents"]),
+                    np.asarray(n["cpd"], dtype=np.float64).reshape([cards[n["name"]], *(cards[p] for p in n["parents"])]))
+                for n in data["nodes"]]
+        return cls(cpts, data["outcome"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "CompiledCausalModel":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def _topological_order(self) -> list[str]:
+        indeg = {n: len(c.parents) for n, c in self.cpts.items()}
+        ready = sorted(n for n, d in indeg.items() if d == 0)
+        order: list[str] = []
+        while ready:
+            n = ready.pop(0)
+            order.append(n)
+            for ch in sorted(self.children[n]):
+                indeg[ch] -= 1
+                if indeg[ch] == 0:
+                    ready.append(ch)
+        if len(order) != len(self.cpts):
+            raise ValueError("the network has a cycle")
+        return order
+
+    def descendants(self, node: str) -> set[str]:
+        out: set[str] = set()
+        stack = list(self.children[node])
+        while stack:
+            n = stack.pop()
+            if n not in out:
+                out.add(n)
+                stack.extend(self.children[n])
+        return out
+
+    def _compile(self, x: str) -> _Plan:
+        de = self.descendants(x)
+        if self.outcome not in de:
+            spec = tuple(("obs", p) for p in self.cpts[self.outcome].parents)
+            return _Plan(x, False, ((self.outcome, spec),), "", [])
+        members = [n for n in self.order if n in de]
+        letters = {n: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i, n in enumerate([x, *members])}
+        if len(letters) > 52:
+            raise ValueError(f"concept {x} has {len(members)} descendants; at most 51 are supported")
+        factors, terms, shapes = [], [], []
+        for n in members:
+            spec, sub, shape = [], letters[n], [self.cpts[n].card]
+            for p in self.cpts[n].parents:
+                if p == x or p in de:
+                    spec.append(("keep", p))
+                    sub += letters[p]
+                    shape.append(self.cpts[p].card)
+                else:
+                    spec.append(("obs", p))
+            factors.append((n, tuple(spec)))
+            terms.append(sub)
+            shapes.append(shape)
+        subscripts = ",".join(terms) + "->" + letters[x] + letters[self.outcome]
+        path, _ = np.einsum_path(subscripts, *[np.ones(s) for s in shapes], optimize="optimal" if len(terms) <= 8 else "greedy")
+        return _Plan(x, True, tuple(factors), subscripts, path)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _index(self, evidence: Mapping[str, Hashable], node: str) -> int:
+        try:
+            return self._state_index[node][evidence[node]]
+        except KeyError:
+            if node not in evidence:
+                raise ValueError(f"evidence lacks concept {node!r}") from None
+            raise ValueError(f"{evidence[node]!r} is not a state of {node!r}: {list(self.cpts[node].states)}") from None
+
+    def _slice(self, node: str, spec: tuple[tuple[str, str], ...], evidence: Mapping[str, Hashable]) -> np.ndarray:
+        idx: tuple[Any, ...] = (slice(None),) + tuple(
+            slice(None) if kind == "keep" else self._index(evidence, p) for kind, p in spec)
+        return self.cpts[node].table[idx]
+
+    def interventions(self, evidence: Mapping[str, Hashable], concept: str) -> np.ndarray:
+        """``P(outcome | do(concept = x), e_ND)`` for every state x.
+
+        Returns float64 array (states of concept, states of outcome); each row sums to one.
+        """
+        plan = self._plans.get(concept)
+        if plan is None:
+            raise ValueError(f"unknown concept {concept!r}")
+        if not plan.outcome_is_descendant:
+            node, spec = plan.factors[0]
+            row = self._slice(node, spec, evidence)
+            return np.broadcast_to(row, (self.cpts[concept].card, row.shape[0])).copy()
+        ops = [self._slice(n, spec, evidence) for n, spec in plan.factors]
+        return np.einsum(plan.subscripts, *ops, optimize=plan.path)
+
+    def prior(self, evidence: Mapping[str, Hashable], concept: str) -> np.ndarray:
+        """``pi(x) = P(concept = x | its parents as observed)``, shape (states of concept,)."""
+        c = self.cpts[concept]
+        return self._slice(concept, tuple(("obs", p) for p in c.parents), evidence)
+
+    def outcome_posterior(self, evidence: Mapping[str, Hashable]) -> np.ndarray:
+        """``P(outcome | all concepts observed)`` = the outcome's CPT at its parents' states."""
+        c = self.cpts[self.outcome]
+        return self._slice(self.outcome, tuple(("obs", p) for p in c.parents), evidence)
+
+    def explain(self, evidence: Mapping[str, Hashable], target: Hashable) -> list[dict[str, Any]]:
+        """Per concept: observed state, ``effect``, ``sensitivity`` and the intervention table.
+
+        ``effect(X) = p[x_o] - sum_x pi(x) p[x]`` and ``sensitivity(X) = sum_x pi(x) |p[x] - p[x_o]|``
+        with ``p[x] = P(Y = target | do(X = x), e_ND)`` (shared/methods.md). Records are in
+        topological order; sort them as the caller needs.
+        """
+        t = self._index({self.outcome: target}, self.outcome)
+        records = []
+        for x in self.concepts:
+            p = self.interventions(evidence, x)[:, t]
+            pi = self.prior(evidence, x)
+            xo = self._index(evidence, x)
+            records.append({
+                "id": x,
+                "state": xo,
+                "effect": float(p[xo] - pi @ p),
+                "sensitivity": float(pi @ np.abs(p - p[xo])),
+                "interventions": [{"state": s, "probability": float(p[s])} for s in range(len(p))],
+            })
+        return records
