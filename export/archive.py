@@ -10,21 +10,26 @@ from pathlib import Path
 from typing import Any, Callable
 
 import handlers
-from handlers.runtime.bundle import METADATA, ModelMetadata, write_manifest
+from handlers.runtime.bundle import METADATA, ModelMetadata, verify_bundle, write_manifest
 
 HANDLER_PACKAGE = Path(handlers.__file__).resolve().parent
 HANDLER_MODULE = "concept_handler.py"
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent / "model-config.yaml"
 
 
-def write_bundle(out_dir: str | Path, fill: Callable[[Path], ModelMetadata]) -> Path:
+def write_bundle(out_dir: str | Path, fill: Callable[[Path], ModelMetadata], base: str | Path | None = None) -> Path:
     """Create a bundle atomically: ``fill(tmp_dir)`` writes the artifacts and returns the
     metadata; then metadata and manifest are written and the folder renamed into place.
-    An interrupted export leaves any previous bundle at ``out_dir`` intact."""
+    With ``base``, the temporary folder starts as a copy of that (verified) bundle, so a
+    later export step adds its artifacts to the earlier ones. An interrupted export leaves
+    any previous bundle at ``out_dir`` intact."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        if base is not None:
+            verify_bundle(base)
+            shutil.copytree(base, tmp, dirs_exist_ok=True)
         meta = fill(tmp)
         (tmp / METADATA).write_text(json.dumps(meta.to_json(), indent=2) + "\n")
         write_manifest(tmp)

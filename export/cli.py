@@ -3,6 +3,7 @@
     concept-explainer render     --out data/shapes                  # demo data + factors.csv
     concept-explainer train      --data data/shapes --out build/shapes/classifier
     concept-explainer export     --classifier build/shapes/classifier --out build/shapes/bundle
+    concept-explainer concepts   --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer archive    --bundle build/shapes/bundle --name shapes --model-store model_store
     concept-explainer build-demo                                    # all of the above
     concept-explainer query      --image x.png --model shapes       # ask a running TorchServe
@@ -113,6 +114,41 @@ def cmd_export(args: argparse.Namespace) -> dict:
     return {"bundle": str(out), "layers": layers, **report}
 
 
+def cmd_concepts(args: argparse.Namespace) -> dict:
+    """Method 1: concept autoencoders, Bayesian network and validity report, added to a bundle."""
+    import dataclasses
+    from export.archive import write_bundle
+    from export.concepts import ConceptConfig, build_concepts, format_report
+    from export.data.loader import load_image_folder
+    from handlers.runtime.bundle import load_bundle
+    bundle = load_bundle(args.bundle)
+    meta = bundle.metadata
+    model, _, _, _ = _load_classifier(args)
+    cfg = ConceptConfig()
+    overrides = {k: getattr(args, k) for k in ("k", "states", "epochs", "train_images", "validity_images",
+                                               "max_indegree", "outcome_max_indegree", "seed")
+                 if getattr(args, k, None) is not None}
+    if args.layers:
+        overrides["layers"] = tuple(args.layers.split(","))
+    cfg = dataclasses.replace(cfg, **overrides)
+    names = {l.name: l.output for l in meta.layers}
+    missing = [l for l in cfg.layers if l not in names]
+    if missing:
+        raise SystemExit(f"layers {missing} are not outputs of the exported classifier; it has {sorted(names)}")
+    train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
+    test = load_image_folder(args.data, meta.input, "test", limit=args.test_limit)
+    report: dict = {}
+
+    def fill(tmp: Path) -> ModelMetadata:
+        report.update(build_concepts(model, meta.input, train, test, names, tmp, cfg))
+        return dataclasses.replace(meta, extra={**meta.extra, "concepts": "concepts.json"})
+
+    write_bundle(args.bundle, fill, base=args.bundle)
+    print(format_report(report))
+    print(f"concept artifacts added to {args.bundle} in {report['seconds']} s")
+    return report
+
+
 def cmd_archive(args: argparse.Namespace) -> dict:
     from export.archive import build_mar
     from handlers.runtime.bundle import load_bundle
@@ -138,6 +174,10 @@ def cmd_build_demo(args: argparse.Namespace) -> dict:
         classifier=build / "classifier", model_file=None, model_class=None, weights=None, data=None,
         classes=None, size=None, channels=None, mean=None, std=None, layers=None,
         out=build / "bundle", name=args.name, version=args.version))
+    report["concepts"] = cmd_concepts(argparse.Namespace(
+        bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, limit=None,
+        test_limit=None, k=None, states=None, epochs=None, train_images=None, validity_images=None,
+        max_indegree=None, outcome_max_indegree=None, seed=None))
     report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
                                                        version=args.version, model_store=args.model_store,
                                                        model_config=None))
@@ -202,6 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default="shapes")
     e.add_argument("--version", default="1.0")
     e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser("concepts", help="concept autoencoders + causal Bayesian network (method 1)")
+    c.add_argument("--bundle", required=True, help="bundle written by `export` (updated atomically)")
+    c.add_argument("--data", required=True, help="image folder the classifier was trained on")
+    c.add_argument("--classifier", help="output folder of `train`")
+    c.add_argument("--model-file")
+    c.add_argument("--model-class")
+    c.add_argument("--weights")
+    c.add_argument("--classes")
+    c.add_argument("--size", type=int)
+    c.add_argument("--channels", type=int, choices=(1, 3))
+    c.add_argument("--mean", type=float, nargs="+")
+    c.add_argument("--std", type=float, nargs="+")
+    c.add_argument("--layers", help="comma-separated concept layers (default layer1,layer2,layer3)")
+    c.add_argument("--k", type=int, help="concepts per layer (default 8)")
+    c.add_argument("--states", type=int, help="states per concept (default 3)")
+    c.add_argument("--epochs", type=int)
+    c.add_argument("--train-images", type=int)
+    c.add_argument("--validity-images", type=int)
+    c.add_argument("--max-indegree", type=int)
+    c.add_argument("--outcome-max-indegree", type=int)
+    c.add_argument("--seed", type=int)
+    c.add_argument("--limit", type=int, help="training images loaded (default all)")
+    c.add_argument("--test-limit", type=int, help="held-out images loaded (default all)")
+    c.set_defaults(func=cmd_concepts)
 
     a = sub.add_parser("archive", help="build model_store/NAME.mar from a bundle")
     a.add_argument("--bundle", required=True)

@@ -99,3 +99,36 @@ def parity(model: nn.Module, path: str | Path, spec: InputSpec, layers: Sequence
                 raise AssertionError(f"shape mismatch {r.shape} vs {g.shape} at batch {b}")
             worst = max(worst, float(np.abs(r - g).max()))
     return worst
+
+
+def export_module(module: nn.Module, example: torch.Tensor, path: str | Path, input_name: str,
+                  output_name: str) -> None:
+    """Export a one-input, one-output module (dynamic batch) as one self-contained ONNX file."""
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_shapes=({0: batch},), verbose=False)
+
+
+def module_parity(module: nn.Module, path: str | Path, example_shape: Sequence[int],
+                  batch_sizes: Sequence[int] = (1, 8), seed: int = 0, nonneg: bool = False) -> float:
+    """Max abs difference between torch and onnxruntime for a one-input module."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b in batch_sizes:
+        x = torch.randn(b, *example_shape, generator=gen)
+        if nonneg:
+            x = x.abs()
+        with torch.no_grad():
+            ref = module.eval()(x).numpy()
+        got = session.run(None, {name: x.numpy()})[0]
+        if ref.shape != got.shape:
+            raise AssertionError(f"shape mismatch {ref.shape} vs {got.shape} at batch {b}")
+        worst = max(worst, float(np.abs(ref - got).max()))
+    return worst

@@ -42,11 +42,34 @@ def tiny_bundle(tiny_classifier: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Path) -> Path:
+    """The tiny bundle plus concept artifacts (4 concepts per layer, very short training)."""
+    import shutil
+    out = tiny_bundle.parent / "bundle_concepts"
+    shutil.copytree(tiny_bundle, out)
+    cli.cmd_concepts(argparse.Namespace(
+        bundle=out, classifier=tiny_classifier, data=tiny_data, layers=None, limit=None, test_limit=None,
+        k=4, states=3, epochs=1, train_images=200, validity_images=20, max_indegree=2,
+        outcome_max_indegree=2, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_mar(tiny_bundle: Path) -> Path:
+    """The classifier-only archive (predictions; explanations answer 501)."""
     store = tiny_bundle.parent / "model_store"
     cli.cmd_archive(argparse.Namespace(bundle=tiny_bundle, name="tiny", version="0.1",
                                        model_store=store, model_config=None))
     return store / "tiny.mar"
+
+
+@pytest.fixture(scope="session")
+def tiny_explainer_mar(tiny_concept_bundle: Path) -> Path:
+    """The archive with every explanation artifact built so far."""
+    store = tiny_concept_bundle.parent / "model_store_explain"
+    cli.cmd_archive(argparse.Namespace(bundle=tiny_concept_bundle, name="tinyx", version="0.1",
+                                       model_store=store, model_config=None))
+    return store / "tinyx.mar"
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,16 @@ class InvalidOption(ExplainerError):
     """An option (target, top_k, views, ...) has the wrong type or an unknown value."""
 
 
+class UnknownTarget(InvalidOption):
+    """The explanation target is not a class of the model."""
+
+
+class ExplanationsUnavailable(ExplainerError):
+    """The model was archived without the artifacts of the requested explanation."""
+
+    status = 501
+
+
 class UnsupportedMediaType(ExplainerError):
     """Content type or image format the handler does not accept."""
 

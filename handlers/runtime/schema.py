@@ -14,11 +14,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnknownTarget, UnsupportedMediaType
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 JSON_TYPES = ("application/json",)
 PREDICT_OPTIONS = ("data", "top_k")
+EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "views", "layers")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,22 @@ class PredictRequest:
 
     image: bytes
     top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """A parsed ``/explanations`` request.
+
+    target: class index, label, or None (the predicted class); views: None = all available.
+    """
+
+    image: bytes
+    top_k: int | None = None
+    target: int | str | None = None
+    top_concepts: int | None = None
+    images: bool = True
+    views: tuple[str, ...] | None = None
+    layers: tuple[str, ...] | None = None
 
 
 def _media_type(content_type: str | None) -> str:
@@ -111,6 +128,58 @@ def parse_predict(value: Any, content_type: str | None, *, max_bytes: int, num_c
     if "data" not in obj:
         raise InvalidRequest('JSON body needs a "data" field with the base64 image')
     return PredictRequest(image=_b64(obj["data"], max_bytes), top_k=_int_option(obj, "top_k", 1, num_classes))
+
+
+def _str_list(obj: dict, key: str, allowed: Sequence[str]) -> tuple[str, ...] | None:
+    if key not in obj or obj[key] is None:
+        return None
+    v = obj[key]
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise InvalidOption(f'"{key}" must be a list of strings, got {json.dumps(v)[:60]}')
+    unknown = [s for s in v if s not in allowed]
+    if unknown:
+        raise InvalidOption(f'unknown {key} {unknown}; available: {list(allowed)}')
+    return tuple(dict.fromkeys(v))
+
+
+def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, classes: Sequence[str],
+                  num_concepts: int, views: Sequence[str], layers: Sequence[str]) -> ExplainRequest:
+    """Parse an ``/explanations`` request (raw image, or JSON with options).
+
+    Options: ``target`` (class index or label), ``top_k``, ``top_concepts`` (1..number of
+    concepts), ``images`` (bool), ``views`` (subset of the available views), ``layers``.
+    """
+    obj, image = body_to_json_or_image(value, content_type, max_bytes)
+    if obj is None:
+        assert image is not None
+        return ExplainRequest(image=image)
+    unknown = sorted(set(obj) - set(EXPLAIN_OPTIONS))
+    if unknown:
+        raise InvalidOption(f"unknown fields {unknown}; /explanations accepts {list(EXPLAIN_OPTIONS)}")
+    if "data" not in obj:
+        raise InvalidRequest('JSON body needs a "data" field with the base64 image')
+    target = obj.get("target")
+    if target is not None:
+        if isinstance(target, bool) or not isinstance(target, (int, str)):
+            raise InvalidOption(f'"target" must be a class index or label, got {json.dumps(target)[:40]}')
+        if isinstance(target, int) and not 0 <= target < len(classes):
+            raise UnknownTarget(f'target index {target} is out of range 0..{len(classes) - 1}')
+        if isinstance(target, str) and target not in classes:
+            raise UnknownTarget(f'unknown target label {target[:80]!r}; labels: {list(classes)}')
+    images = obj.get("images", True)
+    if not isinstance(images, bool):
+        raise InvalidOption(f'"images" must be true or false, got {json.dumps(images)[:40]}')
+    return ExplainRequest(
+        image=_b64(obj["data"], max_bytes),
+        top_k=_int_option(obj, "top_k", 1, len(classes)),
+        target=target,
+        top_concepts=_int_option(obj, "top_concepts", 1, max(num_concepts, 1)),
+        images=images,
+        views=_str_list(obj, "views", views),
+        layers=_str_list(obj, "layers", layers),
+    )
 
 
 def top_predictions(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 :class:`ExplainerService` takes a batch of raw requests and returns one reply per request.
 Each request is parsed and validated on its own, so a bad request gets its own 4xx reply
 while its neighbours in the batch are answered; the valid images of the batch go through
-the classifier in one onnxruntime run.
+the classifier in one onnxruntime run, and explanation views reuse its activations.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import numpy as np
 from handlers.runtime import errors
 from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
-from handlers.runtime.errors import ExplainerError
+from handlers.runtime.errors import ExplanationsUnavailable
+from handlers.runtime.explain import ConceptExplainer
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
-from handlers.runtime.schema import PredictRequest, parse_predict, top_predictions
+from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict, top_predictions
 from handlers.runtime.settings import HandlerSettings
 
 log = logging.getLogger(__name__)
@@ -45,20 +46,29 @@ class Reply:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class ExplanationsUnavailable(ExplainerError):
-    """This bundle carries no explanation artifacts yet."""
+@dataclass
+class _Item:
+    index: int
+    request: PredictRequest | ExplainRequest
+    pixels: np.ndarray
 
-    status = 501
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
 
 
 class ExplainerService:
     """Loaded model bundle plus onnxruntime sessions; stateless across requests."""
 
-    def __init__(self, bundle: Bundle, settings: HandlerSettings, classifier: OnnxClassifier) -> None:
+    def __init__(self, bundle: Bundle, settings: HandlerSettings, classifier: OnnxClassifier,
+                 concepts: ConceptExplainer | None = None) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.settings = settings
         self.classifier = classifier
+        self.concepts = concepts
+        self.views: tuple[str, ...] = tuple(v for v, on in (("concepts", concepts is not None),) if on)
+        self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
 
     @classmethod
     def load(cls, model_dir: str | Path, settings: HandlerSettings) -> "ExplainerService":
@@ -72,56 +82,97 @@ class ExplainerService:
         session = make_session(bundle.path(meta.classifier_file), settings.providers, settings.intra_op_threads)
         classifier = OnnxClassifier(session, meta.input_name, meta.logits_name,
                                     {l.name: l.output for l in meta.layers})
-        log.info("loaded bundle %s (sha256 %s) on %s", bundle.root, bundle.sha256, session.get_providers())
-        return cls(bundle, settings, classifier)
+        concepts = None
+        if "concepts" in meta.extra:
+            concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], settings.providers,
+                                             settings.intra_op_threads)
+        log.info("loaded bundle %s (sha256 %s) on %s; views %s", bundle.root, bundle.sha256,
+                 session.get_providers(), ["concepts"] if concepts else [])
+        return cls(bundle, settings, classifier, concepts)
 
     # -- request handling ---------------------------------------------------------------
 
-    def _prepare(self, raw: RawRequest) -> tuple[PredictRequest, np.ndarray]:
-        if raw.explain:
+    def _parse(self, raw: RawRequest) -> PredictRequest | ExplainRequest:
+        if not raw.explain:
+            return parse_predict(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
+                                 num_classes=len(self.meta.classes))
+        if not self.views:
             raise ExplanationsUnavailable(
                 f"model {self.meta.name} was archived without explanation artifacts; use /predictions")
-        req = parse_predict(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
-                            num_classes=len(self.meta.classes))
+        return parse_explain(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
+                             classes=self.meta.classes,
+                             num_concepts=self.concepts.num_concepts if self.concepts else 0,
+                             views=self.views, layers=())
+
+    def _prepare(self, i: int, raw: RawRequest) -> _Item:
+        req = self._parse(raw)
         image = decode_image(req.image, max_pixels=self.settings.max_image_pixels,
                              allowed_formats=self.settings.allowed_formats)
-        return req, to_pixels(image, self.meta.input)
+        return _Item(i, req, to_pixels(image, self.meta.input))
 
     def handle_batch(self, requests: Sequence[RawRequest]) -> list[Reply]:
         """Answer every request of a batch; never raises for a bad request."""
         replies: list[Reply | None] = [None] * len(requests)
-        parsed: list[tuple[int, PredictRequest, np.ndarray]] = []
+        items: list[_Item] = []
         t0 = time.perf_counter()
         for i, raw in enumerate(requests):
             try:
-                req, pixels = self._prepare(raw)
-                parsed.append((i, req, pixels))
+                items.append(self._prepare(i, raw))
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's reply
                 replies[i] = self._error_reply(exc)
-        decode_ms = (time.perf_counter() - t0) * 1000 / max(len(requests), 1)
-        if parsed:
+        decode_ms = _ms(t0)
+        if items:
             try:
-                self._predict(parsed, replies, decode_ms)
+                self._answer(items, replies, decode_ms)
             except Exception as exc:  # noqa: BLE001 - a server fault answers the valid requests with 500
-                for i, _, _ in parsed:
-                    replies[i] = self._error_reply(exc)
+                for it in items:
+                    replies[it.index] = self._error_reply(exc)
         return [r if r is not None else Reply(500, errors.to_http(RuntimeError())[1]) for r in replies]
 
-    def _predict(self, parsed: list[tuple[int, PredictRequest, np.ndarray]],
-                 replies: list[Reply | None], decode_ms: float) -> None:
+    def _answer(self, items: list[_Item], replies: list[Reply | None], decode_ms: float) -> None:
         t0 = time.perf_counter()
-        x = normalize(np.stack([p for _, _, p in parsed]), self.meta.input)
+        x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
         out = self.classifier(x)
         probs = softmax(out.logits)
-        classifier_ms = (time.perf_counter() - t0) * 1000
-        for row, (i, req, _) in enumerate(parsed):
+        shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
+        explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
+        concept_batch = None
+        if explain_rows and self.concepts is not None:
+            t1 = time.perf_counter()
+            concept_batch = self.concepts.encode(out.activations)
+            shared["concepts"] = _ms(t1)
+        for row, it in enumerate(items):
+            req = it.request
             k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
-            replies[i] = Reply(200, {"predictions": top_predictions(probs[row], self.meta.classes, k)},
-                               {"decode": decode_ms, "classifier": classifier_ms})
+            body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
+            timings = dict(shared)
+            if isinstance(req, ExplainRequest):
+                try:
+                    self._explain(req, row, it.pixels, probs[row], concept_batch, body, timings)
+                except Exception as exc:  # noqa: BLE001 - this request only
+                    replies[it.index] = self._error_reply(exc)
+                    continue
+            replies[it.index] = Reply(200, body, timings)
+
+    def _explain(self, req: ExplainRequest, row: int, pixels: np.ndarray, probs: np.ndarray,
+                 concept_batch: Any, body: dict[str, Any], timings: dict[str, float]) -> None:
+        if req.target is None:
+            target = int(np.argmax(probs))
+        elif isinstance(req.target, str):
+            target = self.meta.classes.index(req.target)
+        else:
+            target = int(req.target)
+        body["target"] = {"index": target, "label": self.meta.classes[target]}
+        views = req.views or self.views
+        if "concepts" in views and self.concepts is not None:
+            body["concepts"] = self.concepts.explain(concept_batch, row, target, req.top_concepts,
+                                                     pixels if req.images else None, timings)
+        body["model"] = self.model_info
+        body["timings_ms"] = timings
 
     @staticmethod
     def _error_reply(exc: BaseException) -> Reply:
         status, body = errors.to_http(exc)
         if status >= 500:
-            log.exception("request failed with a server fault", exc_info=exc)
+            log.error("request failed with a server fault", exc_info=exc)
         return Reply(status, body)

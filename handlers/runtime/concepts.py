@@ -1,0 +1,156 @@
+"""Concept variables: code maps -> pooled values -> discrete states, and concept heatmaps.
+
+One implementation used by export (to fit the bins and the Bayesian network) and by
+serving (to turn the encoders' code maps into evidence). Stored as ``concepts.json``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT = "concepts/1"
+
+
+def concept_id(layer: str, channel: int) -> str:
+    return f"{layer}/c{channel}"
+
+
+def pooled_values(codes: np.ndarray) -> np.ndarray:
+    """Spatial max of each code channel: (N, K, H, W) -> (N, K) (methods.md choice)."""
+    codes = np.asarray(codes)
+    if codes.ndim != 4:
+        raise ValueError(f"code maps must be (N, K, H, W), got shape {codes.shape}")
+    return codes.max(axis=(2, 3))
+
+
+def fit_edges(values: np.ndarray, states: int) -> np.ndarray:
+    """Quantile bin edges per channel: (N, K) -> (K, states - 1)."""
+    qs = np.arange(1, states) / states
+    return np.quantile(np.asarray(values, dtype=np.float64), qs, axis=0).T.copy()
+
+
+def discretise(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """State of each value = number of its channel's edges strictly below it.
+
+    values (N, K), edges (K, S-1) -> int64 (N, K) in 0..S-1. Ties with an edge fall in the
+    lower state, so a channel that is mostly exactly zero keeps its zeros in state 0.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    return (v[:, :, None] > np.asarray(edges)[None, :, :]).sum(axis=2).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ConceptLayer:
+    """Concepts of one layer: the classifier output feeding it, its encoder/decoder ONNX files,
+    bin edges (K, S-1) and the typical pooled value of each state (K, S)."""
+
+    layer: str
+    activation: str
+    encoder_file: str
+    decoder_file: str
+    edges: np.ndarray
+    typical: np.ndarray
+    names: tuple[str | None, ...]
+    name_bits: tuple[float | None, ...]
+
+    @property
+    def k(self) -> int:
+        return int(self.edges.shape[0])
+
+    def ids(self) -> list[str]:
+        return [concept_id(self.layer, c) for c in range(self.k)]
+
+
+@dataclass(frozen=True)
+class ConceptSpec:
+    """Everything serving needs about concepts (``concepts.json``)."""
+
+    states: int
+    layers: tuple[ConceptLayer, ...]
+    network_file: str
+    outcome: str
+    report: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "states": self.states, "network_file": self.network_file,
+                "outcome": self.outcome, "report": self.report,
+                "layers": [{"layer": l.layer, "activation": l.activation, "encoder_file": l.encoder_file,
+                            "decoder_file": l.decoder_file,
+                            "edges": l.edges.tolist(), "typical": l.typical.tolist(),
+                            "names": list(l.names), "name_bits": list(l.name_bits)} for l in self.layers]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ConceptSpec":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} document")
+        layers = []
+        for l in d["layers"]:
+            edges = np.asarray(l["edges"], dtype=np.float64)
+            k = edges.shape[0]
+            layers.append(ConceptLayer(l["layer"], l["activation"], l["encoder_file"], l["decoder_file"], edges,
+                                       np.asarray(l["typical"], dtype=np.float64),
+                                       tuple(l.get("names") or [None] * k), tuple(l.get("name_bits") or [None] * k)))
+        return cls(int(d["states"]), tuple(layers), d["network_file"], d.get("outcome", "Y"),
+                   dict(d.get("report", {})))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ConceptSpec":
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def evidence_for(spec: ConceptSpec, states_by_layer: Sequence[np.ndarray], row: int) -> dict[str, int]:
+    """Evidence dict {concept id: state} for one image from per-layer (N, K) state arrays."""
+    ev: dict[str, int] = {}
+    for layer, states in zip(spec.layers, states_by_layer):
+        for c in range(layer.k):
+            ev[concept_id(layer.layer, c)] = int(states[row, c])
+    return ev
+
+
+# -- heatmaps -------------------------------------------------------------------------------
+
+_ANCHORS = np.array([[0.0, 0.0, 0.5], [0.0, 0.4, 1.0], [0.0, 0.9, 0.9], [0.6, 1.0, 0.3],
+                     [1.0, 0.8, 0.0], [1.0, 0.2, 0.0], [0.6, 0.0, 0.0]])
+
+
+def colormap(v: np.ndarray) -> np.ndarray:
+    """Blue-to-red colour map: values in [0, 1] (any shape) -> RGB floats (..., 3)."""
+    v = np.clip(np.asarray(v, dtype=np.float64), 0.0, 1.0) * (len(_ANCHORS) - 1)
+    lo = np.floor(v).astype(int).clip(0, len(_ANCHORS) - 2)
+    t = (v - lo)[..., None]
+    return _ANCHORS[lo] * (1 - t) + _ANCHORS[lo + 1] * t
+
+
+def upsample(m: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of one map (h, w) -> (height, width), align-corners=False."""
+    h, w = m.shape
+    ys = np.clip((np.arange(height) + 0.5) * h / height - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(width) + 0.5) * w / width - 0.5, 0, w - 1)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    top = m[y0][:, x0] * (1 - fx) + m[y0][:, x1] * fx
+    bottom = m[y1][:, x0] * (1 - fx) + m[y1][:, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def heatmap_overlay(image: np.ndarray, code_map: np.ndarray, scale: float, alpha: float = 0.55) -> np.ndarray:
+    """The concept's code map, upsampled to the image and blended over it.
+
+    image uint8 (H, W, C); code_map (h, w) >= 0; ``scale`` maps code values to [0, 1]
+    (use the concept's top typical value so maps are comparable across images).
+    Returns uint8 (H, W, 3).
+    """
+    h, w = image.shape[:2]
+    base = image.astype(np.float64) / 255.0
+    if base.shape[2] == 1:
+        base = np.repeat(base, 3, axis=2)
+    heat = colormap(upsample(np.asarray(code_map, dtype=np.float64), h, w) / max(scale, 1e-8))
+    return np.clip((1 - alpha) * base + alpha * heat, 0, 1).__mul__(255).round().astype(np.uint8)

@@ -1,0 +1,106 @@
+"""The concepts view (method 1) at serve time: encoders on the classifier's activations,
+discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from handlers.runtime.bundle import Bundle
+from handlers.runtime.causal import CompiledCausalModel
+from handlers.runtime.classifier import make_session
+from handlers.runtime.concepts import ConceptSpec, concept_id, discretise, heatmap_overlay, pooled_values
+from handlers.runtime.errors import ArtifactError
+from handlers.runtime.imaging import encode_png
+
+
+@dataclass
+class ConceptBatch:
+    """Codes (layer -> (N, K, H, W)), pooled values and states (layer -> (N, K))."""
+
+    codes: dict[str, np.ndarray]
+    values: dict[str, np.ndarray]
+    states: dict[str, np.ndarray]
+
+    def evidence(self, row: int) -> dict[str, int]:
+        return {concept_id(l, c): int(s[row, c]) for l, s in self.states.items() for c in range(s.shape[1])}
+
+
+class ConceptExplainer:
+    """Loaded concept artifacts: encoder sessions, bins, names and the compiled network."""
+
+    def __init__(self, spec: ConceptSpec, network: CompiledCausalModel, sessions: dict[str, Any]) -> None:
+        self.spec = spec
+        self.network = network
+        self.sessions = sessions
+        self.layers = {l.layer: l for l in spec.layers}
+        ids = [cid for l in spec.layers for cid in l.ids()]
+        if sorted(ids) != sorted(network.concepts):
+            raise ArtifactError("concepts.json and the causal network disagree on the concept ids")
+        self.num_concepts = len(ids)
+
+    @classmethod
+    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> "ConceptExplainer":
+        spec = ConceptSpec.from_file(bundle.path(file))
+        network = CompiledCausalModel.from_file(bundle.path(spec.network_file))
+        if network.outcome != spec.outcome:
+            raise ArtifactError(f"causal network outcome {network.outcome!r} != {spec.outcome!r}")
+        outputs = {l.name: l.output for l in bundle.metadata.layers}
+        sessions = {}
+        for layer in spec.layers:
+            if outputs.get(layer.layer) != layer.activation:
+                raise ArtifactError(f"concept layer {layer.layer} needs classifier output {layer.activation}")
+            sessions[layer.layer] = make_session(bundle.path(layer.encoder_file), providers, threads)
+        return cls(spec, network, sessions)
+
+    def encode(self, activations: dict[str, np.ndarray]) -> ConceptBatch:
+        """Run the encoders on the activations the classifier already produced."""
+        codes, values, states = {}, {}, {}
+        for layer in self.spec.layers:
+            sess = self.sessions[layer.layer]
+            z = sess.run(None, {sess.get_inputs()[0].name: activations[layer.layer]})[0]
+            codes[layer.layer] = z
+            values[layer.layer] = pooled_values(z)
+            states[layer.layer] = discretise(values[layer.layer], layer.edges)
+        return ConceptBatch(codes, values, states)
+
+    def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
+                pixels: np.ndarray | None, timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """The ``concepts`` view for one image, sorted by |effect| (largest first).
+
+        pixels: uint8 (H, W, C) model input for heatmaps, or None for no images.
+        timings: if given, receives "causal" and "encode" milliseconds.
+        """
+        t0 = time.perf_counter()
+        records = self.network.explain(batch.evidence(row), target)
+        for rec in records:
+            layer_name, c = rec["id"].rsplit("/c", 1)
+            channel = int(c)
+            layer = self.layers[layer_name]
+            rec.update(layer=layer_name, channel=channel,
+                       name=layer.names[channel] or rec["id"], name_bits=layer.name_bits[channel],
+                       activation=float(batch.values[layer_name][row, channel]))
+        records.sort(key=lambda r: (-abs(r["effect"]), r["id"]))
+        records = records[:top] if top else records
+        t1 = time.perf_counter()
+        out = []
+        for rec in records:
+            item = {"id": rec["id"], "layer": rec["layer"], "channel": rec["channel"], "name": rec["name"],
+                    "name_bits": rec["name_bits"], "activation": round(rec["activation"], 5),
+                    "state": rec["state"], "effect": round(rec["effect"], 6),
+                    "sensitivity": round(rec["sensitivity"], 6),
+                    "interventions": [{"state": i["state"], "probability": round(i["probability"], 6)}
+                                      for i in rec["interventions"]]}
+            if pixels is not None:
+                layer = self.layers[rec["layer"]]
+                code_map = batch.codes[rec["layer"]][row, rec["channel"]]
+                png = encode_png(heatmap_overlay(pixels, code_map, float(layer.typical[rec["channel"], -1])))
+                item["heatmap_png"] = base64.b64encode(png).decode()
+            out.append(item)
+        if timings is not None:
+            timings["causal"] = round((t1 - t0) * 1000, 3)
+            timings["encode"] = round((time.perf_counter() - t1) * 1000, 3)
+        return out

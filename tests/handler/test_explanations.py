@@ -1,0 +1,142 @@
+"""/explanations through the handler with a mock context: the concepts view, options, errors."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from handlers.concept_handler import ConceptExplainerHandler
+from tests.handler.mock_context import make_context, model_dir_from_bundle, prepare_batch, wire_request
+from tests.pgmpy_reference import do_query, load_pgmpy
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_concept_bundle: Path, tmp_path_factory) -> Path:
+    return model_dir_from_bundle(tiny_concept_bundle, tmp_path_factory.mktemp("model_x"))
+
+
+@pytest.fixture(scope="module")
+def handler(model_dir: Path) -> ConceptExplainerHandler:
+    h = ConceptExplainerHandler()
+    h.initialize(make_context(model_dir))
+    return h
+
+
+def run(handler, model_dir, batch):
+    ctx = make_context(model_dir)
+    bodies = handler.handle(prepare_batch(ctx, batch), ctx)
+    return [(ctx.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
+
+
+def explain(handler, model_dir, png: bytes, **options):
+    if options:
+        req = wire_request(json.dumps({"data": base64.b64encode(png).decode(), **options}), "application/json",
+                           explain=True)
+    else:
+        req = wire_request(png, explain=True)
+    return run(handler, model_dir, [req])[0]
+
+
+def offline_evidence(bundle: Path, png: bytes) -> tuple[dict[str, int], int]:
+    """Concept states computed without handlers.runtime: Pillow, numpy and onnxruntime only."""
+    meta = json.loads((bundle / "metadata.json").read_text())
+    concepts = json.loads((bundle / "concepts.json").read_text())
+    spec = meta["input"]
+    img = Image.open(io.BytesIO(png)).convert("RGB").resize((spec["width"], spec["height"]), Image.BILINEAR)
+    x = (np.asarray(img, np.float32) / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    x = x.transpose(2, 0, 1)[None]
+    sess = ort.InferenceSession(str(bundle / meta["classifier"]["file"]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, {meta["classifier"]["input"]: x})))
+    evidence = {}
+    for layer in concepts["layers"]:
+        enc = ort.InferenceSession(str(bundle / layer["encoder_file"]), providers=["CPUExecutionProvider"])
+        z = enc.run(None, {"activation": outs[layer["activation"]]})[0][0]
+        for c, (peak, edges) in enumerate(zip(z.reshape(z.shape[0], -1).max(axis=1), layer["edges"])):
+            evidence[f"{layer['layer']}/c{c}"] = int(sum(peak > e for e in edges))
+    return evidence, int(np.argmax(outs[meta["classifier"]["logits"]][0]))
+
+
+def test_concepts_view_structure(handler, model_dir, sample_pngs):
+    status, body = explain(handler, model_dir, sample_pngs[0])
+    assert status == 200
+    assert set(body) >= {"predictions", "target", "concepts", "model", "timings_ms"}
+    assert body["target"]["index"] == body["predictions"][0]["index"]
+    concepts = body["concepts"]
+    assert len(concepts) == 12  # 3 layers x 4 concepts
+    effects = [abs(c["effect"]) for c in concepts]
+    assert effects == sorted(effects, reverse=True)
+    for c in concepts:
+        assert c["id"] == f"{c['layer']}/c{c['channel']}" and 0 <= c["state"] < 3
+        assert len(c["interventions"]) == 3
+        assert sum(1 for i in c["interventions"] if 0 <= i["probability"] <= 1) == 3
+        png = Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"])))
+        assert png.size == (32, 32) and png.mode == "RGB"
+    assert len(body["model"]["artifact_sha256"]) == 64
+    assert {"decode", "classifier", "concepts", "causal", "encode"} <= set(body["timings_ms"])
+
+
+def test_effects_equal_an_offline_pgmpy_computation(handler, model_dir, tiny_concept_bundle, sample_pngs):
+    model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
+    for png in sample_pngs[:3]:
+        status, body = explain(handler, model_dir, png, images=False)
+        assert status == 200
+        evidence, predicted = offline_evidence(tiny_concept_bundle, png)
+        assert body["target"]["index"] == predicted
+        for c in body["concepts"]:
+            assert c["state"] == evidence[c["id"]]
+            p = np.array([do_query(model, c["id"], s, evidence)[predicted] for s in range(3)])
+            np.testing.assert_allclose([i["probability"] for i in c["interventions"]], p, atol=2e-6)
+            parents = model.get_parents(c["id"])
+            cpd = model.get_cpds(c["id"])
+            pi = cpd.reduce([(q, evidence[q]) for q in parents], inplace=False).values if parents else cpd.values
+            assert c["effect"] == pytest.approx(p[c["state"]] - float(pi @ p), abs=2e-6)
+
+
+def test_target_by_label_and_index(handler, model_dir, tiny_concept_bundle, sample_pngs):
+    classes = json.loads((tiny_concept_bundle / "metadata.json").read_text())["classes"]
+    s1, b1 = explain(handler, model_dir, sample_pngs[1], target=classes[3], images=False)
+    s2, b2 = explain(handler, model_dir, sample_pngs[1], target=3, images=False)
+    assert s1 == s2 == 200
+    assert b1["target"] == {"index": 3, "label": classes[3]}
+    assert b1["concepts"] == b2["concepts"]
+
+
+def test_options_top_concepts_and_images(handler, model_dir, sample_pngs):
+    status, body = explain(handler, model_dir, sample_pngs[2], top_concepts=3, images=False)
+    assert status == 200 and len(body["concepts"]) == 3
+    assert all("heatmap_png" not in c for c in body["concepts"])
+    full = explain(handler, model_dir, sample_pngs[2], images=False)[1]
+    assert body["concepts"] == full["concepts"][:3]
+
+
+@pytest.mark.parametrize("options, etype", [
+    ({"target": "no-such-class"}, "UnknownTarget"),
+    ({"target": 99}, "UnknownTarget"),
+    ({"target": 1.5}, "InvalidOption"),
+    ({"top_concepts": -1}, "InvalidOption"),
+    ({"top_concepts": 10**9}, "InvalidOption"),
+    ({"views": ["nonsense"]}, "InvalidOption"),
+    ({"images": "yes"}, "InvalidOption"),
+    ({"colour": "red"}, "InvalidOption"),
+])
+def test_bad_options_are_400(handler, model_dir, sample_pngs, options, etype):
+    status, body = explain(handler, model_dir, sample_pngs[0], **options)
+    assert status == 400 and body["error"]["type"] == etype and body["error"]["message"]
+
+
+def test_mixed_batch_predictions_explanations_and_errors(handler, model_dir, sample_pngs):
+    batch = [wire_request(sample_pngs[0], idx=0), wire_request(sample_pngs[0], explain=True, idx=1),
+             wire_request(b"junk", explain=True, idx=2),
+             wire_request(json.dumps({"data": base64.b64encode(sample_pngs[0]).decode(), "target": "zzz"}),
+                          "application/json", explain=True, idx=3)]
+    out = run(handler, model_dir, batch)
+    assert [s for s, _ in out] == [200, 200, 400, 400]
+    assert "concepts" not in out[0][1] and out[1][1]["concepts"]
+    assert out[0][1]["predictions"] == out[1][1]["predictions"]
