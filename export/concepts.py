@@ -48,7 +48,7 @@ class ConceptConfig:
     tv_weight: float = 0.0
     train_images: int = 6000
     max_indegree: int = 3
-    outcome_max_indegree: int = 4
+    outcome_max_indegree: int = 6
     equivalent_sample_size: float = 10.0
     validity_images: int = 300
     seed: int = 0
@@ -298,7 +298,7 @@ def causal_validity(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Im
     states = {l: discretise(pooled_values(codes[l].numpy()), edges[l]) for l in cfg.layers}
     evidence = [{concept_id(l, c): int(states[l][i, c]) for l in cfg.layers for c in range(states[l].shape[1])}
                 for i in range(n)]
-    bn_effect, measured = [], []
+    bn_effect, measured, pair_layer, pair_connected = [], [], [], []
     rows = np.arange(n)
     work = [(l, c) for l in cfg.layers for c in range(codes[l].shape[1])]
     for l, c in tqdm(work, desc="causal validity", disable=not progress, unit="concept"):
@@ -320,8 +320,17 @@ def causal_validity(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Im
             measured.append(p_t[i, xo] - float(pi @ p_t[i]))
             rec = bn.interventions(evidence[i], cid)[:, target[i]]
             bn_effect.append(rec[xo] - float(pi @ rec))
-    rho = spearmanr(bn_effect, measured).statistic
+            pair_layer.append(l)
+            pair_connected.append(bn.outcome in bn.descendants(cid))
+    bn_effect_a, measured_a = np.asarray(bn_effect), np.asarray(measured)
+    layer_a, conn_a = np.asarray(pair_layer), np.asarray(pair_connected)
+    rho = spearmanr(bn_effect_a, measured_a).statistic
+    per_layer = {l: float(spearmanr(bn_effect_a[layer_a == l], measured_a[layer_a == l]).statistic)
+                 for l in cfg.layers}
+    connected = float(spearmanr(bn_effect_a[conn_a], measured_a[conn_a]).statistic) if conn_a.sum() > 2 else None
     return {"spearman": float(rho), "pairs": len(measured), "images": n,
+            "spearman_per_layer": per_layer, "spearman_connected_concepts": connected,
+            "concepts_connected_to_outcome": int(sum(bn.outcome in bn.descendants(x) for x in bn.concepts)),
             "bn_effect_mean_abs": float(np.mean(np.abs(bn_effect))),
             "measured_effect_mean_abs": float(np.mean(np.abs(measured)))}
 
@@ -412,3 +421,20 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(f"causal validity (Spearman, {cv['pairs']} pairs) {cv['spearman']:8.4f}   >= "
                  f"{t['causal_validity_spearman']:.2f}")
     return "\n".join(lines)
+
+
+def to_pgmpy(compiled: CompiledCausalModel):
+    """The saved network as a pgmpy DiscreteBayesianNetwork (for checks and benchmarks)."""
+    from pgmpy.factors.discrete import TabularCPD
+    from pgmpy.models import DiscreteBayesianNetwork
+    model = DiscreteBayesianNetwork()
+    model.add_nodes_from(compiled.order)
+    model.add_edges_from([(p, n) for n in compiled.order for p in compiled.cpts[n].parents])
+    for n in compiled.order:
+        c = compiled.cpts[n]
+        cards = [compiled.cpts[p].card for p in c.parents]
+        model.add_cpds(TabularCPD(n, c.card, c.table.reshape(c.card, -1), evidence=list(c.parents) or None,
+                                  evidence_card=cards or None,
+                                  state_names={v: list(compiled.cpts[v].states) for v in [n, *c.parents]}))
+    model.check_model()
+    return model

@@ -24,3 +24,23 @@ def reference_probabilities(bundle_dir: Path, png: bytes) -> np.ndarray:
     logits = sess.run([meta["classifier"]["logits"]], {meta["classifier"]["input"]: x})[0][0].astype(np.float64)
     e = np.exp(logits - logits.max())
     return e / e.sum()
+
+
+def offline_evidence(bundle: Path, png: bytes) -> tuple[dict[str, int], int]:
+    """Concept states computed without handlers.runtime: Pillow, numpy and onnxruntime only."""
+    meta = json.loads((bundle / "metadata.json").read_text())
+    concepts = json.loads((bundle / "concepts.json").read_text())
+    spec = meta["input"]
+    img = Image.open(io.BytesIO(png)).convert("RGB").resize((spec["width"], spec["height"]), Image.BILINEAR)
+    x = (np.asarray(img, np.float32) / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    x = x.transpose(2, 0, 1)[None]
+    sess = ort.InferenceSession(str(bundle / meta["classifier"]["file"]), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(None, {meta["classifier"]["input"]: x})))
+    evidence = {}
+    for layer in concepts["layers"]:
+        enc = ort.InferenceSession(str(bundle / layer["encoder_file"]), providers=["CPUExecutionProvider"])
+        z = enc.run(None, {"activation": outs[layer["activation"]]})[0][0]
+        for c, (peak, edges) in enumerate(zip(z.reshape(z.shape[0], -1).max(axis=1), layer["edges"])):
+            evidence[f"{layer['layer']}/c{c}"] = int(sum(peak > e for e in edges))
+    return evidence, int(np.argmax(outs[meta["classifier"]["logits"]][0]))

@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
 from tests.handler.mock_context import make_context, model_dir_from_bundle, prepare_batch, wire_request
 from tests.pgmpy_reference import do_query, load_pgmpy
+from tests.reference import offline_evidence
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +41,6 @@ def explain(handler, model_dir, png: bytes, **options):
     else:
         req = wire_request(png, explain=True)
     return run(handler, model_dir, [req])[0]
-
-
-def offline_evidence(bundle: Path, png: bytes) -> tuple[dict[str, int], int]:
-    """Concept states computed without handlers.runtime: Pillow, numpy and onnxruntime only."""
-    meta = json.loads((bundle / "metadata.json").read_text())
-    concepts = json.loads((bundle / "concepts.json").read_text())
-    spec = meta["input"]
-    img = Image.open(io.BytesIO(png)).convert("RGB").resize((spec["width"], spec["height"]), Image.BILINEAR)
-    x = (np.asarray(img, np.float32) / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
-    x = x.transpose(2, 0, 1)[None]
-    sess = ort.InferenceSession(str(bundle / meta["classifier"]["file"]), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    outs = dict(zip(names, sess.run(None, {meta["classifier"]["input"]: x})))
-    evidence = {}
-    for layer in concepts["layers"]:
-        enc = ort.InferenceSession(str(bundle / layer["encoder_file"]), providers=["CPUExecutionProvider"])
-        z = enc.run(None, {"activation": outs[layer["activation"]]})[0][0]
-        for c, (peak, edges) in enumerate(zip(z.reshape(z.shape[0], -1).max(axis=1), layer["edges"])):
-            evidence[f"{layer['layer']}/c{c}"] = int(sum(peak > e for e in edges))
-    return evidence, int(np.argmax(outs[meta["classifier"]["logits"]][0]))
 
 
 def test_concepts_view_structure(handler, model_dir, sample_pngs):

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from export.client import TorchServeClient
+import requests
+
+from export.client import TorchServeClient, read_keys
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,3 +101,17 @@ class TorchServe:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint: str = "predictions",
+         model: str = "tiny", auth: bool = True) -> requests.Response:
+    headers = {"Content-Type": content_type}
+    if auth:
+        headers["Authorization"] = f"Bearer {read_keys(ts.workdir / 'key_file.json')['inference']}"
+    return requests.post(f"{ts.client.url}/{endpoint}/{model}", data=body, headers=headers, timeout=60)
+
+
+def workers(ts: TorchServe, model: str = "tiny") -> list[tuple[str, str]]:
+    status, body = ts.client.describe(model)
+    assert status == 200
+    return [(w["id"], w["startTime"]) for w in body[0]["workers"]]

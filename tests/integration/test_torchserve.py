@@ -9,33 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
-from export.client import read_keys
-from tests.integration.server import TorchServe
+from tests.integration.server import post, workers
 from tests.reference import reference_probabilities
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def server(tiny_mar: Path, tmp_path_factory):
-    with TorchServe(tmp_path_factory.mktemp("ts"), tiny_mar.parent, {"tiny": tiny_mar.name}) as ts:
-        yield ts
-
-
-def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint: str = "predictions",
-         auth: bool = True) -> requests.Response:
-    headers = {"Content-Type": content_type}
-    if auth:
-        headers["Authorization"] = f"Bearer {read_keys(ts.workdir / 'key_file.json')['inference']}"
-    return requests.post(f"{ts.client.url}/{endpoint}/tiny", data=body, headers=headers, timeout=60)
-
-
-def workers(ts: TorchServe) -> list[tuple[str, str]]:
-    status, body = ts.client.describe("tiny")
-    assert status == 200
-    return [(w["id"], w["startTime"]) for w in body[0]["workers"]]
 
 
 def assert_matches_reference(body: dict, bundle: Path, png: bytes) -> None:
@@ -97,6 +75,6 @@ def test_malformed_requests_get_4xx_json_and_worker_survives(server, tiny_bundle
     assert workers(server) == before
 
 
-def test_explanations_endpoint_answers_501_until_artifacts_exist(server, sample_pngs):
+def test_explanations_endpoint_answers_501_without_artifacts(server, sample_pngs):
     r = post(server, sample_pngs[0], endpoint="explanations")
     assert r.status_code == 501 and r.json()["error"]["type"] == "ExplanationsUnavailable"

@@ -1,0 +1,57 @@
+"""/explanations on a real TorchServe: concepts for a batch of requests, equal to an offline computation."""
+from __future__ import annotations
+
+import base64
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.integration.server import post, workers
+from tests.pgmpy_reference import do_query, load_pgmpy
+from tests.reference import offline_evidence
+
+pytestmark = pytest.mark.integration
+
+
+def test_batched_explanations_equal_offline_computation(server, tiny_concept_bundle: Path, sample_pngs):
+    model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
+    pngs = sample_pngs * 2
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda p: post(server, p, endpoint="explanations", model="tinyx"), pngs))
+    for png, r in zip(pngs, responses):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        evidence, predicted = offline_evidence(tiny_concept_bundle, png)
+        assert body["target"]["index"] == predicted
+        assert len(body["concepts"]) == 12
+        for c in body["concepts"][:4]:
+            assert c["state"] == evidence[c["id"]]
+            p = [do_query(model, c["id"], s, evidence)[predicted] for s in range(3)]
+            np.testing.assert_allclose([i["probability"] for i in c["interventions"]], p, atol=2e-6)
+    assert max(r.json()["timings_ms"]["batch_size"] for r in responses) > 1
+
+
+def test_explanation_options_and_errors_over_http(server, sample_pngs):
+    before = workers(server, "tinyx")
+    data = base64.b64encode(sample_pngs[3]).decode()
+    ok = post(server, json.dumps({"data": data, "top_concepts": 2, "images": False, "target": 1}).encode(),
+              "application/json", endpoint="explanations", model="tinyx")
+    assert ok.status_code == 200
+    body = ok.json()
+    assert len(body["concepts"]) == 2 and body["target"]["index"] == 1
+    assert "heatmap_png" not in body["concepts"][0]
+    for options, etype in [({"target": "nope"}, "UnknownTarget"), ({"top_concepts": -3}, "InvalidOption"),
+                           ({"views": ["x"]}, "InvalidOption")]:
+        r = post(server, json.dumps({"data": data, **options}).encode(), "application/json",
+                 endpoint="explanations", model="tinyx")
+        assert r.status_code == 400 and r.json()["error"]["type"] == etype
+    assert workers(server, "tinyx") == before
+
+
+def test_explanation_response_is_small(server, sample_pngs):
+    r = post(server, sample_pngs[0], endpoint="explanations", model="tinyx")
+    assert r.status_code == 200
+    assert len(r.content) < 150_000, len(r.content)
