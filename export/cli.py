@@ -4,6 +4,7 @@
     concept-explainer train      --data data/shapes --out build/shapes/classifier
     concept-explainer export     --classifier build/shapes/classifier --out build/shapes/bundle
     concept-explainer concepts   --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
+    concept-explainer cladec     --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer archive    --bundle build/shapes/bundle --name shapes --model-store model_store
     concept-explainer build-demo                                    # all of the above
     concept-explainer query      --image x.png --model shapes       # ask a running TorchServe
@@ -66,14 +67,22 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 def _load_classifier(args: argparse.Namespace):
     """(model, spec, classes, info) from a ``train`` output folder or a user's model file."""
+    model, spec, classes, info, _ = _load_classifier_and_factory(args)
+    return model, spec, classes, info
+
+
+def _load_classifier_and_factory(args: argparse.Namespace):
+    """Like :func:`_load_classifier`, plus a factory for a freshly initialised copy."""
     from export.data.loader import infer_input_spec, scan_image_folder
     from export.models import build_model, load_user_model, load_weights
     if args.classifier:
         info = json.loads((Path(args.classifier) / CLASSIFIER_INFO).read_text())
         spec = InputSpec.from_json(info["input"])
-        model = build_model(info["architecture"], len(info["classes"]), spec.channels)
+        def factory():
+            return build_model(info["architecture"], len(info["classes"]), spec.channels)
+        model = factory()
         load_weights(model, Path(args.classifier) / CLASSIFIER_WEIGHTS)
-        return model.eval(), spec, tuple(info["classes"]), info
+        return model.eval(), spec, tuple(info["classes"]), info, factory
     if not (args.model_file and args.model_class and args.weights):
         raise SystemExit("export needs --classifier DIR, or --model-file, --model-class and --weights")
     if args.data:
@@ -87,9 +96,11 @@ def _load_classifier(args: argparse.Namespace):
         spec = InputSpec(args.size, args.size, ch, tuple(args.mean or [0.5] * ch), tuple(args.std or [0.25] * ch))
     if args.classes:
         classes = tuple(c.strip() for c in args.classes.split(","))
-    model = load_user_model(args.model_file, args.model_class)
+    def user_factory():
+        return load_user_model(args.model_file, args.model_class)
+    model = user_factory()
     load_weights(model, args.weights)
-    return model.eval(), spec, classes, {"model_file": str(args.model_file), "model_class": args.model_class}
+    return model.eval(), spec, classes, {"model_file": str(args.model_file), "model_class": args.model_class}, user_factory
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
@@ -149,6 +160,40 @@ def cmd_concepts(args: argparse.Namespace) -> dict:
     return report
 
 
+def cmd_cladec(args: argparse.Namespace) -> dict:
+    """Method 2: ClaDec decoders and reference autoencoders with their evaluation, added to a bundle."""
+    import dataclasses
+    from export.archive import write_bundle
+    from export.cladec import ClaDecConfig, build_cladec, format_report
+    from export.data.loader import load_image_folder
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(args.bundle).metadata
+    model, _, _, _, factory = _load_classifier_and_factory(args)
+    overrides = {k: getattr(args, k) for k in ("epochs", "train_images", "eval_images", "fresh_classifier_epochs",
+                                               "seed") if getattr(args, k, None) is not None}
+    if args.layers:
+        overrides["layers"] = tuple(args.layers.split(","))
+    if args.alphas:
+        overrides["alphas"] = tuple(float(a) for a in args.alphas.split(","))
+    cfg = dataclasses.replace(ClaDecConfig(), **overrides)
+    names = {l.name for l in meta.layers}
+    missing = [l for l in cfg.layers if l not in names]
+    if missing:
+        raise SystemExit(f"layers {missing} are not outputs of the exported classifier; it has {sorted(names)}")
+    train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
+    test = load_image_folder(args.data, meta.input, "test", limit=args.test_limit)
+    report: dict = {}
+
+    def fill(tmp: Path) -> ModelMetadata:
+        report.update(build_cladec(model, factory, meta.input, train, test, tmp, cfg))
+        return dataclasses.replace(meta, extra={**meta.extra, "cladec": "cladec.json"})
+
+    write_bundle(args.bundle, fill, base=args.bundle)
+    print(format_report(report))
+    print(f"ClaDec artifacts added to {args.bundle} in {report['seconds']} s")
+    return report
+
+
 def cmd_archive(args: argparse.Namespace) -> dict:
     from export.archive import build_mar
     from handlers.runtime.bundle import load_bundle
@@ -178,6 +223,10 @@ def cmd_build_demo(args: argparse.Namespace) -> dict:
         bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, limit=None,
         test_limit=None, k=None, states=None, epochs=None, train_images=None, validity_images=None,
         max_indegree=None, outcome_max_indegree=None, seed=None))
+    report["cladec"] = cmd_cladec(argparse.Namespace(
+        bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, alphas=None,
+        limit=None, test_limit=None, epochs=None, train_images=None, eval_images=None,
+        fresh_classifier_epochs=None, seed=None))
     report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
                                                        version=args.version, model_store=args.model_store,
                                                        model_config=None))
@@ -267,6 +316,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, help="training images loaded (default all)")
     c.add_argument("--test-limit", type=int, help="held-out images loaded (default all)")
     c.set_defaults(func=cmd_concepts)
+
+    cd = sub.add_parser("cladec", help="ClaDec decoders + reference autoencoders (method 2)")
+    cd.add_argument("--bundle", required=True, help="bundle written by `export` (updated atomically)")
+    cd.add_argument("--data", required=True)
+    cd.add_argument("--classifier", help="output folder of `train`")
+    cd.add_argument("--model-file")
+    cd.add_argument("--model-class")
+    cd.add_argument("--weights")
+    cd.add_argument("--classes")
+    cd.add_argument("--size", type=int)
+    cd.add_argument("--channels", type=int, choices=(1, 3))
+    cd.add_argument("--mean", type=float, nargs="+")
+    cd.add_argument("--std", type=float, nargs="+")
+    cd.add_argument("--layers", help="comma-separated layers (default layer2,avgpool)")
+    cd.add_argument("--alphas", help="comma-separated alphas (default 0; e.g. 0,0.001)")
+    cd.add_argument("--epochs", type=int)
+    cd.add_argument("--train-images", type=int)
+    cd.add_argument("--eval-images", type=int)
+    cd.add_argument("--fresh-classifier-epochs", type=int)
+    cd.add_argument("--seed", type=int)
+    cd.add_argument("--limit", type=int)
+    cd.add_argument("--test-limit", type=int)
+    cd.set_defaults(func=cmd_cladec)
 
     a = sub.add_parser("archive", help="build model_store/NAME.mar from a bundle")
     a.add_argument("--bundle", required=True)

@@ -55,6 +55,18 @@ def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Pat
 
 
 @pytest.fixture(scope="session")
+def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data: Path) -> Path:
+    """The concept bundle plus ClaDec decoders and RefAEs (two alphas, very short training)."""
+    import shutil
+    out = tiny_concept_bundle.parent / "bundle_full"
+    shutil.copytree(tiny_concept_bundle, out)
+    cli.cmd_cladec(argparse.Namespace(
+        bundle=out, classifier=tiny_classifier, data=tiny_data, layers=None, alphas="0,0.001", limit=None,
+        test_limit=None, epochs=1, train_images=200, eval_images=50, fresh_classifier_epochs=1, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_mar(tiny_bundle: Path) -> Path:
     """The classifier-only archive (predictions; explanations answer 501)."""
     store = tiny_bundle.parent / "model_store"
@@ -64,10 +76,10 @@ def tiny_mar(tiny_bundle: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_explainer_mar(tiny_concept_bundle: Path) -> Path:
+def tiny_explainer_mar(tiny_full_bundle: Path) -> Path:
     """The archive with every explanation artifact built so far."""
-    store = tiny_concept_bundle.parent / "model_store_explain"
-    cli.cmd_archive(argparse.Namespace(bundle=tiny_concept_bundle, name="tinyx", version="0.1",
+    store = tiny_full_bundle.parent / "model_store_explain"
+    cli.cmd_archive(argparse.Namespace(bundle=tiny_full_bundle, name="tinyx", version="0.1",
                                        model_store=store, model_config=None))
     return store / "tinyx.mar"
 

@@ -44,3 +44,15 @@ def offline_evidence(bundle: Path, png: bytes) -> tuple[dict[str, int], int]:
         for c, (peak, edges) in enumerate(zip(z.reshape(z.shape[0], -1).max(axis=1), layer["edges"])):
             evidence[f"{layer['layer']}/c{c}"] = int(sum(peak > e for e in edges))
     return evidence, int(np.argmax(outs[meta["classifier"]["logits"]][0]))
+
+
+def offline_activations(bundle: Path, png: bytes) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Classifier ONNX outputs by layer name for one image, preprocessed with Pillow/numpy only."""
+    meta = json.loads((bundle / "metadata.json").read_text())
+    spec = meta["input"]
+    img = Image.open(io.BytesIO(png)).convert("RGB").resize((spec["width"], spec["height"]), Image.BILINEAR)
+    x = (np.asarray(img, np.float32) / 255.0 - np.array(spec["mean"], np.float32)) / np.array(spec["std"], np.float32)
+    x = x.transpose(2, 0, 1)[None]
+    sess = ort.InferenceSession(str(bundle / meta["classifier"]["file"]), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {meta["classifier"]["input"]: x})))
+    return {l["name"]: outs[l["output"]] for l in meta["layers"]}, x

@@ -17,6 +17,7 @@ import numpy as np
 
 from handlers.runtime import errors
 from handlers.runtime.bundle import Bundle, load_bundle
+from handlers.runtime.cladec import ClaDecView
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
 from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.explain import ConceptExplainer
@@ -61,13 +62,15 @@ class ExplainerService:
     """Loaded model bundle plus onnxruntime sessions; stateless across requests."""
 
     def __init__(self, bundle: Bundle, settings: HandlerSettings, classifier: OnnxClassifier,
-                 concepts: ConceptExplainer | None = None) -> None:
+                 concepts: ConceptExplainer | None = None, cladec: ClaDecView | None = None) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.settings = settings
         self.classifier = classifier
         self.concepts = concepts
-        self.views: tuple[str, ...] = tuple(v for v, on in (("concepts", concepts is not None),) if on)
+        self.cladec = cladec
+        self.views: tuple[str, ...] = tuple(v for v, on in (("concepts", concepts is not None),
+                                                            ("cladec", cladec is not None)) if on)
         self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
 
     @classmethod
@@ -82,13 +85,16 @@ class ExplainerService:
         session = make_session(bundle.path(meta.classifier_file), settings.providers, settings.intra_op_threads)
         classifier = OnnxClassifier(session, meta.input_name, meta.logits_name,
                                     {l.name: l.output for l in meta.layers})
-        concepts = None
+        concepts = cladec = None
         if "concepts" in meta.extra:
             concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], settings.providers,
                                              settings.intra_op_threads)
+        if "cladec" in meta.extra:
+            cladec = ClaDecView.load(bundle, meta.extra["cladec"], settings.providers, settings.intra_op_threads)
+        service = cls(bundle, settings, classifier, concepts, cladec)
         log.info("loaded bundle %s (sha256 %s) on %s; views %s", bundle.root, bundle.sha256,
-                 session.get_providers(), ["concepts"] if concepts else [])
-        return cls(bundle, settings, classifier, concepts)
+                 session.get_providers(), list(service.views))
+        return service
 
     # -- request handling ---------------------------------------------------------------
 
@@ -102,7 +108,7 @@ class ExplainerService:
         return parse_explain(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
                              classes=self.meta.classes,
                              num_concepts=self.concepts.num_concepts if self.concepts else 0,
-                             views=self.views, layers=())
+                             views=self.views, layers=self.cladec.layers if self.cladec else ())
 
     def _prepare(self, i: int, raw: RawRequest) -> _Item:
         req = self._parse(raw)
@@ -141,6 +147,17 @@ class ExplainerService:
             t1 = time.perf_counter()
             concept_batch = self.concepts.encode(out.activations)
             shared["concepts"] = _ms(t1)
+        cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
+        cladec_out: dict[int, list[dict[str, Any]]] = {}
+        if cladec_rows and self.cladec is not None:
+            t1 = time.perf_counter()
+            by_layers: dict[tuple[str, ...] | None, list[int]] = {}
+            for r in cladec_rows:
+                by_layers.setdefault(items[r].request.layers, []).append(r)
+            for layers, rows in by_layers.items():
+                for r, entries in zip(rows, self.cladec.render(out.activations, x, rows, layers)):
+                    cladec_out[r] = entries
+            shared["cladec"] = _ms(t1)
         for row, it in enumerate(items):
             req = it.request
             k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
@@ -148,14 +165,18 @@ class ExplainerService:
             timings = dict(shared)
             if isinstance(req, ExplainRequest):
                 try:
-                    self._explain(req, row, it.pixels, probs[row], concept_batch, body, timings)
+                    self._explain(req, row, it.pixels, probs[row], concept_batch, cladec_out.get(row), body, timings)
                 except Exception as exc:  # noqa: BLE001 - this request only
                     replies[it.index] = self._error_reply(exc)
                     continue
             replies[it.index] = Reply(200, body, timings)
 
+    def _wants(self, req: Any, view: str) -> bool:
+        return isinstance(req, ExplainRequest) and view in (req.views or self.views)
+
     def _explain(self, req: ExplainRequest, row: int, pixels: np.ndarray, probs: np.ndarray,
-                 concept_batch: Any, body: dict[str, Any], timings: dict[str, float]) -> None:
+                 concept_batch: Any, cladec: list[dict[str, Any]] | None, body: dict[str, Any],
+                 timings: dict[str, float]) -> None:
         if req.target is None:
             target = int(np.argmax(probs))
         elif isinstance(req.target, str):
@@ -165,8 +186,11 @@ class ExplainerService:
         body["target"] = {"index": target, "label": self.meta.classes[target]}
         views = req.views or self.views
         if "concepts" in views and self.concepts is not None:
-            body["concepts"] = self.concepts.explain(concept_batch, row, target, req.top_concepts,
+            top = min(req.top_concepts or self.settings.top_concepts, self.concepts.num_concepts)
+            body["concepts"] = self.concepts.explain(concept_batch, row, target, top,
                                                      pixels if req.images else None, timings)
+        if cladec is not None:
+            body["cladec"] = cladec
         body["model"] = self.model_info
         body["timings_ms"] = timings
 

@@ -13,6 +13,7 @@ class HandlerSettings:
     Attributes:
         bundle_dir: artifact bundle folder, relative to the extracted model directory.
         top_k: predictions returned per request (capped at the number of classes).
+        top_concepts: concepts returned per explanation unless the request asks otherwise.
         max_request_bytes: largest accepted request body (413 above it).
         max_image_pixels: largest accepted decoded image, width x height (413 above it).
         allowed_formats: image formats accepted (Pillow format names).
@@ -23,6 +24,7 @@ class HandlerSettings:
 
     bundle_dir: str = "bundle"
     top_k: int = 5
+    top_concepts: int = 8
     max_request_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG")

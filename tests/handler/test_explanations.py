@@ -17,8 +17,8 @@ from tests.reference import offline_evidence
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_concept_bundle: Path, tmp_path_factory) -> Path:
-    return model_dir_from_bundle(tiny_concept_bundle, tmp_path_factory.mktemp("model_x"))
+def model_dir(tiny_full_bundle: Path, tmp_path_factory) -> Path:
+    return model_dir_from_bundle(tiny_full_bundle, tmp_path_factory.mktemp("model_x"))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_concepts_view_structure(handler, model_dir, sample_pngs):
     assert set(body) >= {"predictions", "target", "concepts", "model", "timings_ms"}
     assert body["target"]["index"] == body["predictions"][0]["index"]
     concepts = body["concepts"]
-    assert len(concepts) == 12  # 3 layers x 4 concepts
+    assert len(concepts) == 8  # model-config.yaml's top_concepts (of 3 layers x 4 concepts)
     effects = [abs(c["effect"]) for c in concepts]
     assert effects == sorted(effects, reverse=True)
     for c in concepts:
@@ -65,8 +65,8 @@ def test_concepts_view_structure(handler, model_dir, sample_pngs):
 def test_effects_equal_an_offline_pgmpy_computation(handler, model_dir, tiny_concept_bundle, sample_pngs):
     model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
     for png in sample_pngs[:3]:
-        status, body = explain(handler, model_dir, png, images=False)
-        assert status == 200
+        status, body = explain(handler, model_dir, png, images=False, top_concepts=12)
+        assert status == 200 and len(body["concepts"]) == 12
         evidence, predicted = offline_evidence(tiny_concept_bundle, png)
         assert body["target"]["index"] == predicted
         for c in body["concepts"]:
@@ -92,7 +92,7 @@ def test_options_top_concepts_and_images(handler, model_dir, sample_pngs):
     status, body = explain(handler, model_dir, sample_pngs[2], top_concepts=3, images=False)
     assert status == 200 and len(body["concepts"]) == 3
     assert all("heatmap_png" not in c for c in body["concepts"])
-    full = explain(handler, model_dir, sample_pngs[2], images=False)[1]
+    full = explain(handler, model_dir, sample_pngs[2], images=False, top_concepts=12)[1]
     assert body["concepts"] == full["concepts"][:3]
 
 
@@ -120,3 +120,46 @@ def test_mixed_batch_predictions_explanations_and_errors(handler, model_dir, sam
     assert [s for s, _ in out] == [200, 200, 400, 400]
     assert "concepts" not in out[0][1] and out[1][1]["concepts"]
     assert out[0][1]["predictions"] == out[1][1]["predictions"]
+
+
+def test_cladec_view(handler, model_dir, sample_pngs):
+    status, body = explain(handler, model_dir, sample_pngs[0])
+    assert status == 200
+    entries = body["cladec"]
+    assert [(e["layer"], e["alpha"]) for e in entries] == [("layer2", 0.0), ("layer2", 0.001),
+                                                          ("avgpool", 0.0), ("avgpool", 0.001)]
+    for e in entries:
+        for key in ("reconstruction_png", "reference_png"):
+            img = Image.open(io.BytesIO(base64.b64decode(e[key])))
+            assert img.size == (32, 32) and img.mode == "RGB"
+    assert entries[0]["reference_png"] == entries[1]["reference_png"]  # one RefAE per layer
+    assert "cladec" in body["timings_ms"]
+
+
+def test_cladec_equals_onnxruntime_offline(handler, model_dir, tiny_full_bundle, sample_pngs):
+    """Reconstruction = the decoder ONNX applied to the classifier ONNX's activation."""
+    from tests.reference import offline_activations
+    doc = json.loads((tiny_full_bundle / "cladec.json").read_text())
+    status, body = explain(handler, model_dir, sample_pngs[1], layers=["avgpool"])
+    assert status == 200 and [e["layer"] for e in body["cladec"]] == ["avgpool", "avgpool"]
+    acts, x = offline_activations(tiny_full_bundle, sample_pngs[1])
+    for entry, spec in zip(body["cladec"], [d for d in doc["decoders"] if d["layer"] == "avgpool"]):
+        import onnxruntime as ort
+        dec = ort.InferenceSession(str(tiny_full_bundle / spec["decoder_file"]), providers=["CPUExecutionProvider"])
+        rec = dec.run(None, {"activation": acts["avgpool"]})[0][0]
+        expected = (np.clip(rec, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["reconstruction_png"]))))
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("options, etype", [({"layers": ["layer9"]}, "InvalidOption"),
+                                            ({"layers": "layer2"}, None),
+                                            ({"views": ["cladec"], "images": False}, None)])
+def test_cladec_options(handler, model_dir, sample_pngs, options, etype):
+    status, body = explain(handler, model_dir, sample_pngs[0], **options)
+    if etype:
+        assert status == 400 and body["error"]["type"] == etype and "layer2" in body["error"]["message"]
+    elif options.get("images") is False:
+        assert status == 200 and "cladec" not in body and "concepts" not in body
+    else:
+        assert status == 200 and {e["layer"] for e in body["cladec"]} == {"layer2"}

@@ -26,7 +26,7 @@ def test_batched_explanations_equal_offline_computation(server, tiny_concept_bun
         body = r.json()
         evidence, predicted = offline_evidence(tiny_concept_bundle, png)
         assert body["target"]["index"] == predicted
-        assert len(body["concepts"]) == 12
+        assert len(body["concepts"]) == 8
         for c in body["concepts"][:4]:
             assert c["state"] == evidence[c["id"]]
             p = [do_query(model, c["id"], s, evidence)[predicted] for s in range(3)]
