@@ -32,13 +32,13 @@ class ClaDecConfig:
     """Layers, alphas and training budget (defaults: a middle layer and the penultimate one)."""
 
     layers: tuple[str, ...] = ("layer2", "avgpool")
-    alphas: tuple[float, ...] = (0.0,)
+    alphas: tuple[float, ...] = (0.0, 0.001)
     epochs: int = 4
     batch_size: int = 128
     lr: float = 2e-3
     train_images: int = 6000
     eval_images: int = 1000
-    fresh_classifier_epochs: int = 3
+    fresh_classifier_epochs: int = 2
     seed: int = 0
 
 

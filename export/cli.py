@@ -5,6 +5,7 @@
     concept-explainer export     --classifier build/shapes/classifier --out build/shapes/bundle
     concept-explainer concepts   --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer cladec     --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
+    concept-explainer features   --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer archive    --bundle build/shapes/bundle --name shapes --model-store model_store
     concept-explainer build-demo                                    # all of the above
     concept-explainer query      --image x.png --model shapes       # ask a running TorchServe
@@ -194,6 +195,35 @@ def cmd_cladec(args: argparse.Namespace) -> dict:
     return report
 
 
+def cmd_features(args: argparse.Namespace) -> dict:
+    """Method 3: class-specific penultimate features and selectivity, added to a bundle."""
+    import dataclasses
+    from export.archive import write_bundle
+    from export.data.loader import load_image_folder
+    from export.features import FeatureConfig, build_features, format_report
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(args.bundle).metadata
+    model, _, _, _ = _load_classifier(args)
+    overrides = {k: getattr(args, k) for k in ("layer", "head", "k", "selectivity_share", "finetune_epochs")
+                 if getattr(args, k, None) is not None}
+    if args.selectivity_layers:
+        overrides["selectivity_layers"] = tuple(args.selectivity_layers.split(","))
+    cfg = dataclasses.replace(FeatureConfig(), **overrides)
+    if cfg.layer not in {l.name for l in meta.layers}:
+        raise SystemExit(f"layer {cfg.layer} is not an output of the exported classifier")
+    train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
+    test = load_image_folder(args.data, meta.input, "test", limit=args.test_limit)
+    report: dict = {}
+
+    def fill(tmp: Path) -> ModelMetadata:
+        report.update(build_features(model, meta.input, train, test, tmp, cfg))
+        return dataclasses.replace(meta, extra={**meta.extra, "features": "features.json"})
+
+    write_bundle(args.bundle, fill, base=args.bundle)
+    print(format_report(report))
+    return report
+
+
 def cmd_archive(args: argparse.Namespace) -> dict:
     from export.archive import build_mar
     from handlers.runtime.bundle import load_bundle
@@ -227,6 +257,9 @@ def cmd_build_demo(args: argparse.Namespace) -> dict:
         bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, alphas=None,
         limit=None, test_limit=None, epochs=None, train_images=None, eval_images=None,
         fresh_classifier_epochs=None, seed=None))
+    report["features"] = cmd_features(argparse.Namespace(
+        bundle=build / "bundle", classifier=build / "classifier", data=data, layer=None, head=None, k=None,
+        selectivity_share=None, selectivity_layers=None, finetune_epochs=None, limit=None, test_limit=None))
     report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
                                                        version=args.version, model_store=args.model_store,
                                                        model_config=None))
@@ -330,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--mean", type=float, nargs="+")
     cd.add_argument("--std", type=float, nargs="+")
     cd.add_argument("--layers", help="comma-separated layers (default layer2,avgpool)")
-    cd.add_argument("--alphas", help="comma-separated alphas (default 0; e.g. 0,0.001)")
+    cd.add_argument("--alphas", help="comma-separated alphas (default 0,0.001)")
     cd.add_argument("--epochs", type=int)
     cd.add_argument("--train-images", type=int)
     cd.add_argument("--eval-images", type=int)
@@ -339,6 +372,28 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--limit", type=int)
     cd.add_argument("--test-limit", type=int)
     cd.set_defaults(func=cmd_cladec)
+
+    f = sub.add_parser("features", help="class-specific penultimate features (method 3)")
+    f.add_argument("--bundle", required=True)
+    f.add_argument("--data", required=True)
+    f.add_argument("--classifier")
+    f.add_argument("--model-file")
+    f.add_argument("--model-class")
+    f.add_argument("--weights")
+    f.add_argument("--classes")
+    f.add_argument("--size", type=int)
+    f.add_argument("--channels", type=int, choices=(1, 3))
+    f.add_argument("--mean", type=float, nargs="+")
+    f.add_argument("--std", type=float, nargs="+")
+    f.add_argument("--layer", help="penultimate layer (default avgpool)")
+    f.add_argument("--head", help="final nn.Linear module (default fc)")
+    f.add_argument("--k", type=float, help="subset size (>= 1) or L1-mass share (0 < k < 1); default 5")
+    f.add_argument("--selectivity-share", type=float)
+    f.add_argument("--selectivity-layers")
+    f.add_argument("--finetune-epochs", type=int)
+    f.add_argument("--limit", type=int)
+    f.add_argument("--test-limit", type=int)
+    f.set_defaults(func=cmd_features)
 
     a = sub.add_parser("archive", help="build model_store/NAME.mar from a bundle")
     a.add_argument("--bundle", required=True)

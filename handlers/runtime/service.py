@@ -21,6 +21,7 @@ from handlers.runtime.cladec import ClaDecView
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
 from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.explain import ConceptExplainer
+from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
 from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict, top_predictions
 from handlers.runtime.settings import HandlerSettings
@@ -62,15 +63,18 @@ class ExplainerService:
     """Loaded model bundle plus onnxruntime sessions; stateless across requests."""
 
     def __init__(self, bundle: Bundle, settings: HandlerSettings, classifier: OnnxClassifier,
-                 concepts: ConceptExplainer | None = None, cladec: ClaDecView | None = None) -> None:
+                 concepts: ConceptExplainer | None = None, cladec: ClaDecView | None = None,
+                 features: FeatureView | None = None) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.settings = settings
         self.classifier = classifier
         self.concepts = concepts
         self.cladec = cladec
+        self.features = features
         self.views: tuple[str, ...] = tuple(v for v, on in (("concepts", concepts is not None),
-                                                            ("cladec", cladec is not None)) if on)
+                                                            ("cladec", cladec is not None),
+                                                            ("features", features is not None)) if on)
         self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
 
     @classmethod
@@ -85,13 +89,15 @@ class ExplainerService:
         session = make_session(bundle.path(meta.classifier_file), settings.providers, settings.intra_op_threads)
         classifier = OnnxClassifier(session, meta.input_name, meta.logits_name,
                                     {l.name: l.output for l in meta.layers})
-        concepts = cladec = None
+        concepts = cladec = features = None
         if "concepts" in meta.extra:
             concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], settings.providers,
                                              settings.intra_op_threads)
         if "cladec" in meta.extra:
             cladec = ClaDecView.load(bundle, meta.extra["cladec"], settings.providers, settings.intra_op_threads)
-        service = cls(bundle, settings, classifier, concepts, cladec)
+        if "features" in meta.extra:
+            features = FeatureView.load(bundle, meta.extra["features"])
+        service = cls(bundle, settings, classifier, concepts, cladec, features)
         log.info("loaded bundle %s (sha256 %s) on %s; views %s", bundle.root, bundle.sha256,
                  session.get_providers(), list(service.views))
         return service
@@ -165,7 +171,8 @@ class ExplainerService:
             timings = dict(shared)
             if isinstance(req, ExplainRequest):
                 try:
-                    self._explain(req, row, it.pixels, probs[row], concept_batch, cladec_out.get(row), body, timings)
+                    self._explain(req, row, it.pixels, probs[row], concept_batch, cladec_out.get(row),
+                                  out.activations, body, timings)
                 except Exception as exc:  # noqa: BLE001 - this request only
                     replies[it.index] = self._error_reply(exc)
                     continue
@@ -175,8 +182,8 @@ class ExplainerService:
         return isinstance(req, ExplainRequest) and view in (req.views or self.views)
 
     def _explain(self, req: ExplainRequest, row: int, pixels: np.ndarray, probs: np.ndarray,
-                 concept_batch: Any, cladec: list[dict[str, Any]] | None, body: dict[str, Any],
-                 timings: dict[str, float]) -> None:
+                 concept_batch: Any, cladec: list[dict[str, Any]] | None, activations: dict[str, np.ndarray],
+                 body: dict[str, Any], timings: dict[str, float]) -> None:
         if req.target is None:
             target = int(np.argmax(probs))
         elif isinstance(req.target, str):
@@ -191,6 +198,10 @@ class ExplainerService:
                                                      pixels if req.images else None, timings)
         if cladec is not None:
             body["cladec"] = cladec
+        if "features" in views and self.features is not None:
+            t0 = time.perf_counter()
+            body["features"] = self.features.explain(activations[self.features.layer][row], target)
+            timings["features"] = _ms(t0)
         body["model"] = self.model_info
         body["timings_ms"] = timings
 

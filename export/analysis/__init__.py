@@ -1,0 +1,1 @@
+"""Offline analyses of trained networks (information-theoretic layer analysis)."""

@@ -1,0 +1,408 @@
+"""Gaussian-copula mutual information (GCMI), pure numpy/scipy.
+
+Estimators follow Ince et al. (2017), "A statistical framework for neuroimaging data
+analysis based on mutual information estimated via a Gaussian copula", and the
+conventions of their reference implementation:
+
+* samples lie on the **last** axis: a d-dimensional variable is a ``(d, N)`` array; a 1-D
+  array of length N is taken as one variable, shape ``(1, N)``;
+* every information quantity is returned in **bits**;
+* entropies are bias-corrected by default with the analytic correction for the
+  log-determinant of a sample covariance (so small-N estimates are unbiased for Gaussian
+  data; bias-corrected MI can therefore be slightly negative);
+* all arithmetic is float64.
+
+Gaussian entropy of a ``(d, N)`` sample with covariance ``C`` (normalised by ``N - 1``)::
+
+    H = sum(log diag(chol C)) + d/2 (ln 2pi + 1)
+    H -= d (ln 2 - ln(N - 1)) / 2 + sum_{i=1..d} psi((N - i) / 2) / 2     (bias correction)
+
+The ``*_batch`` helpers compute many 1-D estimates at once in closed form (no Python loop
+over variables) and agree with the corresponding loop of scalar calls to ~1e-12.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy.special import ndtri, psi
+
+__all__ = [
+    "ctransform",
+    "copnorm",
+    "ent_g",
+    "mi_gg",
+    "gcmi_cc",
+    "mi_model_gd",
+    "gcmi_model_cd",
+    "cmi_ggg",
+    "interaction_information_cd",
+    "gcmi_cc_batch",
+    "gcmi_model_cd_batch",
+]
+
+_LN2 = math.log(2.0)
+_LN2PIE = math.log(2.0 * math.pi) + 1.0
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+
+# --------------------------------------------------------------------------- validation
+
+def _as_2d(x: ArrayLike, name: str) -> FloatArray:
+    """``x`` as a finite float64 ``(d, N)`` array; 1-D input becomes ``(1, N)``."""
+    arr = np.asarray(x)
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name} must be real-valued")
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must be a 1-D (N,) or 2-D (d, N) array, got a scalar")
+    if arr.ndim > 2:
+        raise ValueError(f"{name} must have at most 2 dimensions (d, N), got shape {arr.shape}")
+    try:
+        arr = np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numeric: {exc}") from None
+    if arr.ndim == 1:
+        arr = arr[np.newaxis, :]
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} has no variables (shape {arr.shape})")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return arr
+
+
+def _check_same_samples(**arrays: np.ndarray) -> int:
+    """Common number of samples (last axis) of the named arrays, or a ValueError."""
+    counts = {name: a.shape[-1] for name, a in arrays.items()}
+    if len(set(counts.values())) != 1:
+        detail = ", ".join(f"{k} has {v}" for k, v in counts.items())
+        raise ValueError(f"mismatched number of samples (last axis): {detail}")
+    return next(iter(counts.values()))
+
+
+def _check_capacity(n_samples: int, n_dims: int, what: str) -> None:
+    if n_samples <= n_dims:
+        raise ValueError(
+            f"number of samples must exceed the dimensionality of the joint variable for {what}: "
+            f"{n_samples} samples, {n_dims} dimensions")
+
+
+def _as_labels(y: ArrayLike, Ym: int | None, name: str = "y") -> tuple[IntArray, int, IntArray]:
+    """Validate discrete labels: returns ``(labels (N,), m, counts (m,))``.
+
+    Labels must be integers (integer dtype, bool, or integral-valued floats) in ``0..m-1``
+    with every class present; ``m`` is ``Ym`` when given, else ``max(y) + 1``.
+    """
+    arr = np.asarray(y)
+    if arr.ndim == 2 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of class labels (N,), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.int64)
+    elif np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.int64, copy=False)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+            raise ValueError(f"{name} must contain integer class labels 0..m-1 (found non-integer values)")
+        arr = arr.astype(np.int64)
+    else:
+        raise ValueError(f"{name} must contain integer class labels 0..m-1 (dtype {arr.dtype})")
+    if arr.min() < 0:
+        raise ValueError(f"{name} must contain class labels 0..m-1; found negative label {int(arr.min())}")
+    if Ym is None:
+        m = int(arr.max()) + 1
+    else:
+        if isinstance(Ym, (bool, np.bool_)) or not isinstance(Ym, (int, np.integer)) or Ym < 1:
+            raise ValueError(f"Ym must be a positive integer number of classes, got {Ym!r}")
+        m = int(Ym)
+        if arr.max() >= m:
+            raise ValueError(f"{name} has class label {int(arr.max())} out of range 0..{m - 1} (Ym={m})")
+    counts = np.bincount(arr, minlength=m)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise ValueError(f"{name}: empty class(es) {empty.tolist()}; labels must be 0..{m - 1} "
+                         "with every class present")
+    return arr, m, counts.astype(np.int64)
+
+
+def _cholesky(cov: FloatArray, what: str) -> FloatArray:
+    try:
+        return np.linalg.cholesky(cov)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"covariance of {what} is not positive definite "
+                         "(constant or linearly dependent variables?)") from None
+
+
+# --------------------------------------------------------------------------- core maths
+
+def _bias(n_samples: int | FloatArray, n_dims: int) -> float | FloatArray:
+    """Bias of the Gaussian entropy estimate (nats): ``d(ln2 - ln(N-1))/2 + sum psi((N-i)/2)/2``.
+
+    ``n_samples`` may be an array (one correction per entry).
+    """
+    n = np.asarray(n_samples, dtype=np.float64)
+    dims = np.arange(1, n_dims + 1, dtype=np.float64)
+    psi_sum = psi((n[..., np.newaxis] - dims) / 2.0).sum(axis=-1) / 2.0
+    out = n_dims * (_LN2 - np.log(n - 1.0)) / 2.0 + psi_sum
+    return float(out) if out.ndim == 0 else out
+
+
+def _half_logdet(chol: FloatArray) -> float:
+    """``sum(log diag(L))`` = ½ log det C for ``C = L Lᵀ``."""
+    return float(np.log(np.diagonal(chol)).sum())
+
+
+def _cov(x: FloatArray, demeaned: bool) -> FloatArray:
+    """Sample covariance of ``(d, N)`` data normalised by ``N - 1``."""
+    if not demeaned:
+        x = x - x.mean(axis=1, keepdims=True)
+    return (x @ x.T) / float(x.shape[1] - 1)
+
+
+# --------------------------------------------------------------------------- copula
+
+def _ranks(arr: FloatArray) -> IntArray:
+    """0-based ranks along the last axis of ``(d, N)`` data.
+
+    Equal to ``argsort(argsort(arr, stable), stable)`` (ties broken by position), computed
+    with one stable sort and an inverse-permutation scatter.
+    """
+    order = np.argsort(arr, axis=-1, kind="stable")
+    ranks = np.empty(order.shape, dtype=np.int64)
+    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(arr.shape[-1]), order.shape), axis=-1)
+    return ranks
+
+
+def _uniform_from_ranks(ranks: IntArray) -> FloatArray:
+    return (ranks + 1.0) / (ranks.shape[-1] + 1.0)
+
+
+def _normal_scores(ranks: IntArray) -> FloatArray:
+    """``ndtri((ranks + 1) / (N + 1))`` via an N-entry lookup table (same values, less work)."""
+    n = ranks.shape[-1]
+    table = ndtri((np.arange(n) + 1.0) / (n + 1.0))
+    return table[ranks]
+
+
+def ctransform(x: ArrayLike) -> FloatArray:
+    """Empirical CDF values along the last axis: ``(rank + 1) / (N + 1)``.
+
+    ``x``: ``(N,)`` or ``(d, N)``; returns float64 in the same shape, values in (0, 1).
+    Ranks are ``argsort(argsort(x))`` with a stable sort (ties broken by position).
+    """
+    arr = _as_2d(x, "x")
+    return _uniform_from_ranks(_ranks(arr)).reshape(np.shape(x))
+
+
+def copnorm(x: ArrayLike) -> FloatArray:
+    """Copula normalisation: ``ndtri(ctransform(x))`` — standard-normal scores per row.
+
+    ``x``: ``(N,)`` or ``(d, N)``; returns float64 in the same shape.
+    """
+    arr = _as_2d(x, "x")
+    return _normal_scores(_ranks(arr)).reshape(np.shape(x))
+
+
+# --------------------------------------------------------------------------- estimators
+
+def ent_g(x: ArrayLike, biascorrect: bool = True) -> float:
+    """Entropy (bits) of a Gaussian variable from samples ``x`` of shape ``(d, N)`` or ``(N,)``.
+
+    The data are demeaned; covariance uses ``N - 1``. Requires ``N > d``.
+    """
+    arr = _as_2d(x, "x")
+    d, n = arr.shape
+    _check_capacity(n, d, "ent_g")
+    h = _half_logdet(_cholesky(_cov(arr, demeaned=False), "x")) + 0.5 * d * _LN2PIE
+    if biascorrect:
+        h -= _bias(n, d)
+    return h / _LN2
+
+
+def mi_gg(x: ArrayLike, y: ArrayLike, biascorrect: bool = True, demeaned: bool = False) -> float:
+    """Mutual information (bits) between Gaussian variables ``x`` ``(dx, N)`` and ``y`` ``(dy, N)``.
+
+    ``I = H(X) + H(Y) - H(X,Y)`` from the Cholesky factors of the joint covariance blocks,
+    each term bias-corrected with its own dimension when ``biascorrect``. ``demeaned=True``
+    skips removing the sample mean. Requires ``N > dx + dy``.
+    """
+    xa, ya = _as_2d(x, "x"), _as_2d(y, "y")
+    n = _check_same_samples(x=xa, y=ya)
+    dx, dy = xa.shape[0], ya.shape[0]
+    dxy = dx + dy
+    _check_capacity(n, dxy, "mi_gg (x and y jointly)")
+    c = _cov(np.vstack((xa, ya)), demeaned)
+    hx = _half_logdet(_cholesky(c[:dx, :dx], "x"))
+    hy = _half_logdet(_cholesky(c[dx:, dx:], "y"))
+    hxy = _half_logdet(_cholesky(c, "[x; y]"))
+    if biascorrect:
+        hx -= _bias(n, dx)
+        hy -= _bias(n, dy)
+        hxy -= _bias(n, dxy)
+    return (hx + hy - hxy) / _LN2
+
+
+def gcmi_cc(x: ArrayLike, y: ArrayLike) -> float:
+    """Gaussian-copula MI (bits) between continuous ``x`` ``(dx, N)`` and ``y`` ``(dy, N)``.
+
+    Each row is copula-normalised, then ``mi_gg(..., biascorrect=True, demeaned=True)``.
+    Invariant under strictly monotone transforms of each row.
+    """
+    xa, ya = _as_2d(x, "x"), _as_2d(y, "y")
+    _check_same_samples(x=xa, y=ya)
+    return mi_gg(copnorm(xa), copnorm(ya), True, True)
+
+
+def mi_model_gd(x: ArrayLike, y: ArrayLike, Ym: int | None = None,
+                biascorrect: bool = True, demeaned: bool = False) -> float:
+    """MI (bits) between Gaussian ``x`` ``(d, N)`` and discrete ``y`` ``(N,)`` with classes ``0..m-1``.
+
+    ``I = H(X) - sum_y w_y H(X | Y=y)`` with ``w_y = N_y / N``; each class-conditional
+    entropy uses the class's own demeaned data and (when ``biascorrect``) its own ``N_y``.
+    ``Ym`` is the number of classes (default ``max(y) + 1``); no class may be empty, and each
+    class needs more than ``d`` samples. ``demeaned=True`` skips demeaning the pooled ``x``.
+    """
+    xa = _as_2d(x, "x")
+    d, n = xa.shape
+    labels, m, counts = _as_labels(y, Ym)
+    _check_same_samples(x=xa, y=labels)
+    _check_capacity(n, d, "mi_model_gd")
+    small = np.flatnonzero(counts <= d)
+    if small.size:
+        raise ValueError(
+            "number of samples must exceed the dimensionality of the joint variable in every class: "
+            f"class(es) {small.tolist()} have {counts[small].tolist()} samples for {d} dimensions")
+    h_unc = _half_logdet(_cholesky(_cov(xa, demeaned), "x"))
+    h_cond = np.empty(m)
+    for k in range(m):
+        h_cond[k] = _half_logdet(_cholesky(_cov(xa[:, labels == k], demeaned=False), f"x | y={k}"))
+    if biascorrect:
+        h_unc -= _bias(n, d)
+        h_cond -= _bias(counts, d)
+    w = counts / float(n)
+    return (h_unc - float(np.dot(w, h_cond))) / _LN2
+
+
+def gcmi_model_cd(x: ArrayLike, y: ArrayLike, Ym: int | None = None) -> float:
+    """Gaussian-copula MI (bits) between continuous ``x`` ``(d, N)`` and discrete ``y`` ``(N,)``.
+
+    ``x`` is copula-normalised per row, then ``mi_model_gd(..., biascorrect=True, demeaned=True)``.
+    """
+    xa = _as_2d(x, "x")
+    labels, m, _ = _as_labels(y, Ym)
+    _check_same_samples(x=xa, y=labels)
+    return mi_model_gd(copnorm(xa), labels, m, True, True)
+
+
+def cmi_ggg(x: ArrayLike, y: ArrayLike, z: ArrayLike,
+            biascorrect: bool = True, demeaned: bool = False) -> float:
+    """Conditional MI ``I(X;Y|Z)`` (bits) for Gaussian ``x`` ``(dx,N)``, ``y`` ``(dy,N)``, ``z`` ``(dz,N)``.
+
+    ``I = H(X,Z) + H(Y,Z) - H(X,Y,Z) - H(Z)``, each term bias-corrected with its own
+    dimension. Requires ``N > dx + dy + dz``.
+    """
+    xa, ya, za = _as_2d(x, "x"), _as_2d(y, "y"), _as_2d(z, "z")
+    n = _check_same_samples(x=xa, y=ya, z=za)
+    dx, dy, dz = xa.shape[0], ya.shape[0], za.shape[0]
+    dxyz = dx + dy + dz
+    _check_capacity(n, dxyz, "cmi_ggg (x, y and z jointly)")
+    c = _cov(np.vstack((xa, ya, za)), demeaned)
+    ix, iy, iz = np.arange(dx), np.arange(dx, dx + dy), np.arange(dx + dy, dxyz)
+    ixz, iyz = np.concatenate((ix, iz)), np.concatenate((iy, iz))
+    hz = _half_logdet(_cholesky(c[np.ix_(iz, iz)], "z"))
+    hxz = _half_logdet(_cholesky(c[np.ix_(ixz, ixz)], "[x; z]"))
+    hyz = _half_logdet(_cholesky(c[np.ix_(iyz, iyz)], "[y; z]"))
+    hxyz = _half_logdet(_cholesky(c, "[x; y; z]"))
+    if biascorrect:
+        hz -= _bias(n, dz)
+        hxz -= _bias(n, dx + dz)
+        hyz -= _bias(n, dy + dz)
+        hxyz -= _bias(n, dxyz)
+    return (hxz + hyz - hxyz - hz) / _LN2
+
+
+def interaction_information_cd(r1: ArrayLike, r2: ArrayLike, s: ArrayLike,
+                               Ym: int | None = None) -> float:
+    """Interaction information (bits) of continuous ``r1`` ``(d1,N)``, ``r2`` ``(d2,N)`` about discrete ``s`` ``(N,)``.
+
+    ``II = I([R1; R2]; S) - I(R1; S) - I(R2; S)`` with :func:`gcmi_model_cd`.
+    Negative means redundancy, positive means synergy.
+    """
+    a, b = _as_2d(r1, "r1"), _as_2d(r2, "r2")
+    labels, m, _ = _as_labels(s, Ym, "s")
+    _check_same_samples(r1=a, r2=b, s=labels)
+    joint = gcmi_model_cd(np.vstack((a, b)), labels, m)
+    return joint - gcmi_model_cd(a, labels, m) - gcmi_model_cd(b, labels, m)
+
+
+# --------------------------------------------------------------------------- batch helpers
+
+def _as_batch(X: ArrayLike) -> FloatArray:
+    """``X`` as ``(F, N)``: F independent 1-D variables (1-D input is one variable)."""
+    return _as_2d(X, "X")
+
+
+def gcmi_cc_batch(X: ArrayLike, y: ArrayLike) -> FloatArray:
+    """Gaussian-copula MI (bits) of each row of ``X`` ``(F, N)`` with one continuous ``y`` ``(N,)``.
+
+    Returns ``(F,)``, equal to ``[gcmi_cc(X[f], y) for f in range(F)]``, computed in closed
+    form: with ``r`` the (uncentred) correlation of the copula-normal scores,
+    ``I = [-½ ln(1 - r²) + (psi((N-2)/2) - psi((N-1)/2)) / 2] / ln 2``.
+    A row whose ranks equal (or exactly reverse) those of ``y`` gets ``+inf``, where
+    :func:`gcmi_cc` raises because the joint covariance is singular.
+    """
+    Xa = _as_batch(X)
+    ya = _as_2d(y, "y")
+    if ya.shape[0] != 1:
+        raise ValueError(f"y must be one 1-D variable (N,), got shape {np.shape(y)}")
+    n = _check_same_samples(X=Xa, y=ya)
+    _check_capacity(n, 2, "gcmi_cc_batch (each row of X with y)")
+    rx, ry = _ranks(Xa), _ranks(ya[0])
+    gx = _normal_scores(rx)
+    gy = _normal_scores(ry)
+    sxx = np.einsum("fn,fn->f", gx, gx)
+    syy = float(gy @ gy)
+    sxy = gx @ gy
+    r2 = np.minimum(sxy * sxy / (sxx * syy), 1.0)
+    # Bias: H_X and H_Y (d=1) minus H_XY (d=2); the log(N-1) terms cancel.
+    bias = (psi((n - 2.0) / 2.0) - psi((n - 1.0) / 2.0)) / 2.0
+    # Identical or reversed ranks: singular joint covariance, infinite MI (exactly, not via rounding).
+    r2[np.all(rx == ry, axis=1) | np.all(rx == n - 1 - ry, axis=1)] = 1.0
+    with np.errstate(divide="ignore"):
+        return (-0.5 * np.log1p(-r2) + bias) / _LN2
+
+
+def gcmi_model_cd_batch(X: ArrayLike, y: ArrayLike, Ym: int | None = None) -> FloatArray:
+    """Gaussian-copula MI (bits) of each row of ``X`` ``(F, N)`` with one discrete ``y`` ``(N,)``.
+
+    Returns ``(F,)``, equal to ``[gcmi_model_cd(X[f], y, Ym) for f in range(F)]``, without a
+    Python loop over rows (class-grouped columns, per-class sums with ``np.add.reduceat``).
+    """
+    Xa = _as_batch(X)
+    labels, m, counts = _as_labels(y, Ym)
+    n = _check_same_samples(X=Xa, y=labels)
+    _check_capacity(n, 1, "gcmi_model_cd_batch")
+    small = np.flatnonzero(counts <= 1)
+    if small.size:
+        raise ValueError(
+            "number of samples must exceed the dimensionality of the joint variable in every class: "
+            f"class(es) {small.tolist()} have {counts[small].tolist()} samples for 1 dimension")
+    gx = copnorm(Xa)
+    # Columns grouped by class (stable), then per-class sums with reduceat: no loop over F.
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    gs = gx[:, order]
+    nk = counts.astype(np.float64)
+    means = np.add.reduceat(gs, starts, axis=1) / nk           # (F, m)
+    resid = gs - np.repeat(means, counts, axis=1)              # class-demeaned, (F, N)
+    var_cond = np.add.reduceat(resid * resid, starts, axis=1) / (nk - 1.0)
+    var_unc = np.einsum("fn,fn->f", gx, gx) / (n - 1.0)      # demeaned=True, as in gcmi_model_cd
+    h_unc = 0.5 * np.log(var_unc) - _bias(n, 1)
+    h_cond = 0.5 * np.log(var_cond) - _bias(nk, 1)
+    w = nk / float(n)
+    return (h_unc - h_cond @ w) / _LN2
