@@ -56,13 +56,17 @@ def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Pat
 
 @pytest.fixture(scope="session")
 def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data: Path) -> Path:
-    """The concept bundle plus ClaDec decoders and RefAEs (two alphas, very short training)."""
+    """The concept bundle plus ClaDec decoders and RefAEs (two alphas, very short training) and
+    the class-specific features."""
     import shutil
     out = tiny_concept_bundle.parent / "bundle_full"
     shutil.copytree(tiny_concept_bundle, out)
     cli.cmd_cladec(argparse.Namespace(
         bundle=out, classifier=tiny_classifier, data=tiny_data, layers=None, alphas="0,0.001", limit=None,
         test_limit=None, epochs=1, train_images=200, eval_images=50, fresh_classifier_epochs=1, seed=0))
+    cli.cmd_features(argparse.Namespace(
+        bundle=out, classifier=tiny_classifier, data=tiny_data, layer=None, head=None, k=None,
+        selectivity_share=None, selectivity_layers=None, finetune_epochs=None, limit=None, test_limit=None))
     return out
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import colorsys
 import csv
+import json
 import math
 import os
 import shutil
@@ -99,6 +100,20 @@ FACTOR_RANGES: dict[str, tuple[float, float]] = {
     "pos_y": (-1.0, 1.0),
     "light": (0.0, 360.0),
     "background": (0.1, 0.9),
+}
+
+#: Kind of each factor, written to ``factors.json`` beside ``factors.csv`` so analyses
+#: know which factors are categorical and which are angles (circular, with a period).
+FACTOR_TYPES: dict[str, dict] = {
+    "shape": {"type": "categorical", "levels": list(SHAPES)},
+    "texture": {"type": "categorical", "levels": list(TEXTURES)},
+    "hue": {"type": "circular", "period": 1.0},
+    "scale": {"type": "continuous"},
+    "rotation": {"type": "circular", "period": 360.0},
+    "pos_x": {"type": "continuous"},
+    "pos_y": {"type": "continuous"},
+    "light": {"type": "circular", "period": 360.0},
+    "background": {"type": "continuous"},
 }
 
 #: Header of ``factors.csv``.
@@ -556,6 +571,7 @@ def render_dataset(
             w = csv.writer(fh, lineterminator="\n")
             w.writerow(CSV_COLUMNS)
             w.writerows(rows)
+        (tmp / "factors.json").write_text(json.dumps({"factors": FACTOR_TYPES}, indent=1) + "\n")
 
         if out.exists() or out.is_symlink():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"

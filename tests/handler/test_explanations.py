@@ -163,3 +163,18 @@ def test_cladec_options(handler, model_dir, sample_pngs, options, etype):
         assert status == 200 and "cladec" not in body and "concepts" not in body
     else:
         assert status == 200 and {e["layer"] for e in body["cladec"]} == {"layer2"}
+
+
+def test_features_view(handler, model_dir, tiny_full_bundle, sample_pngs):
+    from tests.reference import offline_activations
+    doc = json.loads((tiny_full_bundle / "features.json").read_text())
+    status, body = explain(handler, model_dir, sample_pngs[4], views=["features"], target=2)
+    assert status == 200 and set(body) >= {"features", "predictions"} and "concepts" not in body
+    f = body["features"]
+    assert f["layer"] == "avgpool" and f["subset_size"] == 5
+    acts, _ = offline_activations(tiny_full_bundle, sample_pngs[4])
+    h = acts["avgpool"][0].reshape(-1)
+    w = np.asarray(doc["weight"])
+    assert sorted(c["index"] for c in f["contributions"]) == doc["subsets"][2]
+    for c in f["contributions"]:
+        assert c["contribution"] == pytest.approx(w[2, c["index"]] * h[c["index"]], abs=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import dataclasses
 from pathlib import Path
 
@@ -378,7 +379,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dataset_layout(dataset: Path) -> None:
-    assert sorted(p.name for p in dataset.iterdir()) == ["factors.csv", "test", "train"]
+    assert sorted(p.name for p in dataset.iterdir()) == ["factors.csv", "factors.json", "test", "train"]
+    kinds = json.loads((dataset / "factors.json").read_text())["factors"]
+    assert list(kinds) == list(FACTOR_NAMES) and kinds["shape"]["levels"] == list(SHAPES)
     for split in ("train", "test"):
         assert sorted(p.name for p in (dataset / split).iterdir()) == sorted(SHAPES)
     pngs = sorted(dataset.rglob("*.png"))
@@ -425,7 +428,7 @@ def test_dataset_workers_and_seed_determinism(dataset: Path, tmp_path: Path) -> 
     other = render_dataset(tmp_path / "s2", N_TRAIN, N_TEST, seed=SEED + 1, workers=2, progress=False)
     other_tree = _tree(other)
     assert other_tree["factors.csv"] != ref["factors.csv"]
-    common = set(other_tree) & set(ref)
+    common = (set(other_tree) & set(ref)) - {"factors.json"}  # factor kinds do not depend on the seed
     assert sum(other_tree[k] != ref[k] for k in common) == len(common)
 
 
