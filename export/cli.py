@@ -6,6 +6,7 @@
     concept-explainer concepts   --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer cladec     --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer features   --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
+    concept-explainer analyze    --bundle build/shapes/bundle --data data/shapes --classifier build/shapes/classifier
     concept-explainer archive    --bundle build/shapes/bundle --name shapes --model-store model_store
     concept-explainer build-demo                                    # all of the above
     concept-explainer query      --image x.png --model shapes       # ask a running TorchServe
@@ -224,6 +225,49 @@ def cmd_features(args: argparse.Namespace) -> dict:
     return report
 
 
+def cmd_analyze(args: argparse.Namespace) -> dict:
+    """Method 4: GCMI between layers and the data's generative factors; names the concepts."""
+    import dataclasses
+    from export.analysis.layers import analyse, format_report, save
+    from export.archive import write_bundle
+    from export.data.loader import load_image_folder
+    from handlers.runtime.bundle import load_bundle
+    from handlers.runtime.classifier import make_session
+    from handlers.runtime.concepts import ConceptSpec
+    bundle = load_bundle(args.bundle)
+    meta = bundle.metadata
+    model, _, _, _ = _load_classifier(args)
+    ds = load_image_folder(args.data, meta.input, args.split, limit=args.images)
+    kinds_file = Path(args.data) / "factors.json"
+    kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
+    encoders = {}
+    spec_c = None
+    if "concepts" in meta.extra and not args.no_names:
+        spec_c = ConceptSpec.from_file(bundle.path(meta.extra["concepts"]))
+        encoders = {l.layer: make_session(bundle.path(l.encoder_file), ("CPUExecutionProvider",), 0)
+                    for l in spec_c.layers}
+    layers = tuple(args.layers.split(",")) if args.layers else ("stem", "layer1", "layer2", "layer3")
+    result = analyse(model, ds, meta.input, layers, kinds, pca_dims=args.pca_dims, pose_factor=args.pose_factor,
+                     concept_encoders=encoders)
+    out = save(result, args.out)
+    print(format_report(result))
+    print(f"analysis of {len(ds)} images in {result['seconds']} s -> {out / 'layer_analysis.json'}, "
+          f"{out / 'layer_analysis.png'}")
+    if spec_c is not None and "concept_names" in result:
+        names = result["concept_names"]
+
+        def fill(tmp: Path) -> ModelMetadata:
+            layers_named = tuple(dataclasses.replace(
+                l, names=tuple(e["name"] for e in names[l.layer]),
+                name_bits=tuple(e["bits"] for e in names[l.layer])) for l in spec_c.layers)
+            dataclasses.replace(spec_c, layers=layers_named).save(tmp / meta.extra["concepts"])
+            return meta
+
+        write_bundle(args.bundle, fill, base=args.bundle)
+        print(f"concept names written into {args.bundle}/{meta.extra['concepts']}")
+    return result
+
+
 def cmd_archive(args: argparse.Namespace) -> dict:
     from export.archive import build_mar
     from handlers.runtime.bundle import load_bundle
@@ -260,6 +304,11 @@ def cmd_build_demo(args: argparse.Namespace) -> dict:
     report["features"] = cmd_features(argparse.Namespace(
         bundle=build / "bundle", classifier=build / "classifier", data=data, layer=None, head=None, k=None,
         selectivity_share=None, selectivity_layers=None, finetune_epochs=None, limit=None, test_limit=None))
+    if (data / "factors.csv").is_file():
+        report["analysis"] = {k: v for k, v in cmd_analyze(argparse.Namespace(
+            bundle=build / "bundle", classifier=build / "classifier", data=data, split="train", images=5000,
+            layers=None, pca_dims=4, pose_factor="pos_x", no_names=False, out=build / "analysis")).items()
+            if k != "concept_names"}
     report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
                                                        version=args.version, model_store=args.model_store,
                                                        model_config=None))
@@ -394,6 +443,27 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--limit", type=int)
     f.add_argument("--test-limit", type=int)
     f.set_defaults(func=cmd_features)
+
+    an = sub.add_parser("analyze", help="GCMI layer analysis against factors.csv; names concepts (method 4)")
+    an.add_argument("--bundle", required=True)
+    an.add_argument("--data", required=True, help="image folder with factors.csv (and optionally factors.json)")
+    an.add_argument("--classifier")
+    an.add_argument("--model-file")
+    an.add_argument("--model-class")
+    an.add_argument("--weights")
+    an.add_argument("--classes")
+    an.add_argument("--size", type=int)
+    an.add_argument("--channels", type=int, choices=(1, 3))
+    an.add_argument("--mean", type=float, nargs="+")
+    an.add_argument("--std", type=float, nargs="+")
+    an.add_argument("--split", default="train")
+    an.add_argument("--images", type=int, default=5000)
+    an.add_argument("--layers", help="comma-separated modules (default stem,layer1,layer2,layer3)")
+    an.add_argument("--pca-dims", type=int, default=4)
+    an.add_argument("--pose-factor", default="pos_x")
+    an.add_argument("--no-names", action="store_true", help="do not write concept names into the bundle")
+    an.add_argument("--out", default="build/shapes/analysis")
+    an.set_defaults(func=cmd_analyze)
 
     a = sub.add_parser("archive", help="build model_store/NAME.mar from a bundle")
     a.add_argument("--bundle", required=True)

@@ -56,8 +56,8 @@ def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Pat
 
 @pytest.fixture(scope="session")
 def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data: Path) -> Path:
-    """The concept bundle plus ClaDec decoders and RefAEs (two alphas, very short training) and
-    the class-specific features."""
+    """The concept bundle plus ClaDec decoders and RefAEs (two alphas, very short training),
+    the class-specific features, and concept names from the layer analysis."""
     import shutil
     out = tiny_concept_bundle.parent / "bundle_full"
     shutil.copytree(tiny_concept_bundle, out)
@@ -67,6 +67,9 @@ def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data
     cli.cmd_features(argparse.Namespace(
         bundle=out, classifier=tiny_classifier, data=tiny_data, layer=None, head=None, k=None,
         selectivity_share=None, selectivity_layers=None, finetune_epochs=None, limit=None, test_limit=None))
+    cli.cmd_analyze(argparse.Namespace(
+        bundle=out, classifier=tiny_classifier, data=tiny_data, split="train", images=300, layers=None,
+        pca_dims=3, pose_factor="pos_x", no_names=False, out=out.parent / "analysis"))
     return out
 
 

@@ -28,6 +28,9 @@ def handler(model_dir: Path) -> ConceptExplainerHandler:
     return h
 
 
+FACTORS = {"shape", "texture", "hue", "scale", "rotation", "pos_x", "pos_y", "light", "background"}
+
+
 def run(handler, model_dir, batch):
     ctx = make_context(model_dir)
     bodies = handler.handle(prepare_batch(ctx, batch), ctx)
@@ -54,6 +57,7 @@ def test_concepts_view_structure(handler, model_dir, sample_pngs):
     assert effects == sorted(effects, reverse=True)
     for c in concepts:
         assert c["id"] == f"{c['layer']}/c{c['channel']}" and 0 <= c["state"] < 3
+        assert c["name"] == c["id"] or (c["name"] in FACTORS and c["name_bits"] is not None)
         assert len(c["interventions"]) == 3
         assert sum(1 for i in c["interventions"] if 0 <= i["probability"] <= 1) == 3
         png = Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"])))

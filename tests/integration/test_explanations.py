@@ -51,7 +51,14 @@ def test_explanation_options_and_errors_over_http(server, sample_pngs):
     assert workers(server, "tinyx") == before
 
 
-def test_explanation_response_is_small(server, sample_pngs):
+def test_all_views_named_concepts_and_small_response(server, sample_pngs, tiny_full_bundle):
     r = post(server, sample_pngs[0], endpoint="explanations", model="tinyx")
     assert r.status_code == 200
+    body = r.json()
+    assert {"predictions", "target", "concepts", "cladec", "features", "model", "timings_ms"} <= set(body)
+    assert len(body["cladec"]) == 4 and body["features"]["subset_size"] == 5
+    concepts = json.loads((tiny_full_bundle / "concepts.json").read_text())
+    names = {f"{l['layer']}/c{c}": n for l in concepts["layers"] for c, n in enumerate(l["names"])}
+    for c in body["concepts"]:
+        assert c["name"] == (names[c["id"]] or c["id"])
     assert len(r.content) < 150_000, len(r.content)

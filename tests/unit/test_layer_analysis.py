@@ -1,0 +1,83 @@
+"""Layer analysis (method 4) on synthetic representations with known structure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.analysis.layers import encode_factors, heatmap_png, mi_per_channel, pca_code, pose_invariance
+
+
+def test_factor_kinds_from_factors_json_and_inferred():
+    rng = np.random.default_rng(0)
+    cols = {"shape": rng.integers(0, 3, 100).astype(float), "rotation": rng.uniform(0, 360, 100),
+            "scale": rng.uniform(0, 1, 100), "colour": np.array(["red", "blue"] * 50)}
+    kinds = {"shape": {"type": "categorical", "levels": ["a", "b", "c"]},
+             "rotation": {"type": "circular", "period": 360.0}}
+    fs = {f.name: f for f in encode_factors(cols, kinds)}
+    assert fs["shape"].kind == "categorical" and fs["shape"].levels == ("a", "b", "c")
+    assert fs["rotation"].kind == "circular" and fs["rotation"].values.shape == (2, 100)
+    np.testing.assert_allclose(np.hypot(*fs["rotation"].values), 1.0)
+    assert fs["scale"].kind == "continuous" and fs["colour"].kind == "categorical"
+    inferred = {f.name: f.kind for f in encode_factors(cols, None)}
+    assert inferred == {"shape": "categorical", "rotation": "continuous", "scale": "continuous",
+                        "colour": "categorical"}
+
+
+def test_per_channel_mi_finds_the_informative_channel():
+    rng = np.random.default_rng(1)
+    n = 4000
+    scale = rng.uniform(0, 1, n)
+    cls = rng.integers(0, 4, n)
+    p = rng.normal(size=(5, n))
+    p[1] += 3 * scale
+    p[3] += cls
+    fs = {f.name: f for f in encode_factors({"scale": scale, "cls": cls.astype(float)}, None)}
+    mi_scale = mi_per_channel(p, fs["scale"])
+    mi_cls = mi_per_channel(p, fs["cls"])
+    assert np.argmax(mi_scale) == 1 and mi_scale[1] > 0.3 and np.delete(mi_scale, 1).max() < 0.02
+    assert np.argmax(mi_cls) == 3 and mi_cls[3] > 0.3
+
+
+def test_pca_code_drops_dead_channels():
+    rng = np.random.default_rng(2)
+    p = np.vstack([rng.normal(size=(3, 500)), np.zeros((2, 500))])
+    code = pca_code(p, 4)
+    assert code.shape == (3, 500) and np.all(np.isfinite(code))
+
+
+def test_pose_invariance_separates_invariant_from_pose_bound_codes():
+    rng = np.random.default_rng(3)
+    n = 6000
+    cls = rng.integers(0, 4, n)
+    pose = rng.uniform(-1, 1, n)
+    noise = rng.normal(size=(2, n)) * 0.3
+    invariant = np.vstack([cls, cls ** 2]).astype(float) + noise
+    only_low = np.where(pose <= np.median(pose), cls, 0.0)[None, :] * np.ones((2, 1)) + noise
+    inv = pose_invariance(invariant, pose, cls)
+    bound = pose_invariance(only_low, pose, cls)
+    assert inv["ii_bits"] < -0.5 and inv["redundancy"] > 0.5
+    assert bound["i_bin2_bits"] < 0.05 and abs(bound["redundancy"]) < 0.05
+    assert inv["pairs"] > 2500
+
+
+def test_heatmap_png(tmp_path):
+    result = {"layers": ["a", "b"], "factors": ["x", "y", "z"], "images": 10,
+              "mi_pca_bits": [[0.1, 0.2, 0.3], [1.0, 0.0, 0.5]]}
+    heatmap_png(result, tmp_path / "h.png")
+    from PIL import Image
+    img = Image.open(tmp_path / "h.png")
+    assert img.size[0] > 3 * 70 and img.mode == "RGB"
+
+
+def test_tiny_bundle_concepts_named(tiny_full_bundle: Path):
+    concepts = json.loads((tiny_full_bundle / "concepts.json").read_text())
+    factors = {"shape", "texture", "hue", "scale", "rotation", "pos_x", "pos_y", "light", "background"}
+    named = [(n, b) for l in concepts["layers"] for n, b in zip(l["names"], l["name_bits"]) if n is not None]
+    assert named and all(n in factors and b is not None for n, b in named)
+    analysis = json.loads((tiny_full_bundle.parent / "analysis" / "layer_analysis.json").read_text())
+    assert analysis["layers"] == ["stem", "layer1", "layer2", "layer3"]
+    assert np.asarray(analysis["mi_pca_bits"]).shape == (4, 9)
+    assert (tiny_full_bundle.parent / "analysis" / "layer_analysis.png").is_file()
