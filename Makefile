@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 ## Render data, train, export, archive model_store/shapes.mar, serve it, ask it one question.
 demo: build serve query
+	$(BIN)/concept-explainer demo-report --model $(MODEL)
 	@echo
 	@echo "TorchServe is running on 127.0.0.1:8080 (inference), :8081 (management), :8082 (metrics)."
 	@echo "The inference key is in key_file.json. Stop the server with: make stop"

@@ -33,10 +33,10 @@ class ClaDecConfig:
 
     layers: tuple[str, ...] = ("layer2", "avgpool")
     alphas: tuple[float, ...] = (0.0, 0.001)
-    epochs: int = 4
+    epochs: int = 6
     batch_size: int = 128
-    lr: float = 2e-3
-    train_images: int = 6000
+    lr: float = 5e-3
+    train_images: int = 5000
     eval_images: int = 1000
     fresh_classifier_epochs: int = 2
     seed: int = 0

@@ -30,6 +30,7 @@ def config_from_shipped(workdir: Path, model_store: Path, **overrides: str) -> t
     for name, port in ports.items():
         text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
     text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
+    overrides = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()), **overrides}
     for key, value in overrides.items():
         if re.search(rf"^{key}=", text, flags=re.M):
             text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
@@ -66,7 +67,10 @@ class TorchServe:
 
     def start(self) -> "TorchServe":
         torchserve = Path(sys.executable).parent / "torchserve"
-        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"),
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        # A private TMPDIR gives this server its own pid file, so it starts beside a running demo server.
+        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), TMPDIR=str(tmp),
                    METRICS_LOCATION=str(self.workdir / "logs"), TS_CONFIG_FILE=str(self.config_path))
         cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store),
