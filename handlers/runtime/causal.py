@@ -7,10 +7,14 @@ gives (shared/methods.md, method 1)::
 
     P(Y | do(x), e_ND) = sum over De(X) of  prod_{d in De(X) + {Y}} P(d | pa(d))
 
-Compilation happens once at load: for each concept the factors, their einsum subscripts
-and a contraction path are fixed; per request the conditional probability tables are
-sliced at the observed parent states and contracted with that path, keeping ``X``'s state
-as a free axis, so one contraction gives the whole ``(states of X, states of Y)`` table.
+Compilation happens once at load. For each concept the factors, their einsum subscripts
+and a contraction path are fixed. Where the answer depends on few observed variables (the
+non-descendant parents of ``De(X) + {Y}``), the contraction is run once for every
+combination of their states and stored as a lookup table
+``T[obs_1, ..., obs_k, x, y]``, so a request costs one indexing operation; otherwise the
+tables are sliced at the observed states per request and contracted with the fixed path,
+keeping ``X``'s state as a free axis, so one contraction gives the whole
+``(states of X, states of Y)`` table.
 """
 from __future__ import annotations
 
@@ -48,6 +52,8 @@ class _Plan:
     factors: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
     subscripts: str
     path: list[Any]
+    lookup_vars: tuple[str, ...] = ()
+    lookup: np.ndarray | None = None  # (card(obs_1), ..., card(obs_k), states of X, states of Y)
 
 
 class CompiledCausalModel:
@@ -57,6 +63,9 @@ class CompiledCausalModel:
     Evidence maps every concept (every node except the outcome) to its observed state
     (a state name as in the network; for this project's networks, ints ``0..S-1``).
     """
+
+    #: Largest precomputed lookup table per concept, in float64 entries (8 MB).
+    MAX_LOOKUP_ENTRIES = 1_000_000
 
     def __init__(self, cpts: Sequence[CPT], outcome: str) -> None:
         self.cpts: dict[str, CPT] = {c.node: c for c in cpts}
@@ -76,7 +85,7 @@ class CompiledCausalModel:
         self.order = self._topological_order()
         self.concepts: tuple[str, ...] = tuple(n for n in self.order if n != outcome)
         self._state_index = {n: {s: i for i, s in enumerate(c.states)} for n, c in self.cpts.items()}
-        self._plans = {x: self._compile(x) for x in self.concepts}
+        self._plans = {x: self._with_lookup(self._compile(x)) for x in self.concepts}
 
     # -- construction ----------------------------------------------------------------------
 
@@ -169,6 +178,31 @@ class CompiledCausalModel:
         path, _ = np.einsum_path(subscripts, *[np.ones(s) for s in shapes], optimize="optimal" if len(terms) <= 8 else "greedy")
         return _Plan(x, True, tuple(factors), subscripts, path)
 
+    def _with_lookup(self, plan: _Plan) -> _Plan:
+        """Precompute the plan's answers for every combination of its observed variables,
+        when that table has at most ``MAX_LOOKUP_ENTRIES`` entries."""
+        x, y = plan.concept, self.outcome
+        obs = sorted({p for _, spec in plan.factors for kind, p in spec if kind == "obs"})
+        size = int(np.prod([self.cpts[p].card for p in obs])) * self.cpts[x].card * self.cpts[y].card
+        if size > self.MAX_LOOKUP_ENTRIES:
+            return plan
+        if not plan.outcome_is_descendant:
+            cpt = self.cpts[y]
+            moved = np.moveaxis(cpt.table, 0, -1)  # (parents..., y), parents are all observed
+            order = [cpt.parents.index(p) for p in obs]
+            table = np.transpose(moved, order + [len(order)])
+            table = np.broadcast_to(table[..., None, :], table.shape[:-1] + (self.cpts[x].card, self.cpts[y].card))
+            return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
+        names = [x, *[n for n, _ in plan.factors], *obs]
+        if len(set(names)) > 52:
+            return plan
+        letters = {n: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i, n in enumerate(dict.fromkeys(names))}
+        terms = ["".join([letters[n], *[letters[p] for _, p in spec]]) for n, spec in plan.factors]
+        out = "".join(letters[p] for p in obs) + letters[x] + letters[y]
+        table = np.einsum(",".join(terms) + "->" + out, *[self.cpts[n].table for n, _ in plan.factors],
+                          optimize="greedy")
+        return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
+
     # -- queries ---------------------------------------------------------------------------
 
     def _index(self, evidence: Mapping[str, Hashable], node: str) -> int:
@@ -192,6 +226,8 @@ class CompiledCausalModel:
         plan = self._plans.get(concept)
         if plan is None:
             raise ValueError(f"unknown concept {concept!r}")
+        if plan.lookup is not None:
+            return plan.lookup[tuple(self._index(evidence, p) for p in plan.lookup_vars)]
         if not plan.outcome_is_descendant:
             node, spec = plan.factors[0]
             row = self._slice(node, spec, evidence)

@@ -58,10 +58,20 @@ NETWORKS = [
 ]
 
 
+@pytest.fixture(params=["lookup", "contraction"])
+def compile_mode(request, monkeypatch):
+    """Run a test with precomputed lookup tables and with per-request contractions."""
+    if request.param == "contraction":
+        monkeypatch.setattr(CompiledCausalModel, "MAX_LOOKUP_ENTRIES", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("params", NETWORKS)
-def test_matches_pgmpy_graph_surgery(params):
+def test_matches_pgmpy_graph_surgery(params, compile_mode):
     model = random_layered_network(**params)
     compiled = CompiledCausalModel.from_pgmpy(model, outcome="Y")
+    uses_lookup = all(p.lookup is not None for p in compiled._plans.values())
+    assert uses_lookup == (compile_mode == "lookup")
     rng = np.random.default_rng(100 + params["seed"])
     for _ in range(3):
         e = random_evidence(model, rng)
@@ -74,7 +84,7 @@ def test_matches_pgmpy_graph_surgery(params):
 
 
 @pytest.mark.parametrize("params", NETWORKS[:3])
-def test_matches_pgmpy_causal_inference(params):
+def test_matches_pgmpy_causal_inference(params, compile_mode):
     """``CausalInference.query`` with an empty adjustment set: valid here by the back-door
     criterion because every parent of X is in the evidence. (pgmpy 1.1.2's default adjustment
     path drops evidence outside the adjustment set, CausalInference.py step 4.2, so it
@@ -165,7 +175,7 @@ def test_rejects_cycles_and_bad_tables():
         CompiledCausalModel([CPT("a", (0, 1), (), np.array([0.5, 0.3, 0.2]))], "a")
 
 
-def test_evidence_combinations_exhaustive_small_network():
+def test_evidence_combinations_exhaustive_small_network(compile_mode):
     """Every evidence combination of a tiny network, against pgmpy."""
     model = random_layered_network(seed=12, layer_sizes=(2, 2), max_states=2, y_states=2, y_indegree=2)
     compiled = CompiledCausalModel.from_pgmpy(model)
