@@ -64,8 +64,11 @@ class CompiledCausalModel:
     (a state name as in the network; for this project's networks, ints ``0..S-1``).
     """
 
-    #: Largest precomputed lookup table per concept, in float64 entries (8 MB).
-    MAX_LOOKUP_ENTRIES = 1_000_000
+    #: Largest precomputed lookup table per concept, in float64 entries (2 MB); larger ones
+    #: cost more load time than they save (measured on the demo network).
+    MAX_LOOKUP_ENTRIES = 250_000
+    #: Most observed-state combinations evaluated one by one to fill a lookup table.
+    MAX_LOOKUP_COMBINATIONS = 2_048
 
     def __init__(self, cpts: Sequence[CPT], outcome: str) -> None:
         self.cpts: dict[str, CPT] = {c.node: c for c in cpts}
@@ -175,33 +178,48 @@ class CompiledCausalModel:
             terms.append(sub)
             shapes.append(shape)
         subscripts = ",".join(terms) + "->" + letters[x] + letters[self.outcome]
-        path, _ = np.einsum_path(subscripts, *[np.ones(s) for s in shapes], optimize="optimal" if len(terms) <= 8 else "greedy")
+        path, _ = np.einsum_path(subscripts, *[np.ones(s) for s in shapes], optimize="greedy")
         return _Plan(x, True, tuple(factors), subscripts, path)
 
     def _with_lookup(self, plan: _Plan) -> _Plan:
-        """Precompute the plan's answers for every combination of its observed variables,
-        when that table has at most ``MAX_LOOKUP_ENTRIES`` entries."""
+        """Precompute the plan's answers for every combination of its observed variables when
+        the table has at most ``MAX_LOOKUP_ENTRIES`` entries: by transposing the outcome's CPT
+        when it is the only factor, else by running the compiled contraction once per
+        combination (at most ``MAX_LOOKUP_COMBINATIONS``)."""
         x, y = plan.concept, self.outcome
         obs = sorted({p for _, spec in plan.factors for kind, p in spec if kind == "obs"})
-        size = int(np.prod([self.cpts[p].card for p in obs])) * self.cpts[x].card * self.cpts[y].card
-        if size > self.MAX_LOOKUP_ENTRIES:
+        cards = [self.cpts[p].card for p in obs]
+        combos = int(np.prod(cards))
+        sx, sy = self.cpts[x].card, self.cpts[y].card
+        if combos * sx * sy > self.MAX_LOOKUP_ENTRIES:
             return plan
-        if not plan.outcome_is_descendant:
-            cpt = self.cpts[y]
-            moved = np.moveaxis(cpt.table, 0, -1)  # (parents..., y), parents are all observed
-            order = [cpt.parents.index(p) for p in obs]
-            table = np.transpose(moved, order + [len(order)])
-            table = np.broadcast_to(table[..., None, :], table.shape[:-1] + (self.cpts[x].card, self.cpts[y].card))
-            return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
-        names = [x, *[n for n, _ in plan.factors], *obs]
-        if len(set(names)) > 52:
+        if len(plan.factors) == 1:
+            node, spec = plan.factors[0]  # the outcome; its parents are observed or X itself
+            axes = [p for _, p in spec]
+            moved = np.moveaxis(self.cpts[node].table, 0, -1)  # (parents..., y)
+            if x in axes:
+                table = np.transpose(moved, [axes.index(p) for p in obs] + [axes.index(x), len(axes)])
+            else:
+                table = np.transpose(moved, [axes.index(p) for p in obs] + [len(axes)])
+                table = np.broadcast_to(table[..., None, :], table.shape[:-1] + (sx, sy))
+        elif combos <= self.MAX_LOOKUP_COMBINATIONS:
+            table = np.empty((*cards, sx, sy))
+            for combo in np.ndindex(*cards):
+                table[combo] = self._contract(plan, dict(zip(obs, combo)))
+        else:
             return plan
-        letters = {n: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i, n in enumerate(dict.fromkeys(names))}
-        terms = ["".join([letters[n], *[letters[p] for _, p in spec]]) for n, spec in plan.factors]
-        out = "".join(letters[p] for p in obs) + letters[x] + letters[y]
-        table = np.einsum(",".join(terms) + "->" + out, *[self.cpts[n].table for n, _ in plan.factors],
-                          optimize="greedy")
         return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
+
+    def _contract(self, plan: _Plan, index: Mapping[str, int]) -> np.ndarray:
+        """The plan's (states of X, states of Y) table for observed state indices ``index``."""
+        def sliced(node: str, spec: tuple[tuple[str, str], ...]) -> np.ndarray:
+            return self.cpts[node].table[(slice(None),) + tuple(
+                slice(None) if kind == "keep" else index[p] for kind, p in spec)]
+        if not plan.outcome_is_descendant:
+            node, spec = plan.factors[0]
+            row = sliced(node, spec)
+            return np.broadcast_to(row, (self.cpts[plan.concept].card, row.shape[0])).copy()
+        return np.einsum(plan.subscripts, *[sliced(n, spec) for n, spec in plan.factors], optimize=plan.path)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -228,12 +246,8 @@ class CompiledCausalModel:
             raise ValueError(f"unknown concept {concept!r}")
         if plan.lookup is not None:
             return plan.lookup[tuple(self._index(evidence, p) for p in plan.lookup_vars)]
-        if not plan.outcome_is_descendant:
-            node, spec = plan.factors[0]
-            row = self._slice(node, spec, evidence)
-            return np.broadcast_to(row, (self.cpts[concept].card, row.shape[0])).copy()
-        ops = [self._slice(n, spec, evidence) for n, spec in plan.factors]
-        return np.einsum(plan.subscripts, *ops, optimize=plan.path)
+        needed = {p for _, spec in plan.factors for kind, p in spec if kind == "obs"}
+        return self._contract(plan, {p: self._index(evidence, p) for p in needed})
 
     def prior(self, evidence: Mapping[str, Hashable], concept: str) -> np.ndarray:
         """``pi(x) = P(concept = x | its parents as observed)``, shape (states of concept,)."""
