@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve query stop test test-unit test-integration clean
+.PHONY: venv demo build serve query stop test test-unit test-integration soak latency clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,13 @@ test-unit: venv
 
 test-integration: venv
 	$(PY) -m pytest -q tests/integration
+
+## Against the running demo server (make demo): 2 minutes of 8 clients; latency side by side.
+soak: venv
+	$(PY) bench/soak.py --model $(MODEL) --image $(SAMPLE) --seconds 120 --clients 8
+
+latency: venv
+	$(PY) bench/latency.py --model $(MODEL) --image $(SAMPLE) --requests 200
 
 clean:
 	rm -rf build model_store/*.mar logs logs-torchserve.out key_file.json .pytest_cache
