@@ -127,25 +127,21 @@ def cmd_export(args: argparse.Namespace) -> dict:
     return {"bundle": str(out), "layers": layers, **report}
 
 
-def cmd_concepts(args: argparse.Namespace) -> dict:
-    """Method 1: concept autoencoders, Bayesian network and validity report, added to a bundle."""
+def _overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
+    """The config fields the user set on the command line."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _extend_bundle(args: argparse.Namespace, meta: ModelMetadata, layers: tuple[str, ...], key: str,
+                   filename: str, build) -> dict:
+    """Check that ``layers`` are classifier outputs, load the train and test splits, and write a
+    new bundle (atomically, from the old one) with ``build(train, test, tmp_dir)``'s artifacts,
+    recorded in metadata under ``key``. Returns build's report."""
     import dataclasses
     from export.archive import write_bundle
-    from export.concepts import ConceptConfig, build_concepts, format_report
     from export.data.loader import load_image_folder
-    from handlers.runtime.bundle import load_bundle
-    bundle = load_bundle(args.bundle)
-    meta = bundle.metadata
-    model, _, _, _ = _load_classifier(args)
-    cfg = ConceptConfig()
-    overrides = {k: getattr(args, k) for k in ("k", "states", "epochs", "train_images", "validity_images",
-                                               "max_indegree", "outcome_max_indegree", "seed")
-                 if getattr(args, k, None) is not None}
-    if args.layers:
-        overrides["layers"] = tuple(args.layers.split(","))
-    cfg = dataclasses.replace(cfg, **overrides)
-    names = {l.name: l.output for l in meta.layers}
-    missing = [l for l in cfg.layers if l not in names]
+    names = {l.name for l in meta.layers}
+    missing = [l for l in layers if l not in names]
     if missing:
         raise SystemExit(f"layers {missing} are not outputs of the exported classifier; it has {sorted(names)}")
     train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
@@ -153,10 +149,28 @@ def cmd_concepts(args: argparse.Namespace) -> dict:
     report: dict = {}
 
     def fill(tmp: Path) -> ModelMetadata:
-        report.update(build_concepts(model, meta.input, train, test, names, tmp, cfg))
-        return dataclasses.replace(meta, extra={**meta.extra, "concepts": "concepts.json"})
+        report.update(build(train, test, tmp))
+        return dataclasses.replace(meta, extra={**meta.extra, key: filename})
 
     write_bundle(args.bundle, fill, base=args.bundle)
+    return report
+
+
+def cmd_concepts(args: argparse.Namespace) -> dict:
+    """Method 1: concept autoencoders, Bayesian network and validity report, added to a bundle."""
+    import dataclasses
+    from export.concepts import ConceptConfig, build_concepts, format_report
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(args.bundle).metadata
+    model, _, _, _ = _load_classifier(args)
+    overrides = _overrides(args, ("k", "states", "epochs", "train_images", "validity_images", "max_indegree",
+                                  "outcome_max_indegree", "seed"))
+    if args.layers:
+        overrides["layers"] = tuple(args.layers.split(","))
+    cfg = dataclasses.replace(ConceptConfig(), **overrides)
+    outputs = {l.name: l.output for l in meta.layers}
+    report = _extend_bundle(args, meta, cfg.layers, "concepts", "concepts.json",
+                            lambda train, test, tmp: build_concepts(model, meta.input, train, test, outputs, tmp, cfg))
     print(format_report(report))
     print(f"concept artifacts added to {args.bundle} in {report['seconds']} s")
     return report
@@ -165,32 +179,18 @@ def cmd_concepts(args: argparse.Namespace) -> dict:
 def cmd_cladec(args: argparse.Namespace) -> dict:
     """Method 2: ClaDec decoders and reference autoencoders with their evaluation, added to a bundle."""
     import dataclasses
-    from export.archive import write_bundle
     from export.cladec import ClaDecConfig, build_cladec, format_report
-    from export.data.loader import load_image_folder
     from handlers.runtime.bundle import load_bundle
     meta = load_bundle(args.bundle).metadata
     model, _, _, _, factory = _load_classifier_and_factory(args)
-    overrides = {k: getattr(args, k) for k in ("epochs", "train_images", "eval_images", "fresh_classifier_epochs",
-                                               "seed") if getattr(args, k, None) is not None}
+    overrides = _overrides(args, ("epochs", "train_images", "eval_images", "fresh_classifier_epochs", "seed"))
     if args.layers:
         overrides["layers"] = tuple(args.layers.split(","))
     if args.alphas:
         overrides["alphas"] = tuple(float(a) for a in args.alphas.split(","))
     cfg = dataclasses.replace(ClaDecConfig(), **overrides)
-    names = {l.name for l in meta.layers}
-    missing = [l for l in cfg.layers if l not in names]
-    if missing:
-        raise SystemExit(f"layers {missing} are not outputs of the exported classifier; it has {sorted(names)}")
-    train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
-    test = load_image_folder(args.data, meta.input, "test", limit=args.test_limit)
-    report: dict = {}
-
-    def fill(tmp: Path) -> ModelMetadata:
-        report.update(build_cladec(model, factory, meta.input, train, test, tmp, cfg))
-        return dataclasses.replace(meta, extra={**meta.extra, "cladec": "cladec.json"})
-
-    write_bundle(args.bundle, fill, base=args.bundle)
+    report = _extend_bundle(args, meta, cfg.layers, "cladec", "cladec.json",
+                            lambda train, test, tmp: build_cladec(model, factory, meta.input, train, test, tmp, cfg))
     print(format_report(report))
     print(f"ClaDec artifacts added to {args.bundle} in {report['seconds']} s")
     return report
@@ -199,28 +199,16 @@ def cmd_cladec(args: argparse.Namespace) -> dict:
 def cmd_features(args: argparse.Namespace) -> dict:
     """Method 3: class-specific penultimate features and selectivity, added to a bundle."""
     import dataclasses
-    from export.archive import write_bundle
-    from export.data.loader import load_image_folder
     from export.features import FeatureConfig, build_features, format_report
     from handlers.runtime.bundle import load_bundle
     meta = load_bundle(args.bundle).metadata
     model, _, _, _ = _load_classifier(args)
-    overrides = {k: getattr(args, k) for k in ("layer", "head", "k", "selectivity_share", "finetune_epochs")
-                 if getattr(args, k, None) is not None}
+    overrides = _overrides(args, ("layer", "head", "k", "selectivity_share", "finetune_epochs"))
     if args.selectivity_layers:
         overrides["selectivity_layers"] = tuple(args.selectivity_layers.split(","))
     cfg = dataclasses.replace(FeatureConfig(), **overrides)
-    if cfg.layer not in {l.name for l in meta.layers}:
-        raise SystemExit(f"layer {cfg.layer} is not an output of the exported classifier")
-    train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
-    test = load_image_folder(args.data, meta.input, "test", limit=args.test_limit)
-    report: dict = {}
-
-    def fill(tmp: Path) -> ModelMetadata:
-        report.update(build_features(model, meta.input, train, test, tmp, cfg))
-        return dataclasses.replace(meta, extra={**meta.extra, "features": "features.json"})
-
-    write_bundle(args.bundle, fill, base=args.bundle)
+    report = _extend_bundle(args, meta, (cfg.layer,), "features", "features.json",
+                            lambda train, test, tmp: build_features(model, meta.input, train, test, tmp, cfg))
     print(format_report(report))
     return report
 
@@ -392,6 +380,19 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     return {"explanation_bytes": size}
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """How a step finds the classifier: a `train` folder, or the user's own module and weights."""
+    p.add_argument("--classifier", help="output folder of `train`")
+    p.add_argument("--model-file", help="your own model: a Python file defining an nn.Module")
+    p.add_argument("--model-class")
+    p.add_argument("--weights", help="safetensors, or a state dict .pt (loaded with weights_only=True)")
+    p.add_argument("--classes", help="comma-separated class names")
+    p.add_argument("--size", type=int)
+    p.add_argument("--channels", type=int, choices=(1, 3))
+    p.add_argument("--mean", type=float, nargs="+")
+    p.add_argument("--std", type=float, nargs="+")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="concept-explainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -421,16 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a classifier to ONNX and write the artifact bundle")
-    e.add_argument("--classifier", help="output folder of `train`")
-    e.add_argument("--model-file", help="your own model: a Python file defining an nn.Module")
-    e.add_argument("--model-class")
-    e.add_argument("--weights", help="safetensors, or a state dict .pt (loaded with weights_only=True)")
+    _add_model_args(e)
     e.add_argument("--data", help="image folder, to read classes and input size from")
-    e.add_argument("--classes", help="comma-separated class names (overrides --data)")
-    e.add_argument("--size", type=int)
-    e.add_argument("--channels", type=int, choices=(1, 3))
-    e.add_argument("--mean", type=float, nargs="+")
-    e.add_argument("--std", type=float, nargs="+")
     e.add_argument("--layers", help="comma-separated module names to expose (default: layer1..N, avgpool)")
     e.add_argument("--out", required=True)
     e.add_argument("--name", default="shapes")
@@ -440,15 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("concepts", help="concept autoencoders + causal Bayesian network (method 1)")
     c.add_argument("--bundle", required=True, help="bundle written by `export` (updated atomically)")
     c.add_argument("--data", required=True, help="image folder the classifier was trained on")
-    c.add_argument("--classifier", help="output folder of `train`")
-    c.add_argument("--model-file")
-    c.add_argument("--model-class")
-    c.add_argument("--weights")
-    c.add_argument("--classes")
-    c.add_argument("--size", type=int)
-    c.add_argument("--channels", type=int, choices=(1, 3))
-    c.add_argument("--mean", type=float, nargs="+")
-    c.add_argument("--std", type=float, nargs="+")
+    _add_model_args(c)
     c.add_argument("--layers", help="comma-separated concept layers (default layer1,layer2,layer3)")
     c.add_argument("--k", type=int, help="concepts per layer (default 8)")
     c.add_argument("--states", type=int, help="states per concept (default 3)")
@@ -465,15 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     cd = sub.add_parser("cladec", help="ClaDec decoders + reference autoencoders (method 2)")
     cd.add_argument("--bundle", required=True, help="bundle written by `export` (updated atomically)")
     cd.add_argument("--data", required=True)
-    cd.add_argument("--classifier", help="output folder of `train`")
-    cd.add_argument("--model-file")
-    cd.add_argument("--model-class")
-    cd.add_argument("--weights")
-    cd.add_argument("--classes")
-    cd.add_argument("--size", type=int)
-    cd.add_argument("--channels", type=int, choices=(1, 3))
-    cd.add_argument("--mean", type=float, nargs="+")
-    cd.add_argument("--std", type=float, nargs="+")
+    _add_model_args(cd)
     cd.add_argument("--layers", help="comma-separated layers (default layer2,avgpool)")
     cd.add_argument("--alphas", help="comma-separated alphas (default 0,0.001)")
     cd.add_argument("--epochs", type=int)
@@ -488,15 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("features", help="class-specific penultimate features (method 3)")
     f.add_argument("--bundle", required=True)
     f.add_argument("--data", required=True)
-    f.add_argument("--classifier")
-    f.add_argument("--model-file")
-    f.add_argument("--model-class")
-    f.add_argument("--weights")
-    f.add_argument("--classes")
-    f.add_argument("--size", type=int)
-    f.add_argument("--channels", type=int, choices=(1, 3))
-    f.add_argument("--mean", type=float, nargs="+")
-    f.add_argument("--std", type=float, nargs="+")
+    _add_model_args(f)
     f.add_argument("--layer", help="penultimate layer (default avgpool)")
     f.add_argument("--head", help="final nn.Linear module (default fc)")
     f.add_argument("--k", type=float, help="subset size (>= 1) or L1-mass share (0 < k < 1); default 5")
@@ -510,15 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser("analyze", help="GCMI layer analysis against factors.csv; names concepts (method 4)")
     an.add_argument("--bundle", required=True)
     an.add_argument("--data", required=True, help="image folder with factors.csv (and optionally factors.json)")
-    an.add_argument("--classifier")
-    an.add_argument("--model-file")
-    an.add_argument("--model-class")
-    an.add_argument("--weights")
-    an.add_argument("--classes")
-    an.add_argument("--size", type=int)
-    an.add_argument("--channels", type=int, choices=(1, 3))
-    an.add_argument("--mean", type=float, nargs="+")
-    an.add_argument("--std", type=float, nargs="+")
+    _add_model_args(an)
     an.add_argument("--split", default="train")
     an.add_argument("--images", type=int, default=5000)
     an.add_argument("--layers", help="comma-separated modules (default stem,layer1,layer2,layer3)")
