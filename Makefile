@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve query stop test test-unit test-integration soak latency clean
+.PHONY: venv demo build serve query stop test prometheus test-unit test-integration soak latency monitor-overhead clean
 
 venv: $(VENV)/.installed
 
@@ -37,9 +37,18 @@ query: venv
 stop:
 	-$(BIN)/torchserve --stop --foreground
 
-## The whole test suite (unit, handler with a mock context, integration against a real TorchServe).
-test: venv
+## The whole test suite (unit, handler with a mock context, integration against a real TorchServe
+## and a real Prometheus: installed with apt-get where missing and possible, else its test skips).
+test: venv prometheus
 	$(PY) -m pytest -q
+
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1)) \
+	    || echo "could not install prometheus; the Prometheus integration test will be skipped"; \
+	  else echo "prometheus not installed and apt-get not usable as root; its test will be skipped"; fi; }
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit tests/handler
@@ -53,6 +62,10 @@ soak: venv
 
 latency: venv
 	$(PY) bench/latency.py --model $(MODEL) --image $(SAMPLE) --requests 200
+
+## Cost of concept monitoring on /predictions: the demo archive with monitor_fraction 0 vs 1.
+monitor-overhead: venv
+	$(PY) bench/monitor_overhead.py --bundle build/shapes/bundle --image $(SAMPLE)
 
 clean:
 	rm -rf build model_store/*.mar logs logs-torchserve.out key_file.json .pytest_cache

@@ -388,8 +388,10 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
                         module_parity(aes[l].decoder, out / dec_file, z_shape, nonneg=True))
         if parity[l] > 1e-4:
             raise RuntimeError(f"concept autoencoder {l}: onnxruntime differs from torch by {parity[l]:.2e}")
+        baseline = np.stack([np.bincount(st_train[l][:, c], minlength=cfg.states) / len(st_train[l])
+                             for c in range(cfg.k)])
         layers.append(ConceptLayer(l, activation_names[l], enc_file, dec_file, edges[l], typical[l],
-                                   (None,) * cfg.k, (None,) * cfg.k))
+                                   (None,) * cfg.k, (None,) * cfg.k, baseline))
     dead = {l: int((edges[l][:, -1] <= 0).sum()) for l in cfg.layers}
     report = {
         "config": config_dict(cfg),

@@ -12,6 +12,7 @@ import json
 import logging
 from typing import Any
 
+from handlers.runtime import metrics as metrics_mod
 from handlers.runtime import service as service_mod
 from handlers.runtime import settings as settings_mod
 
@@ -34,6 +35,8 @@ class ConceptExplainerHandler:
     def __init__(self) -> None:
         self.service: service_mod.ExplainerService | None = None
         self.initialized = False
+        self._metric_objects: dict[str, Any] = {}
+        self.model_name = ""
 
     def initialize(self, context: Any) -> None:
         """Read settings once, verify and load the bundle. A bad bundle fails loading."""
@@ -41,21 +44,56 @@ class ConceptExplainerHandler:
         settings = settings_mod.HandlerSettings.from_mapping(yaml_config.get("handler"))
         model_dir = context.system_properties.get("model_dir")
         self.service = service_mod.ExplainerService.load(model_dir, settings)
+        self.model_name = getattr(context, "model_name", "") or self.service.meta.name
+        self._emit(context, self.service.baseline_samples())
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
         """One JSON body per request, with per-request status and content type set."""
         assert self.service is not None, "handler used before initialize()"
         requests = [self._raw_request(i, row, context) for i, row in enumerate(data or [])]
-        replies = self.service.handle_batch(requests)
+        batch_metrics = metrics_mod.BatchMetrics()
+        replies = self.service.handle_batch(requests, batch_metrics)
         failed = sum(r.status >= 400 for r in replies)
         log.info("handled batch n=%d ok=%d failed=%d", len(replies), len(replies) - failed, failed)
         bodies = []
-        for i, reply in enumerate(replies):
+        for i, (req, reply) in enumerate(zip(requests, replies)):
             context.set_response_status(reply.status, "", idx=i)
             context.set_response_content_type(i, "application/json")
-            bodies.append(json.dumps(reply.body, separators=(",", ":")).encode())
+            body = json.dumps(reply.body, separators=(",", ":")).encode()
+            batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(body),
+                                endpoint="explanations" if req.explain else "predictions")
+            bodies.append(body)
+        self._emit(context, batch_metrics.samples())
         return bodies
+
+    def _emit(self, context: Any, samples: list[metrics_mod.Sample]) -> None:
+        """Hand samples to TorchServe's metrics API (declared in metrics.yaml). Metrics never
+        fail a request: a missing or broken metrics cache only logs."""
+        cache = getattr(context, "metrics", None)
+        if cache is None:
+            return
+        for sample in samples:
+            try:
+                metric = self._metric_objects.get(sample.name)
+                kind, unit, label_names = metrics_mod.METRICS[sample.name]
+                if metric is None:
+                    metric = self._metric_objects[sample.name] = self._lookup_metric(cache, sample.name, kind, unit,
+                                                                                     label_names)
+                labels = dict(sample.labels)
+                metric.add_or_update(sample.value, [self.model_name, *[labels[n] for n in label_names]])
+            except Exception:  # noqa: BLE001 - metrics must not break serving
+                log.warning("could not record metric %s", sample.name, exc_info=True)
+
+    @staticmethod
+    def _lookup_metric(cache: Any, name: str, kind: str, unit: str, label_names: tuple[str, ...]) -> Any:
+        from ts.metrics.metric_type_enum import MetricTypes
+        metric_type = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE,
+                       "histogram": MetricTypes.HISTOGRAM}[kind]
+        try:
+            return cache.get_metric(name, metric_type)
+        except Exception:  # noqa: BLE001 - not declared in metrics.yaml: declare it now
+            return cache.add_metric_to_cache(name, unit, ["ModelName", *label_names], metric_type)
 
     @staticmethod
     def _raw_request(idx: int, row: dict[str, Any], context: Any) -> service_mod.RawRequest:

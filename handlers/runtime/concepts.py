@@ -56,6 +56,7 @@ class ConceptLayer:
     typical: np.ndarray
     names: tuple[str | None, ...]
     name_bits: tuple[float | None, ...]
+    baseline: np.ndarray | None = None  # (K, S) share of training images in each state
 
     @property
     def k(self) -> int:
@@ -81,7 +82,9 @@ class ConceptSpec:
                 "layers": [{"layer": l.layer, "activation": l.activation, "encoder_file": l.encoder_file,
                             "decoder_file": l.decoder_file,
                             "edges": l.edges.tolist(), "typical": l.typical.tolist(),
-                            "names": list(l.names), "name_bits": list(l.name_bits)} for l in self.layers]}
+                            "names": list(l.names), "name_bits": list(l.name_bits),
+                            "baseline": None if l.baseline is None else l.baseline.tolist()}
+                           for l in self.layers]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ConceptSpec":
@@ -93,7 +96,8 @@ class ConceptSpec:
             k = edges.shape[0]
             layers.append(ConceptLayer(l["layer"], l["activation"], l["encoder_file"], l["decoder_file"], edges,
                                        np.asarray(l["typical"], dtype=np.float64),
-                                       tuple(l.get("names") or [None] * k), tuple(l.get("name_bits") or [None] * k)))
+                                       tuple(l.get("names") or [None] * k), tuple(l.get("name_bits") or [None] * k),
+                                       None if l.get("baseline") is None else np.asarray(l["baseline"], dtype=np.float64)))
         return cls(int(d["states"]), tuple(layers), d["network_file"], d.get("outcome", "Y"),
                    dict(d.get("report", {})))
 

@@ -8,6 +8,7 @@ the classifier in one onnxruntime run, and explanation views reuse its activatio
 from __future__ import annotations
 
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.explain import ConceptExplainer
 from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
+from handlers.runtime.metrics import CONCEPT_STATE, ERRORS, PREDICTED_CLASS, REQUESTS, STAGE_LATENCY, STAGES, BatchMetrics
 from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict, top_predictions
 from handlers.runtime.settings import HandlerSettings
 
@@ -76,6 +78,7 @@ class ExplainerService:
                                                             ("cladec", cladec is not None),
                                                             ("features", features is not None)) if on)
         self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
+        self._monitor_rng = random.Random(0)
 
     @classmethod
     def load(cls, model_dir: str | Path, settings: HandlerSettings) -> "ExplainerService":
@@ -102,6 +105,24 @@ class ExplainerService:
                  session.get_providers(), list(service.views))
         return service
 
+    def baseline_samples(self) -> list[Any]:
+        """Gauges with each concept's training-time state distribution (for drift scores), and
+        zero increments of every concept-state counter so that states never seen in traffic
+        still exist as series (a drift score needs them)."""
+        from handlers.runtime.metrics import CONCEPT_BASELINE, Sample
+        if self.concepts is None:
+            return []
+        out = []
+        for layer in self.concepts.spec.layers:
+            if layer.baseline is None:
+                continue
+            for c, cid in enumerate(layer.ids()):
+                for st, ratio in enumerate(layer.baseline[c]):
+                    labels = (("concept", cid), ("state", str(st)))
+                    out.append(Sample(CONCEPT_BASELINE, float(ratio), labels))
+                    out.append(Sample(CONCEPT_STATE, 0.0, labels))
+        return out
+
     # -- request handling ---------------------------------------------------------------
 
     def _parse(self, raw: RawRequest) -> PredictRequest | ExplainRequest:
@@ -122,8 +143,13 @@ class ExplainerService:
                              allowed_formats=self.settings.allowed_formats)
         return _Item(i, req, to_pixels(image, self.meta.input))
 
-    def handle_batch(self, requests: Sequence[RawRequest]) -> list[Reply]:
-        """Answer every request of a batch; never raises for a bad request."""
+    def handle_batch(self, requests: Sequence[RawRequest], metrics: BatchMetrics | None = None) -> list[Reply]:
+        """Answer every request of a batch; never raises for a bad request.
+
+        ``metrics``, if given, receives the batch's observations (requests, errors, predicted
+        classes, concept states of explained and monitored requests, stage latencies).
+        """
+        metrics = metrics if metrics is not None else BatchMetrics()
         replies: list[Reply | None] = [None] * len(requests)
         items: list[_Item] = []
         t0 = time.perf_counter()
@@ -135,24 +161,42 @@ class ExplainerService:
         decode_ms = _ms(t0)
         if items:
             try:
-                self._answer(items, replies, decode_ms)
+                self._answer(items, replies, decode_ms, metrics)
             except Exception as exc:  # noqa: BLE001 - a server fault answers the valid requests with 500
                 for it in items:
                     replies[it.index] = self._error_reply(exc)
-        return [r if r is not None else Reply(500, errors.to_http(RuntimeError())[1]) for r in replies]
+        final = [r if r is not None else Reply(500, errors.to_http(RuntimeError())[1]) for r in replies]
+        for raw, reply in zip(requests, final):
+            endpoint = "explanations" if raw.explain else "predictions"
+            metrics.count(REQUESTS, endpoint=endpoint, status=str(reply.status))
+            if reply.status >= 400:
+                metrics.count(ERRORS, error_type=reply.body["error"]["type"])
+            elif endpoint == "explanations":
+                for stage in STAGES:
+                    if stage in reply.timings_ms:
+                        metrics.observe(STAGE_LATENCY, reply.timings_ms[stage] / 1000.0, stage=stage)
+        return final
 
-    def _answer(self, items: list[_Item], replies: list[Reply | None], decode_ms: float) -> None:
+    def _answer(self, items: list[_Item], replies: list[Reply | None], decode_ms: float,
+                metrics: BatchMetrics) -> None:
         t0 = time.perf_counter()
         x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
         out = self.classifier(x)
         probs = softmax(out.logits)
         shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
         explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
+        for row in range(len(items)):
+            metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
+        monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
+                     and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
         concept_batch = None
-        if explain_rows and self.concepts is not None:
+        if (explain_rows or monitored) and self.concepts is not None:
             t1 = time.perf_counter()
             concept_batch = self.concepts.encode(out.activations)
             shared["concepts"] = _ms(t1)
+            for row in sorted(set(explain_rows) | set(monitored)):
+                for concept, state in concept_batch.evidence(row).items():
+                    metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
         cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
         cladec_out: dict[int, list[dict[str, Any]]] = {}
         if cladec_rows and self.cladec is not None:

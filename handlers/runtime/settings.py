@@ -14,6 +14,8 @@ class HandlerSettings:
         bundle_dir: artifact bundle folder, relative to the extracted model directory.
         top_k: predictions returned per request (capped at the number of classes).
         top_concepts: concepts returned per explanation unless the request asks otherwise.
+        monitor_fraction: share of /predictions requests whose concept states are counted
+            (concept encoders only) for drift monitoring; 0 turns monitoring off.
         max_request_bytes: largest accepted request body (413 above it).
         max_image_pixels: largest accepted decoded image, width x height (413 above it).
         allowed_formats: image formats accepted (Pillow format names).
@@ -25,6 +27,7 @@ class HandlerSettings:
     bundle_dir: str = "bundle"
     top_k: int = 5
     top_concepts: int = 8
+    monitor_fraction: float = 0.1
     max_request_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG")
@@ -48,6 +51,8 @@ class HandlerSettings:
                 value = tuple(str(v) for v in value)
             elif isinstance(default, bool):
                 value = bool(value)
+            elif isinstance(default, float):
+                value = float(value)
             elif isinstance(default, int):
                 value = int(value)
             else:
@@ -56,4 +61,6 @@ class HandlerSettings:
         settings = cls(**values)
         if settings.top_k < 1 or settings.max_request_bytes < 1 or settings.max_image_pixels < 1:
             raise ValueError("top_k, max_request_bytes and max_image_pixels must be >= 1")
+        if not 0.0 <= settings.monitor_fraction <= 1.0:
+            raise ValueError("monitor_fraction must be between 0 and 1")
         return settings

@@ -30,7 +30,8 @@ def config_from_shipped(workdir: Path, model_store: Path, **overrides: str) -> t
     for name, port in ports.items():
         text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
     text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
-    overrides = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()), **overrides}
+    overrides = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                 "metrics_config": str(REPO / "metrics.yaml"), **overrides}
     for key, value in overrides.items():
         if re.search(rf"^{key}=", text, flags=re.M):
             text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)

@@ -1,0 +1,57 @@
+"""Handler metrics: names, labels and per-batch aggregation (TorchServe-free).
+
+The service reports what happened in a batch as a list of :class:`Sample`; the handler
+module hands them to TorchServe's metrics API (declared in ``metrics.yaml``), which exposes
+them on TorchServe's Prometheus endpoint. Counters are aggregated per batch, so one batch
+costs one update per label set, not one per request.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+REQUESTS = "concept_explainer_requests_total"
+ERRORS = "concept_explainer_errors_total"
+RESPONSE_BYTES = "concept_explainer_response_bytes_total"
+PREDICTED_CLASS = "concept_explainer_predicted_class_total"
+CONCEPT_STATE = "concept_explainer_concept_state_total"
+CONCEPT_BASELINE = "concept_explainer_concept_state_baseline_ratio"
+STAGE_LATENCY = "concept_explainer_stage_latency_seconds"
+
+#: name -> (kind, unit, label names); must match metrics.yaml.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    REQUESTS: ("counter", "Count", ("endpoint", "status")),
+    ERRORS: ("counter", "Count", ("error_type",)),
+    RESPONSE_BYTES: ("counter", "Bytes", ("endpoint",)),
+    PREDICTED_CLASS: ("counter", "Count", ("class",)),
+    CONCEPT_STATE: ("counter", "Count", ("concept", "state")),
+    CONCEPT_BASELINE: ("gauge", "Ratio", ("concept", "state")),
+    STAGE_LATENCY: ("histogram", "Seconds", ("stage",)),
+}
+STAGES = ("decode", "classifier", "concepts", "causal", "cladec", "features", "encode")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One metric update: counters add ``value``; histograms observe it; gauges set it."""
+
+    name: str
+    value: float
+    labels: tuple[tuple[str, str], ...]
+
+
+class BatchMetrics:
+    """Collects one batch's observations and turns them into aggregated samples."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self.observations: list[Sample] = []
+
+    def count(self, name: str, value: float = 1, **labels: str) -> None:
+        self.counts[(name, tuple(sorted(labels.items())))] += value
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        self.observations.append(Sample(name, float(value), tuple(sorted(labels.items()))))
+
+    def samples(self) -> list[Sample]:
+        return [Sample(n, float(v), l) for (n, l), v in sorted(self.counts.items())] + self.observations
