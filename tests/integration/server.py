@@ -66,7 +66,8 @@ class TorchServe:
         path = self.workdir / "logs" / name
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self) -> "TorchServe":
+    def start(self, wait: bool = True) -> "TorchServe":
+        """Start the server; with ``wait``, block until every model has a READY worker."""
         torchserve = Path(sys.executable).parent / "torchserve"
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
@@ -84,8 +85,9 @@ class TorchServe:
                 self.stop()
                 raise RuntimeError(f"TorchServe did not start:\n{(self.workdir / 'ts.out').read_text()[-3000:]}")
             time.sleep(0.2)
-        for name in self.models:
-            self.client.wait_ready(name, timeout=max(deadline - time.monotonic(), 1))
+        if wait:
+            for name in self.models:
+                self.client.wait_ready(name, timeout=max(deadline - time.monotonic(), 1))
         return self
 
     def stop(self) -> None:
@@ -109,11 +111,11 @@ class TorchServe:
 
 
 def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint: str = "predictions",
-         model: str = "tiny", auth: bool = True) -> requests.Response:
+         model: str = "tiny", auth: bool = True, timeout: float = 60) -> requests.Response:
     headers = {"Content-Type": content_type}
     if auth:
         headers["Authorization"] = f"Bearer {read_keys(ts.workdir / 'key_file.json')['inference']}"
-    return requests.post(f"{ts.client.url}/{endpoint}/{model}", data=body, headers=headers, timeout=60)
+    return requests.post(f"{ts.client.url}/{endpoint}/{model}", data=body, headers=headers, timeout=timeout)
 
 
 def workers(ts: TorchServe, model: str = "tiny") -> list[tuple[str, str]]:
