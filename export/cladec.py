@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from export.concepts import capture
 from export.data.loader import ImageDataset
-from export.train import TrainConfig, accuracy, train_classifier
+from export.train import TrainConfig, accuracy, one_cycle, train_classifier
 from handlers.runtime.imaging import InputSpec, normalize
 
 
@@ -140,7 +140,7 @@ def _train(module: nn.Module, params: list[nn.Parameter], inputs: torch.Tensor |
     rng = np.random.default_rng(cfg.seed)
     steps = cfg.epochs * -(-len(ds) // cfg.batch_size)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    sched = one_cycle(opt, cfg.lr, steps, 0.2)
     module.train()
     t0 = time.perf_counter()
     with tqdm(total=steps, desc=desc, disable=not progress, unit="step") as bar:

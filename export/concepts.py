@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.data.loader import ImageDataset
-from export.train import batches
+from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.concepts import concept_id, discretise, fit_edges, pooled_values
 from handlers.runtime.imaging import InputSpec
@@ -129,7 +129,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     params = [p for ae in aes.values() for p in ae.parameters()]
     steps = cfg.epochs * -(-len(idx) // cfg.batch_size)
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.2)
+    sched = one_cycle(opt, cfg.lr, steps, 0.2)
     history: list[dict[str, float]] = []
     bar = tqdm(total=steps, desc="concept autoencoders", disable=not progress, unit="step")
     sub = ImageDataset(ds.pixels[idx], ds.labels[idx], ds.classes, [ds.paths[i] for i in idx])

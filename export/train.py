@@ -25,6 +25,15 @@ class TrainConfig:
     max_steps: int | None = None  # stop early after this many steps (tests, smoke runs)
 
 
+def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float = 0.25):
+    """One-cycle learning-rate schedule that also works for very short runs (tiny data sets):
+    the warm-up lasts at least two steps, and runs under five steps keep a constant rate."""
+    if total_steps < 5:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
+    pct = min(max(pct_start, 2.5 / total_steps), 0.5)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total_steps, pct_start=pct)
+
+
 @dataclass
 class TrainResult:
     test_accuracy: float
@@ -60,7 +69,7 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.25)
+    sched = one_cycle(opt, cfg.lr, max(total, 1), 0.25)
     loss_fn = nn.CrossEntropyLoss()
     t0 = time.perf_counter()
     step = 0

@@ -95,11 +95,12 @@ def pca_code(p: np.ndarray, d: int) -> np.ndarray:
     return u[:, :min(d, z.shape[0])].T @ z
 
 
-def pose_invariance(code: np.ndarray, pose: np.ndarray, classes: np.ndarray) -> dict[str, float]:
+def pose_invariance(code: np.ndarray, pose: np.ndarray, classes: np.ndarray) -> dict[str, Any]:
     """Interaction information between the codes of two pose bins about the class.
 
     Images below / above the pose factor's median form two bins; within each class the
-    i-th image of one bin is paired with the i-th of the other, giving samples
+    i-th image of one bin is paired with the i-th of the other (classes with too few pairs
+    for the estimate are left out), giving samples
     (r1, r2, class). ``II = I([R1; R2]; S) - I(R1; S) - I(R2; S)``; negative = redundancy:
     both poses carry the same class information. ``redundancy = -II / mean(I(R1;S), I(R2;S))``
     is the share of the class information the two poses have in common: high for a
@@ -111,9 +112,13 @@ def pose_invariance(code: np.ndarray, pose: np.ndarray, classes: np.ndarray) -> 
         a = np.flatnonzero(low & (classes == c))
         b = np.flatnonzero(~low & (classes == c))
         n = min(len(a), len(b))
+        if n <= 2 * code.shape[0] + 1:  # too few pairs for a (2d)-dimensional Gaussian in this class
+            continue
         r1.append(code[:, a[:n]])
         r2.append(code[:, b[:n]])
         s.append(np.full(n, c))
+    if len(s) < 2:
+        return {"error": "fewer than two classes have enough images in both pose bins"}
     R1, R2, S = np.concatenate(r1, axis=1), np.concatenate(r2, axis=1), np.concatenate(s)
     _, S = np.unique(S, return_inverse=True)
     i1, i2 = gcmi.gcmi_model_cd(R1, S), gcmi.gcmi_model_cd(R2, S)
@@ -214,7 +219,10 @@ def format_report(result: dict[str, Any]) -> str:
     if result["pose_invariance"]:
         lines.append(f"pose invariance over {result['pose_factor']} bins (shared share of the class information)")
         for l, v in result["pose_invariance"].items():
-            lines.append(f"  {l:<10} II {v['ii_bits']:+.3f} bits   redundancy {v['redundancy']:.2f}")
+            if "error" in v:
+                lines.append(f"  {l:<10} not estimated: {v['error']}")
+            else:
+                lines.append(f"  {l:<10} II {v['ii_bits']:+.3f} bits   redundancy {v['redundancy']:.2f}")
     for l, entries in result.get("concept_names", {}).items():
         lines.append(f"concepts of {l}: " + ", ".join(
             f"c{e['channel']}={e['name']}({e['bits']:.2f})" if e["name"] else f"c{e['channel']}=silent"
