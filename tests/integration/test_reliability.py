@@ -116,18 +116,23 @@ def test_sigkilled_worker_is_replaced(lone_server, sample_pngs):
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     failures = 0
+    seen = []
     while True:
-        r = post(ts, good)
-        if r.status_code == 200:
-            break
+        try:
+            r = post(ts, good)
+            seen.append(r.status_code)
+            if r.status_code == 200:
+                break
+        except requests.RequestException as exc:  # the frontend may drop the in-flight request
+            seen.append(type(exc).__name__)
         failures += 1
-        assert time.monotonic() - t0 < 90, "no recovery within 90 s"
+        assert time.monotonic() - t0 < 90, f"no recovery within 90 s: {seen[-10:]}"
         time.sleep(0.05)
     recovery = time.monotonic() - t0
     assert r.json() == expected
-    for _ in range(50):
-        r = post(ts, good)
-        assert r.status_code == 200 and r.json() == expected
+    after = [post(ts, good) for _ in range(50)]
+    bad = [(r.status_code, r.text[:200]) for r in after if r.status_code != 200 or r.json() != expected]
+    assert not bad, f"requests failed after recovery (statuses before recovery {seen}): {bad[:3]}"
     status, desc = ts.client.describe("tiny")
     assert int(desc[0]["workers"][0]["pid"]) != pid
     print(f"\nworker {pid} killed: requests succeed again after {recovery:.2f} s ({failures} failed meanwhile)")
