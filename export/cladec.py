@@ -117,6 +117,19 @@ def renormalize(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return (images - mean) / std
 
 
+def cladec_loss(rec: torch.Tensor, target: torch.Tensor, alpha: float, classifier: nn.Module | None = None,
+                spec: InputSpec | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """``(1 - alpha) MSE(rec, target) + alpha CE(f(rec), y)``; plain MSE when alpha is 0.
+
+    rec, target: (N, C, H, W) in [0, 1]; labels: (N,) class indices.
+    """
+    mse = F.mse_loss(rec, target)
+    if alpha <= 0 or classifier is None:
+        return mse
+    ce = F.cross_entropy(classifier(renormalize(rec, spec)), labels)
+    return (1 - alpha) * mse + alpha * ce
+
+
 def _subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
     idx = np.random.default_rng(seed).permutation(len(ds))[:n]
     return ImageDataset(ds.pixels[idx], ds.labels[idx], ds.classes, [ds.paths[i] for i in idx])
@@ -151,10 +164,7 @@ def _train(module: nn.Module, params: list[nn.Parameter], inputs: torch.Tensor |
                 target = to_unit(ds.pixels[idx])
                 x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec))
                 rec = module(x)
-                loss = F.mse_loss(rec, target)
-                if alpha > 0 and classifier is not None:
-                    ce = F.cross_entropy(classifier(renormalize(rec, spec)), torch.from_numpy(ds.labels[idx]))
-                    loss = (1 - alpha) * loss + alpha * ce
+                loss = cladec_loss(rec, target, alpha, classifier, spec, torch.from_numpy(ds.labels[idx]))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

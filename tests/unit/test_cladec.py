@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.cladec import Decoder, RefAE, renormalize, to_unit
+from export.cladec import Decoder, RefAE, cladec_loss, renormalize, to_unit
 from export.models import build_model
 from handlers.runtime.cladec import to_uint8_images
 from handlers.runtime.imaging import InputSpec, normalize
@@ -68,3 +68,18 @@ def test_cladec_bundle_report(tiny_full_bundle: Path):
     manifest = json.loads((tiny_full_bundle / "manifest.json").read_text())["files"]
     for d in doc["decoders"]:
         assert d["decoder_file"] in manifest and d["refae_file"] in manifest
+
+
+def test_cladec_loss_mixes_mse_and_cross_entropy():
+    torch.manual_seed(0)
+    spec = InputSpec(8, 8, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    clf = build_model("demo_resnet", 4, 3).eval()
+    rec, target = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    labels = torch.tensor([0, 2, 3])
+    mse = float(((rec - target) ** 2).mean())
+    with torch.no_grad():
+        logp = torch.log_softmax(clf(renormalize(rec, spec)), dim=1)
+    ce = float(-logp[torch.arange(3), labels].mean())
+    assert float(cladec_loss(rec, target, 0.0)) == pytest.approx(mse, rel=1e-6)
+    assert float(cladec_loss(rec, target, 0.0, clf, spec, labels)) == pytest.approx(mse, rel=1e-6)
+    assert float(cladec_loss(rec, target, 0.25, clf, spec, labels)) == pytest.approx(0.75 * mse + 0.25 * ce, rel=1e-5)
