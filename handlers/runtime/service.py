@@ -213,6 +213,8 @@ class ExplainerService:
             k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
             body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
             timings = dict(shared)
+            if row not in cladec_out:
+                timings.pop("cladec", None)  # the batch decoded images for other requests only
             if isinstance(req, ExplainRequest):
                 try:
                     self._explain(req, row, it.pixels, probs[row], concept_batch, cladec_out.get(row),
