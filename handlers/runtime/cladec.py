@@ -65,16 +65,16 @@ class ClaDecView:
         rows = list(rows)
         wanted = [e for e in self.entries if layers is None or e.layer in layers]
         out: list[list[dict[str, Any]]] = [[] for _ in rows]
-        ref_cache: dict[str, np.ndarray] = {}
+        ref_cache: dict[str, list[str]] = {}  # one RefAE run and PNG per layer, shared by its alphas
         for e in wanted:
             dec = self.decoders[e.decoder_file]
-            rec = dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0]
+            rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
             if e.refae_file not in ref_cache:
                 ref = self.refaes[e.refae_file]
-                ref_cache[e.refae_file] = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
-            rec_u8, ref_u8 = to_uint8_images(rec), ref_cache[e.refae_file]
+                ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
+                ref_cache[e.refae_file] = [base64.b64encode(encode_png(img)).decode() for img in ref_u8]
             for j in range(len(rows)):
                 out[j].append({"layer": e.layer, "alpha": e.alpha,
                                "reconstruction_png": base64.b64encode(encode_png(rec_u8[j])).decode(),
-                               "reference_png": base64.b64encode(encode_png(ref_u8[j])).decode()})
+                               "reference_png": ref_cache[e.refae_file][j]})
         return out
