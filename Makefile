@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve query stop test prometheus test-unit test-integration soak latency monitor-overhead clean
+.PHONY: venv demo build serve query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke clean
 
 venv: $(VENV)/.installed
 
@@ -62,6 +62,13 @@ soak: venv
 
 latency: venv
 	$(PY) bench/latency.py --model $(MODEL) --image $(SAMPLE) --requests 200
+
+## Benchmarks (partial suite, see bench/run.py): needs `make build` first.
+bench: venv
+	$(PY) bench/run.py --bundle build/shapes/bundle --classifier build/shapes/classifier --image $(SAMPLE)
+
+bench-smoke: venv
+	$(PY) bench/run.py --bundle build/shapes/bundle --classifier build/shapes/classifier --image $(SAMPLE) --smoke
 
 ## Cost of concept monitoring on /predictions: the demo archive with monitor_fraction 0 vs 1.
 monitor-overhead: venv
