@@ -210,16 +210,20 @@ class CompiledCausalModel:
             return plan
         return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
 
+    def _sliced(self, node: str, spec: tuple[tuple[str, str], ...], index: Mapping[str, int]) -> np.ndarray:
+        """``node``'s CPT with its observed parents fixed at state indices ``index``; kept
+        parents stay as axes."""
+        return self.cpts[node].table[(slice(None),) + tuple(
+            slice(None) if kind == "keep" else index[p] for kind, p in spec)]
+
     def _contract(self, plan: _Plan, index: Mapping[str, int]) -> np.ndarray:
         """The plan's (states of X, states of Y) table for observed state indices ``index``."""
-        def sliced(node: str, spec: tuple[tuple[str, str], ...]) -> np.ndarray:
-            return self.cpts[node].table[(slice(None),) + tuple(
-                slice(None) if kind == "keep" else index[p] for kind, p in spec)]
         if not plan.outcome_is_descendant:
             node, spec = plan.factors[0]
-            row = sliced(node, spec)
+            row = self._sliced(node, spec, index)
             return np.broadcast_to(row, (self.cpts[plan.concept].card, row.shape[0])).copy()
-        return np.einsum(plan.subscripts, *[sliced(n, spec) for n, spec in plan.factors], optimize=plan.path)
+        return np.einsum(plan.subscripts, *[self._sliced(n, spec, index) for n, spec in plan.factors],
+                         optimize=plan.path)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -231,10 +235,11 @@ class CompiledCausalModel:
                 raise ValueError(f"evidence lacks concept {node!r}") from None
             raise ValueError(f"{evidence[node]!r} is not a state of {node!r}: {list(self.cpts[node].states)}") from None
 
-    def _slice(self, node: str, spec: tuple[tuple[str, str], ...], evidence: Mapping[str, Hashable]) -> np.ndarray:
-        idx: tuple[Any, ...] = (slice(None),) + tuple(
-            slice(None) if kind == "keep" else self._index(evidence, p) for kind, p in spec)
-        return self.cpts[node].table[idx]
+    def _at_parents(self, node: str, evidence: Mapping[str, Hashable]) -> np.ndarray:
+        """``P(node | its parents as observed in evidence)``, shape (states of node,)."""
+        parents = self.cpts[node].parents
+        return self._sliced(node, tuple(("obs", p) for p in parents),
+                            {p: self._index(evidence, p) for p in parents})
 
     def interventions(self, evidence: Mapping[str, Hashable], concept: str) -> np.ndarray:
         """``P(outcome | do(concept = x), e_ND)`` for every state x.
@@ -251,13 +256,11 @@ class CompiledCausalModel:
 
     def prior(self, evidence: Mapping[str, Hashable], concept: str) -> np.ndarray:
         """``pi(x) = P(concept = x | its parents as observed)``, shape (states of concept,)."""
-        c = self.cpts[concept]
-        return self._slice(concept, tuple(("obs", p) for p in c.parents), evidence)
+        return self._at_parents(concept, evidence)
 
     def outcome_posterior(self, evidence: Mapping[str, Hashable]) -> np.ndarray:
         """``P(outcome | all concepts observed)`` = the outcome's CPT at its parents' states."""
-        c = self.cpts[self.outcome]
-        return self._slice(self.outcome, tuple(("obs", p) for p in c.parents), evidence)
+        return self._at_parents(self.outcome, evidence)
 
     def explain(self, evidence: Mapping[str, Hashable], target: Hashable) -> list[dict[str, Any]]:
         """Per concept: observed state, ``effect``, ``sensitivity`` and the intervention table.

@@ -199,6 +199,7 @@ class ExplainerService:
                     metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
         cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
         cladec_out: dict[int, list[dict[str, Any]]] = {}
+        cladec_ms = 0.0
         if cladec_rows and self.cladec is not None:
             t1 = time.perf_counter()
             by_layers: dict[tuple[str, ...] | None, list[int]] = {}
@@ -207,14 +208,12 @@ class ExplainerService:
             for layers, rows in by_layers.items():
                 for r, entries in zip(rows, self.cladec.render(out.activations, x, rows, layers)):
                     cladec_out[r] = entries
-            shared["cladec"] = _ms(t1)
+            cladec_ms = _ms(t1)  # reported only to the requests that got reconstructions
         for row, it in enumerate(items):
             req = it.request
             k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
             body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
-            timings = dict(shared)
-            if row not in cladec_out:
-                timings.pop("cladec", None)  # the batch decoded images for other requests only
+            timings = dict(shared, cladec=cladec_ms) if row in cladec_out else dict(shared)
             if isinstance(req, ExplainRequest):
                 try:
                     self._explain(req, row, it.pixels, probs[row], concept_batch, cladec_out.get(row),
