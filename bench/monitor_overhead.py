@@ -23,6 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.stats import percentile  # noqa: E402
 from export.archive import DEFAULT_MODEL_CONFIG, build_mar  # noqa: E402
 from tests.integration.server import TorchServe, post  # noqa: E402
 
@@ -57,8 +58,8 @@ def main() -> None:
     p50 = {m: statistics.median(v) for m, v in lat.items()}
     out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "requests_each": args.requests,
-           "monitor_fraction_0": {"p50_ms": round(p50["m0"], 2), "p99_ms": round(sorted(lat["m0"])[int(0.99 * (len(lat["m0"]) - 1))], 2)},
-           "monitor_fraction_1": {"p50_ms": round(p50["m1"], 2), "p99_ms": round(sorted(lat["m1"])[int(0.99 * (len(lat["m1"]) - 1))], 2)},
+           "monitor_fraction_0": {"p50_ms": round(p50["m0"], 2), "p99_ms": round(percentile(lat["m0"], 99), 2)},
+           "monitor_fraction_1": {"p50_ms": round(p50["m1"], 2), "p99_ms": round(percentile(lat["m1"], 99), 2)},
            "p50_ratio": round(p50["m1"] / p50["m0"], 3)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

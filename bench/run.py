@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import threading
@@ -28,17 +27,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.stats import summary  # noqa: E402
 from export.archive import build_mar  # noqa: E402
 from tests.integration.server import TorchServe, post  # noqa: E402
-
-
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
-
-
-def summary(xs: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(xs), 2), "p99_ms": round(pct(xs, 99), 2), "n": len(xs)}
 
 
 def endpoint_comparison(ts: TorchServe, model: str, image: bytes, n: int, concurrency: int) -> dict:

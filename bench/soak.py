@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,12 +21,12 @@ from typing import Any
 
 import psutil
 
-from export.client import TorchServeClient
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))] if s else float("nan")
+from bench.stats import percentile  # noqa: E402
+from export.client import TorchServeClient  # noqa: E402
 
 
 def worker_state(client: TorchServeClient, model: str) -> list[tuple[str, int, str]]:

@@ -131,8 +131,7 @@ def cladec_loss(rec: torch.Tensor, target: torch.Tensor, alpha: float, classifie
 
 
 def _subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
-    idx = np.random.default_rng(seed).permutation(len(ds))[:n]
-    return ImageDataset(ds.pixels[idx], ds.labels[idx], ds.classes, [ds.paths[i] for i in idx])
+    return ds.take(np.random.default_rng(seed).permutation(len(ds))[:n])
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from export.data.loader import ImageDataset
 from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.concepts import concept_id, discretise, fit_edges, pooled_values
-from handlers.runtime.imaging import InputSpec
+from handlers.runtime.imaging import InputSpec, normalize
 
 log = logging.getLogger(__name__)
 OUTCOME = "Y"
@@ -87,6 +87,24 @@ def capture(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> tuple[t
     return logits, acts
 
 
+@torch.no_grad()
+def pooled_activations(model: nn.Module, layers: Sequence[str], ds: ImageDataset, spec: InputSpec,
+                       keep_raw: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per layer, the globally average-pooled output as float64 (N, C) (vectors are flattened),
+    and for the layers in ``keep_raw`` only, the raw activations (N, C, H, W)."""
+    pooled: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+    raw: dict[str, list[np.ndarray]] = {l: [] for l in keep_raw}
+    for x, _ in batches(ds, spec, 256):
+        _, acts = capture(model, list(dict.fromkeys([*layers, *keep_raw])), x)
+        for l in layers:
+            a = acts[l]
+            pooled[l].append((a.mean(dim=(2, 3)) if a.ndim == 4 else a.reshape(a.shape[0], -1)).numpy())
+        for l in keep_raw:
+            raw[l].append(acts[l].numpy())
+    return ({l: np.concatenate(v).astype(np.float64) for l, v in pooled.items()},
+            {l: np.concatenate(v) for l, v in raw.items()})
+
+
 def spliced_logits(model: nn.Module, layer: str, x: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
     """Logits of the network with ``layer``'s output replaced by ``replacement`` (f_{>l})."""
     module = dict(model.named_modules())[layer]
@@ -114,9 +132,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
         p.requires_grad_(False)
     idx = rng.permutation(len(ds))[: cfg.train_images]
     with torch.no_grad():
-        x0 = torch.from_numpy(np.stack([ds.pixels[i] for i in idx[:256]]))
-        from handlers.runtime.imaging import normalize
-        _, acts0 = capture(model, cfg.layers, torch.from_numpy(normalize(x0.numpy(), spec)))
+        _, acts0 = capture(model, cfg.layers, torch.from_numpy(normalize(ds.pixels[idx[:256]], spec)))
     aes: dict[str, ConceptAutoencoder] = {}
     scale: dict[str, float] = {}
     for l in cfg.layers:
@@ -132,7 +148,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     sched = one_cycle(opt, cfg.lr, steps, 0.2)
     history: list[dict[str, float]] = []
     bar = tqdm(total=steps, desc="concept autoencoders", disable=not progress, unit="step")
-    sub = ImageDataset(ds.pixels[idx], ds.labels[idx], ds.classes, [ds.paths[i] for i in idx])
+    sub = ds.take(idx)
     t0 = time.perf_counter()
     steps_per_epoch = -(-len(idx) // cfg.batch_size)
     step = 0
@@ -290,8 +306,7 @@ def causal_validity(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Im
     from scipy.stats import spearmanr
     n = min(cfg.validity_images, len(ds))
     idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
-    sub = ImageDataset(ds.pixels[idx], ds.labels[idx], ds.classes, [ds.paths[i] for i in idx])
-    x = next(batches(sub, spec, n))[0]
+    x = next(batches(ds.take(idx), spec, n))[0]
     logits, acts = capture(model, cfg.layers, x)
     target = logits.argmax(1).numpy()
     codes = {l: aes[l].encoder(acts[l]) for l in cfg.layers}

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.concepts import capture
+from export.concepts import pooled_activations
 from export.data.loader import ImageDataset
-from export.train import batches
 from handlers.runtime.imaging import InputSpec
 
 
@@ -90,18 +89,6 @@ def selectivity(h: np.ndarray, share: float) -> float:
     return float((h.shape[1] - np.median(mass_count(h, share))) / h.shape[1])
 
 
-@torch.no_grad()
-def pooled_features(model: nn.Module, layers: Sequence[str], ds: ImageDataset, spec: InputSpec) -> dict[str, np.ndarray]:
-    """Globally average-pooled outputs of ``layers``: name -> (N, C)."""
-    out: dict[str, list[np.ndarray]] = {l: [] for l in layers}
-    for x, _ in batches(ds, spec, 256):
-        _, acts = capture(model, layers, x)
-        for l in layers:
-            a = acts[l]
-            out[l].append((a.mean(dim=(2, 3)) if a.ndim == 4 else a.reshape(a.shape[0], -1)).numpy())
-    return {l: np.concatenate(v).astype(np.float64) for l, v in out.items()}
-
-
 def _finetune(h: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray, subsets, epochs: int,
               seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fine-tune the decomposed head (subset weights and biases only) with cross-entropy."""
@@ -133,8 +120,8 @@ def build_features(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     weight = head.weight.detach().numpy().astype(np.float64)
     bias = head.bias.detach().numpy().astype(np.float64) if head.bias is not None else np.zeros(weight.shape[0])
     layers = tuple(dict.fromkeys([cfg.layer, *cfg.selectivity_layers]))
-    f_train = pooled_features(model, layers, train, spec)
-    f_test = pooled_features(model, layers, test, spec)
+    f_train, _ = pooled_activations(model, layers, train, spec)
+    f_test, _ = pooled_activations(model, layers, test, spec)
     h_tr, h_te = f_train[cfg.layer], f_test[cfg.layer]
     if h_tr.shape[1] != weight.shape[1]:
         raise ValueError(f"{cfg.layer} has {h_tr.shape[1]} features but {cfg.head} takes {weight.shape[1]}")

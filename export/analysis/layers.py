@@ -19,9 +19,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from export.analysis import gcmi
-from export.concepts import capture
+from export.concepts import pooled_activations
 from export.data.loader import ImageDataset
-from export.train import batches
 from handlers.runtime.concepts import colormap
 from handlers.runtime.imaging import InputSpec
 
@@ -127,22 +126,6 @@ def pose_invariance(code: np.ndarray, pose: np.ndarray, classes: np.ndarray) -> 
             "redundancy": float(-ii / max((i1 + i2) / 2, 1e-9)), "pairs": int(S.size)}
 
 
-@torch.no_grad()
-def pooled_activations(model: torch.nn.Module, layers: Sequence[str], ds: ImageDataset,
-                       spec: InputSpec) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per layer: spatially averaged channels (C, N), and the raw activations (N, C, H, W)."""
-    pooled: dict[str, list[np.ndarray]] = {l: [] for l in layers}
-    raw: dict[str, list[np.ndarray]] = {l: [] for l in layers}
-    for x, _ in batches(ds, spec, 256):
-        _, acts = capture(model, layers, x)
-        for l in layers:
-            a = acts[l]
-            pooled[l].append((a.mean(dim=(2, 3)) if a.ndim == 4 else a.reshape(a.shape[0], -1)).numpy())
-            raw[l].append(a.numpy())
-    return ({l: np.concatenate(v).T.astype(np.float64) for l, v in pooled.items()},
-            {l: np.concatenate(v) for l, v in raw.items()})
-
-
 def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: Sequence[str],
             kinds: dict[str, dict] | None, pca_dims: int = 4, pose_factor: str = "pos_x",
             concept_encoders: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -153,7 +136,8 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
     t0 = time.perf_counter()
     factors = encode_factors(ds.factors, kinds)
     enc_layers = list(concept_encoders or {})
-    pooled, raw = pooled_activations(model, list(dict.fromkeys([*layers, *enc_layers])), ds, spec)
+    pooled, raw = pooled_activations(model, layers, ds, spec, keep_raw=enc_layers)
+    pooled = {l: v.T for l, v in pooled.items()}  # GCMI wants samples on the last axis: (C, N)
     classes = ds.labels
     result: dict[str, Any] = {"layers": list(layers), "factors": [f.name for f in factors],
                               "kinds": {f.name: f.kind for f in factors}, "images": len(ds),

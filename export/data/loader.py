@@ -42,6 +42,11 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def take(self, idx: np.ndarray) -> "ImageDataset":
+        """The images at integer positions ``idx`` (factors included), in that order."""
+        factors = None if self.factors is None else {k: v[idx] for k, v in self.factors.items()}
+        return ImageDataset(self.pixels[idx], self.labels[idx], self.classes, [self.paths[i] for i in idx], factors)
+
 
 def _split_of(rel: str, test_fraction: float) -> str:
     h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big") / 2**64

@@ -11,14 +11,9 @@ import pytest
 from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
-from tests.handler.mock_context import make_context, model_dir_from_bundle, prepare_batch, wire_request
+from tests.handler.mock_context import make_context, prepare_batch, wire_request
 from tests.pgmpy_reference import do_query, load_pgmpy
 from tests.reference import offline_evidence
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_full_bundle: Path, tmp_path_factory) -> Path:
-    return model_dir_from_bundle(tiny_full_bundle, tmp_path_factory.mktemp("model_x"))
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
-from tests.handler.mock_context import make_context, model_dir_from_bundle, prepare_batch, wire_request
+from tests.handler.mock_context import make_context, prepare_batch, wire_request
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_full_bundle: Path, tmp_path_factory) -> Path:
-    return model_dir_from_bundle(tiny_full_bundle, tmp_path_factory.mktemp("model_h"))
 
 
 @pytest.fixture(scope="module")

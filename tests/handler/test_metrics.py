@@ -10,14 +10,9 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.concept_handler import ConceptExplainerHandler
 from handlers.runtime import metrics as M
-from tests.handler.mock_context import make_context, model_dir_from_bundle, prepare_batch, wire_request
+from tests.handler.mock_context import make_context, prepare_batch, wire_request
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tiny_full_bundle: Path, tmp_path_factory) -> Path:
-    return model_dir_from_bundle(tiny_full_bundle, tmp_path_factory.mktemp("model_m"))
 
 
 class RecordingCache:

@@ -1,0 +1,1 @@
+"""Benchmark scripts; run each as ``python bench/NAME.py`` (see the Makefile)."""
