@@ -145,6 +145,27 @@ def upsample(m: np.ndarray, height: int, width: int) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
+HEATMAP_LEVELS = 64
+HEATMAP_MAX_OPACITY = 0.75
+
+
+def heatmap_palette(levels: int = HEATMAP_LEVELS, max_opacity: float = HEATMAP_MAX_OPACITY) -> tuple[np.ndarray, np.ndarray]:
+    """The overlay heatmap's palette: uint8 colours (levels, 3) of :func:`colormap` and
+    uint8 opacities (levels,) rising linearly from 0 (inactive: the input shows through)."""
+    v = np.linspace(0.0, 1.0, levels)
+    return ((colormap(v) * 255).round().astype(np.uint8),
+            (v * max_opacity * 255).round().astype(np.uint8))
+
+
+def heatmap_levels(code_map: np.ndarray, scale: float, height: int, width: int,
+                   levels: int = HEATMAP_LEVELS) -> np.ndarray:
+    """The concept's code map (h, w) >= 0, upsampled to (height, width), divided by ``scale``
+    (the concept's top typical value, so maps compare across images), clipped to [0, 1] and
+    quantised to palette indices uint8 (height, width) in 0..levels-1."""
+    v = upsample(np.asarray(code_map, dtype=np.float64), height, width) / max(scale, 1e-8)
+    return (np.clip(v, 0.0, 1.0) * (levels - 1)).round().astype(np.uint8)
+
+
 def heatmap_overlay(image: np.ndarray, code_map: np.ndarray, scale: float, alpha: float = 0.55) -> np.ndarray:
     """The concept's code map, upsampled to the image and blended over it.
 

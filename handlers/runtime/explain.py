@@ -12,9 +12,10 @@ import numpy as np
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.classifier import make_session
-from handlers.runtime.concepts import ConceptSpec, concept_id, discretise, heatmap_overlay, pooled_values
+from handlers.runtime.concepts import (ConceptSpec, concept_id, discretise, heatmap_levels, heatmap_overlay, heatmap_palette,
+                                       pooled_values)
 from handlers.runtime.errors import ArtifactError
-from handlers.runtime.imaging import encode_png
+from handlers.runtime.imaging import encode_indexed_png, encode_png
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ConceptExplainer:
         self.network = network
         self.sessions = sessions
         self.layers = {l.layer: l for l in spec.layers}
+        self._palette = heatmap_palette()
         ids = [cid for l in spec.layers for cid in l.ids()]
         if sorted(ids) != sorted(network.concepts):
             raise ArtifactError("concepts.json and the causal network disagree on the concept ids")
@@ -68,10 +70,13 @@ class ConceptExplainer:
         return ConceptBatch(codes, values, states)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, timings: dict[str, float] | None = None) -> list[dict[str, Any]]:
+                pixels: np.ndarray | None, timings: dict[str, float] | None = None,
+                heatmap: str = "overlay") -> list[dict[str, Any]]:
         """The ``concepts`` view for one image, sorted by |effect| (largest first).
 
         pixels: uint8 (H, W, C) model input for heatmaps, or None for no images.
+        heatmap: "overlay" = a palette PNG with transparency, to draw over the input;
+        "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
         timings: if given, receives "causal" and "encode" milliseconds.
         """
         t0 = time.perf_counter()
@@ -97,7 +102,11 @@ class ConceptExplainer:
             if pixels is not None:
                 layer = self.layers[rec["layer"]]
                 code_map = batch.codes[rec["layer"]][row, rec["channel"]]
-                png = encode_png(heatmap_overlay(pixels, code_map, float(layer.typical[rec["channel"], -1])))
+                scale = float(layer.typical[rec["channel"], -1])
+                if heatmap == "blended":
+                    png = encode_png(heatmap_overlay(pixels, code_map, scale))
+                else:
+                    png = encode_indexed_png(heatmap_levels(code_map, scale, *pixels.shape[:2]), *self._palette)
                 item["heatmap_png"] = base64.b64encode(png).decode()
             out.append(item)
         if timings is not None:

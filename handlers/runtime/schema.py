@@ -19,7 +19,8 @@ from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLar
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 JSON_TYPES = ("application/json",)
 PREDICT_OPTIONS = ("data", "top_k")
-EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "views", "layers")
+EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers")
+HEATMAP_STYLES = ("overlay", "blended")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class ExplainRequest:
     target: int | str | None = None
     top_concepts: int | None = None
     images: bool = True
+    heatmap: str = "overlay"
     views: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
 
@@ -149,7 +151,8 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     """Parse an ``/explanations`` request (raw image, or JSON with options).
 
     Options: ``target`` (class index or label), ``top_k``, ``top_concepts`` (1..number of
-    concepts), ``images`` (bool), ``views`` (subset of the available views), ``layers``.
+    concepts), ``images`` (bool), ``heatmap`` ("overlay": a transparent palette PNG
+    to draw over the input, or "blended": an RGB PNG of the heatmap over the input), ``views`` (subset of the available views), ``layers``.
     """
     obj, image = body_to_json_or_image(value, content_type, max_bytes)
     if obj is None:
@@ -171,12 +174,16 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     images = obj.get("images", True)
     if not isinstance(images, bool):
         raise InvalidOption(f'"images" must be true or false, got {json.dumps(images)[:40]}')
+    heatmap = obj.get("heatmap", "overlay")
+    if heatmap not in HEATMAP_STYLES:
+        raise InvalidOption(f'"heatmap" must be one of {list(HEATMAP_STYLES)}, got {json.dumps(heatmap)[:40]}')
     return ExplainRequest(
         image=_b64(obj["data"], max_bytes),
         top_k=_int_option(obj, "top_k", 1, len(classes)),
         target=target,
         top_concepts=_int_option(obj, "top_concepts", 1, max(num_concepts, 1)),
         images=images,
+        heatmap=heatmap,
         views=_str_list(obj, "views", views),
         layers=_str_list(obj, "layers", layers),
     )

@@ -240,7 +240,8 @@ class ExplainerService:
         if "concepts" in views and self.concepts is not None:
             top = min(req.top_concepts or self.settings.top_concepts, self.concepts.num_concepts)
             body["concepts"] = self.concepts.explain(concept_batch, row, target, top,
-                                                     pixels if req.images else None, timings)
+                                                     pixels if req.images else None, timings,
+                                                     heatmap=req.heatmap)
         if cladec is not None:
             body["cladec"] = cladec
         if "features" in views and self.features is not None:

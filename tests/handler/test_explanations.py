@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
+from handlers.runtime.concepts import heatmap_palette
 from tests.handler.mock_context import make_context, prepare_batch, wire_request
 from tests.pgmpy_reference import do_query, load_pgmpy
 from tests.reference import offline_evidence
@@ -56,9 +57,36 @@ def test_concepts_view_structure(handler, model_dir, sample_pngs):
         assert len(c["interventions"]) == 3
         assert sum(1 for i in c["interventions"] if 0 <= i["probability"] <= 1) == 3
         png = Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"])))
-        assert png.size == (32, 32) and png.mode == "RGB"
+        assert png.size == (32, 32) and png.mode == "P" and "transparency" in png.info  # an overlay
     assert len(body["model"]["artifact_sha256"]) == 64
     assert {"decode", "classifier", "concepts", "causal", "encode"} <= set(body["timings_ms"])
+
+
+def test_heatmap_styles_show_the_same_map(handler, model_dir, sample_pngs):
+    """The default overlay is the quantised code map with the colour map as palette; the
+    blended style is that map over the input. Where the overlay is transparent (inactive),
+    the blended image is the input dimmed by the blend."""
+    _, overlay = explain(handler, model_dir, sample_pngs[0], top_concepts=3)
+    _, blended = explain(handler, model_dir, sample_pngs[0], top_concepts=3, heatmap="blended")
+    assert [c["id"] for c in overlay["concepts"]] == [c["id"] for c in blended["concepts"]]
+    palette, opacity = heatmap_palette()
+    source = np.asarray(Image.open(io.BytesIO(sample_pngs[0])).convert("RGB"), dtype=np.float64)
+    for o, b in zip(overlay["concepts"], blended["concepts"]):
+        po = Image.open(io.BytesIO(base64.b64decode(o["heatmap_png"])))
+        pb = Image.open(io.BytesIO(base64.b64decode(b["heatmap_png"])))
+        assert pb.mode == "RGB" and pb.size == po.size
+        idx = np.asarray(po)
+        np.testing.assert_array_equal(np.frombuffer(po.info["transparency"], np.uint8), opacity)
+        np.testing.assert_array_equal(np.asarray(po.getpalette(), np.uint8).reshape(-1, 3)[:len(palette)], palette)
+        idle = idx == 0
+        if idle.any():  # heatmap value 0 is blue at 45% over the input: no red anywhere
+            expected = 0.45 * source[idle] + 0.55 * 255 * np.array([0.0, 0.0, 0.5])
+            assert np.abs(np.asarray(pb, np.float64)[idle] - expected).max() <= 4.0  # v < 1/126 rounds to index 0
+
+
+def test_bad_heatmap_style_is_a_400(handler, model_dir, sample_pngs):
+    status, body = explain(handler, model_dir, sample_pngs[0], heatmap="jet")
+    assert status == 400 and body["error"]["type"] == "InvalidOption" and "heatmap" in body["error"]["message"]
 
 
 def test_effects_equal_an_offline_pgmpy_computation(handler, model_dir, tiny_concept_bundle, sample_pngs):

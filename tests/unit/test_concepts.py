@@ -112,3 +112,15 @@ def test_network_respects_layer_constraints(tiny_concept_bundle: Path):
         cpd = np.asarray(node["cpd"])
         assert cpd.min() > 0  # BDeu smoothing: no zero probabilities
         np.testing.assert_allclose(cpd.sum(axis=0), 1.0)
+
+
+def test_heatmap_levels_quantise_the_upsampled_map():
+    from handlers.runtime.concepts import HEATMAP_LEVELS, heatmap_levels, heatmap_palette, upsample
+    m = np.array([[0.0, 1.0], [2.0, 4.0]])
+    idx = heatmap_levels(m, 2.0, 6, 6)
+    assert idx.shape == (6, 6) and idx.dtype == np.uint8
+    expected = np.round(np.clip(upsample(m, 6, 6) / 2.0, 0, 1) * (HEATMAP_LEVELS - 1))
+    np.testing.assert_array_equal(idx, expected)
+    assert idx[0, 0] == 0 and idx[-1, -1] == HEATMAP_LEVELS - 1  # saturates at the typical top
+    palette, opacity = heatmap_palette()
+    assert palette.shape == (HEATMAP_LEVELS, 3) and opacity[0] == 0 and np.all(np.diff(opacity.astype(int)) >= 0)

@@ -7,10 +7,12 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from handlers.runtime.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
-from handlers.runtime.imaging import InputSpec, decode_image, encode_png, normalize, sniff_format, to_pixels
+from handlers.runtime.imaging import InputSpec, decode_image, encode_indexed_png, encode_png, normalize, sniff_format, to_pixels
 
 FORMATS = ("PNG", "JPEG")
 RGB = InputSpec(32, 32, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -124,11 +126,49 @@ def test_normalize_is_affine_per_channel():
         np.testing.assert_allclose(x[:, c], ref, rtol=1e-5, atol=1e-6)
 
 
-def test_encode_png_roundtrip():
-    arr = np.random.default_rng(2).integers(0, 256, (9, 7, 3), dtype=np.uint8)
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(arr)))), arr)
-    gray = arr[:, :, :1]
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(gray)))), gray[:, :, 0])
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), channels=st.sampled_from([1, 2, 3, 4]),
+       smooth=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_encode_png_roundtrips_through_pillow(h, w, channels, smooth, seed):
+    """Our Sub-filter encoder against Pillow's decoder (an independent implementation),
+    on noise and on smooth ramps (where wrap-around of the filter's mod-256 arithmetic shows)."""
+    rng = np.random.default_rng(seed)
+    if smooth:
+        arr = (np.add.outer(np.arange(h), np.arange(w))[:, :, None] * rng.integers(1, 40, channels)) % 256
+    else:
+        arr = rng.integers(0, 256, (h, w, channels))
+    arr = arr.astype(np.uint8)
+    img = Image.open(io.BytesIO(encode_png(arr)))
+    img.load()
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[channels]
+    assert img.mode == mode and img.size == (w, h)
+    np.testing.assert_array_equal(np.asarray(img).reshape(h, w, channels), arr)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(encode_png(arr[:, :, 0])))), arr[:, :, 0])
+
+
+def test_encode_png_rejects_what_png_cannot_hold():
+    for bad in (np.zeros((0, 3, 3)), np.zeros((2, 2, 5)), np.zeros(4)):
+        with pytest.raises(ValueError):
+            encode_png(bad)
+
+
+def test_indexed_png_roundtrips_with_transparency():
+    rng = np.random.default_rng(3)
+    palette = rng.integers(0, 256, (20, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, 20, dtype=np.uint8)
+    idx = rng.integers(0, 20, (13, 17), dtype=np.uint8)
+    img = Image.open(io.BytesIO(encode_indexed_png(idx, palette, alpha)))
+    assert img.mode == "P" and img.size == (17, 13)
+    np.testing.assert_array_equal(np.asarray(img), idx)
+    np.testing.assert_array_equal(np.asarray(img.getpalette(), np.uint8).reshape(-1, 3)[:20], palette)
+    rgba = np.asarray(img.convert("RGBA"))
+    np.testing.assert_array_equal(rgba[..., :3], palette[idx])
+    np.testing.assert_array_equal(rgba[..., 3], alpha[idx])
+    assert Image.open(io.BytesIO(encode_indexed_png(idx, palette))).info.get("transparency") is None
+    with pytest.raises(ValueError):
+        encode_indexed_png(idx, palette[:5])  # indices beyond the palette
+    with pytest.raises(ValueError):
+        encode_indexed_png(idx, palette, alpha[:3])
 
 
 def test_input_spec_validates():
