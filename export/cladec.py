@@ -45,7 +45,8 @@ class ClaDecConfig:
 class Decoder(nn.Module):
     """ClaDec decoder: (N, C, h, w) or (N, D) activations -> (N, channels, H, W) images in [0, 1].
 
-    Vector input: Linear then reshape to 1x1; spatial input: a 3x3 conv; then transposed
+    Vector input: Linear then reshape to (width, s, s), where s is the odd part of the
+    output size (1 for 64 px, 7 for 224 px); spatial input: a 3x3 conv; then transposed
     convolutions (kernel 4, stride 2, padding 1) doubling the size until the input size,
     ReLU between, sigmoid output, no batch norm (the reference code's shape).
     """
@@ -55,11 +56,15 @@ class Decoder(nn.Module):
         self.vector = len(act_shape) == 1 or tuple(act_shape[1:]) == (1, 1)
         c_in = int(act_shape[0])
         width = width or (128 if self.vector else max(32, c_in))
-        start = 1 if self.vector else int(act_shape[1])
+        start = out_size // (out_size & -out_size) if self.vector else int(act_shape[1])
+        if self.vector and start > 16:
+            raise ValueError(f"cannot grow a vector to {out_size} px: its odd part {start} is over 16")
         ups = int(round(math.log2(out_size / start)))
         if start * 2 ** ups != out_size:
             raise ValueError(f"cannot grow {start} px to {out_size} px by doubling")
-        self.entry: nn.Module = nn.Linear(c_in, width) if self.vector else nn.Conv2d(c_in, width, 3, padding=1)
+        self.width, self.start = width, start
+        self.entry: nn.Module = (nn.Linear(c_in, width * start * start) if self.vector
+                                 else nn.Conv2d(c_in, width, 3, padding=1))
         layers: list[nn.Module] = [nn.ReLU()]
         c = width
         for i in range(ups):
@@ -74,8 +79,7 @@ class Decoder(nn.Module):
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         if self.vector:
-            h = self.entry(a.reshape(a.shape[0], -1))
-            h = h[:, :, None, None]
+            h = self.entry(a.reshape(a.shape[0], -1)).reshape(a.shape[0], self.width, self.start, self.start)
         else:
             h = self.entry(a)
         return self.body(h)

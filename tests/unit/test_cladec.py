@@ -14,10 +14,11 @@ from handlers.runtime.cladec import to_uint8_images
 from handlers.runtime.imaging import InputSpec, normalize
 
 
-@pytest.mark.parametrize("act_shape, size, vector", [((64, 1, 1), 64, True), ((64,), 32, True),
-                                                     ((32, 16, 16), 64, False), ((16, 8, 8), 32, False),
-                                                     ((8, 28, 28), 28, False)])
-def test_decoder_shapes_and_range(act_shape, size, vector):
+@pytest.mark.parametrize("act_shape, size, vector, start", [((64, 1, 1), 64, True, 1), ((64,), 32, True, 1),
+                                                            ((512,), 224, True, 7), ((8, 1, 1), 96, True, 3),
+                                                            ((32, 16, 16), 64, False, 16), ((16, 8, 8), 32, False, 8),
+                                                            ((128, 28, 28), 224, False, 28), ((8, 28, 28), 28, False, 28)])
+def test_decoder_shapes_and_range(act_shape, size, vector, start):
     dec = Decoder(act_shape, 3, size)
     assert dec.vector == vector
     with torch.no_grad():
@@ -26,12 +27,14 @@ def test_decoder_shapes_and_range(act_shape, size, vector):
     assert 0 <= float(out.min()) and float(out.max()) <= 1  # sigmoid output
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dec.modules())
     n_up = sum(isinstance(m, torch.nn.ConvTranspose2d) for m in dec.modules())
-    assert 2 ** n_up * (1 if vector else act_shape[1]) == size
+    assert 2 ** n_up * start == size
 
 
 def test_decoder_rejects_non_power_of_two_growth():
     with pytest.raises(ValueError):
         Decoder((16, 7, 7), 3, 64)
+    with pytest.raises(ValueError):
+        Decoder((16,), 3, 225)  # a vector would have to start at 225 x 225
 
 
 def test_refae_is_freshly_initialised_copy_up_to_layer():
