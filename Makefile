@@ -13,7 +13,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
 ## Render data, train, export, archive model_store/shapes.mar, serve it, ask it one question.
@@ -63,12 +63,19 @@ soak: venv
 latency: venv
 	$(PY) bench/latency.py --model $(MODEL) --image $(SAMPLE) --requests 200
 
-## Benchmarks (partial suite, see bench/run.py): needs `make build` first.
-bench: venv
-	$(PY) bench/run.py --bundle build/shapes/bundle --classifier build/shapes/classifier --image $(SAMPLE)
+## Benchmarks (bench/run.py): the demo model and a ResNet-18-sized model at 224 px (built by
+## bench/build_model.py on first use, about 5 minutes), each against a real TorchServe.
+BUNDLE := build/$(MODEL)/bundle/manifest.json
+$(BUNDLE):
+	$(MAKE) build
 
-bench-smoke: venv
-	$(PY) bench/run.py --bundle build/shapes/bundle --classifier build/shapes/classifier --image $(SAMPLE) --smoke
+bench: venv $(BUNDLE)
+	$(PY) bench/run.py --bundle build/$(MODEL)/bundle --classifier build/$(MODEL)/classifier --data data/$(MODEL)
+
+## Tiny request counts, the demo size only: checks the harness, not a figure.
+bench-smoke: venv $(BUNDLE)
+	$(PY) bench/run.py --bundle build/$(MODEL)/bundle --classifier build/$(MODEL)/classifier --data data/$(MODEL) \
+		--smoke --no-large --out build/bench/smoke
 
 ## Cost of concept monitoring on /predictions: the demo archive with monitor_fraction 0 vs 1.
 monitor-overhead: venv

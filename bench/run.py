@@ -1,13 +1,20 @@
-"""Benchmark suite (partial, see issue 7): explanation cost against plain inference, measured
-side by side in one run on a real TorchServe, plus onnxruntime vs torch eager, the compiled
-causal model vs pgmpy, response sizes and worker memory.
+"""Benchmark suite: the cost of explanations against plain inference, TorchServe's own Captum
+explanations, pgmpy and torch eager, at two model sizes, measured side by side in one run.
 
-    python bench/run.py --bundle build/shapes/bundle --classifier build/shapes/classifier \\
-        --image data/shapes/test/star/016000.png            # make bench
-    python bench/run.py ... --smoke                          # make bench-smoke: tiny counts
+    make bench          # the demo model (make build) and a ResNet-18-sized model at 224 px
+    make bench-smoke    # tiny request counts, the demo size only (the test suite runs it)
 
-Writes bench/results/latest.json and bench/results/latest.md (a markdown table).
-Each A/B comparison alternates A and B in one run and reports medians, p99 and the ratio.
+Per model size, on one real TorchServe on loopback (the shipped config, token auth on):
+1. /predictions vs /explanations (all views, images on), alternating, at concurrency 1 and 8
+   with TorchServe batching (model-config.yaml: batchSize 8, maxBatchDelay 5 ms);
+2. our /explanations vs a Captum Integrated Gradients handler (bench/captum_handler.py:
+   what TorchServe's VisionHandler does, n_steps=15, attributions as a JSON list) on the same
+   classifier and the same server settings, alternating;
+3. response sizes; peak resident memory of a worker serving explanations vs a worker of an
+   archive without explanation artifacts serving predictions;
+and offline: 4. the compiled causal model vs pgmpy (the full per-request table), 5. onnxruntime
+vs torch eager for the classifier and the concept encoders (batch 1, one thread each). Medians,
+p99 and ratios go to bench/results/latest.json and latest.md (the table the README embeds).
 """
 from __future__ import annotations
 
@@ -15,58 +22,143 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 from bench.stats import summary  # noqa: E402
-from export.archive import build_mar  # noqa: E402
+from export.archive import DEFAULT_MODEL_CONFIG, build_mar, write_bundle  # noqa: E402
+from handlers.runtime.bundle import ModelMetadata  # noqa: E402
 from tests.integration.server import TorchServe, post  # noqa: E402
+
+STAGES = ("decode", "classifier", "concepts", "causal", "encode", "cladec", "features")
+
+
+# -- archives ---------------------------------------------------------------------------------
+
+def predictions_only_bundle(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` with the classifier only: what a deployment without explanations
+    would serve (its worker's memory is the baseline)."""
+    meta = json.loads((bundle / "metadata.json").read_text())
+    for key in ("concepts", "cladec", "features"):
+        meta.pop(key, None)
+
+    def fill(tmp: Path) -> ModelMetadata:
+        for f in list(tmp.iterdir()):
+            if f.name != meta["classifier"]["file"]:
+                f.unlink()
+        shutil.copy2(bundle / meta["classifier"]["file"], tmp / meta["classifier"]["file"])
+        return ModelMetadata.from_json(meta)
+
+    return write_bundle(out, fill)
+
+
+def captum_mar(classifier_dir: Path, name: str, store: Path) -> Path:
+    """The Captum IG baseline archive: bench/captum_handler.py plus the torch classifier
+    (classifier.json, weights.safetensors), with the same model-config.yaml as ours."""
+    with tempfile.TemporaryDirectory(prefix="captum-stage-") as tmp:
+        stage = Path(tmp) / "stage"
+        stage.mkdir()
+        for f in ("classifier.json", "weights.safetensors"):
+            shutil.copy2(classifier_dir / f, stage / f)
+        archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or "torch-model-archiver"
+        subprocess.run([archiver, "--model-name", name, "--version", "bench",
+                        "--handler", str(REPO / "bench" / "captum_handler.py"), "--extra-files", str(stage),
+                        "--config-file", str(DEFAULT_MODEL_CONFIG), "--export-path", str(store), "--force"],
+                       check=True, capture_output=True, cwd=tmp)
+    return store / f"{name}.mar"
+
+
+# -- measurements against the server ----------------------------------------------------------
+
+def alternate(calls: dict[str, Callable[[], Any]], n: int, concurrency: int = 1,
+              block: int = 1) -> tuple[dict[str, list[float]], dict[str, Any], dict[str, float]]:
+    """Run each call ``n`` times in alternating blocks: ``block`` requests of A, then of B,
+    then B, A, ... (the order flips every round), each block sent by ``concurrency`` clients.
+    Blocks keep the kinds apart under concurrency (TorchServe would otherwise batch a
+    prediction with explanations and make it wait for them); alternating them gives both
+    the same machine state. Returns latencies (ms), the last response and the seconds spent
+    in each call's blocks."""
+    from concurrent.futures import ThreadPoolExecutor
+    names = list(calls)
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    last: dict[str, Any] = {}
+    wall = dict.fromkeys(names, 0.0)
+
+    def one(name: str) -> None:
+        t = time.perf_counter()
+        r = calls[name]()
+        dt = (time.perf_counter() - t) * 1000
+        if r.status_code != 200:
+            raise RuntimeError(f"{name}: HTTP {r.status_code}: {r.text[:200]}")
+        lat[name].append(dt)
+        last[name] = r
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        for r in range(-(-n // block)):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                count = min(block, n - len(lat[name]))
+                t0 = time.perf_counter()
+                for f in [pool.submit(one, name) for _ in range(count)]:
+                    f.result()
+                wall[name] += time.perf_counter() - t0
+    return lat, last, wall
 
 
 def endpoint_comparison(ts: TorchServe, model: str, image: bytes, n: int, concurrency: int) -> dict:
-    """/predictions vs /explanations, alternating, at the given concurrency."""
-    lat: dict[str, list[float]] = {"predictions": [], "explanations": []}
-    sizes: dict[str, int] = {}
-    lock = threading.Lock()
-    counter = iter(range(2 * n))
-
-    def worker(k: int) -> None:
-        for i in counter:
-            endpoint = ("predictions", "explanations")[(i + k) % 2]
-            t = time.perf_counter()
-            r = post(ts, image, endpoint=endpoint, model=model)
-            dt = (time.perf_counter() - t) * 1000
-            if r.status_code != 200:
-                raise RuntimeError(f"{endpoint}: HTTP {r.status_code}")
-            with lock:
-                lat[endpoint].append(dt)
-                sizes[endpoint] = len(r.content)
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    seconds = time.perf_counter() - t0
-    out = {e: {**summary(v), "response_bytes": sizes[e]} for e, v in lat.items()}
+    """/predictions vs /explanations of one model, alternating, at the given concurrency."""
+    calls = {e: (lambda e=e: post(ts, image, endpoint=e, model=model)) for e in ("predictions", "explanations")}
+    for call in calls.values():  # warm-up
+        call()
+    lat, last, wall = alternate(calls, n, concurrency, block=1 if concurrency == 1 else 5 * concurrency)
+    out: dict[str, Any] = {e: {**summary(v), "response_bytes": len(last[e].content),
+                               "throughput_rps": round(len(v) / wall[e], 1)} for e, v in lat.items()}
     out["ratio_p50"] = round(out["explanations"]["p50_ms"] / out["predictions"]["p50_ms"], 2)
-    out["throughput_rps"] = round(2 * n / seconds, 1)
+    out["concurrency"] = concurrency
+    return out
+
+
+def stage_medians(ts: TorchServe, model: str, image: bytes, n: int) -> dict[str, float]:
+    """Median in-worker milliseconds of each explanation stage (the response's timings_ms)."""
+    seen: dict[str, list[float]] = {}
+    for _ in range(n):
+        body = post(ts, image, endpoint="explanations", model=model).json()
+        for k, v in body["timings_ms"].items():
+            if k in STAGES:
+                seen.setdefault(k, []).append(v)
+    return {k: round(statistics.median(seen[k]), 3) for k in STAGES if k in seen}
+
+
+def captum_comparison(ts: TorchServe, ours: str, captum: str, image: bytes, n: int) -> dict:
+    """Our /explanations vs the Captum IG baseline's, alternating, concurrency 1."""
+    calls = {"concept_explainer": lambda: post(ts, image, endpoint="explanations", model=ours),
+             "captum_ig": lambda: post(ts, image, endpoint="explanations", model=captum)}
+    for call in calls.values():
+        call()
+    lat, last, _ = alternate(calls, n)
+    attributions = np.asarray(json.loads(last["captum_ig"].content))
+    out: dict[str, Any] = {k: {**summary(v), "response_bytes": len(last[k].content)} for k, v in lat.items()}
+    out["captum_ig"]["attribution_shape"] = list(attributions.shape)
+    out["speedup_p50"] = round(out["captum_ig"]["p50_ms"] / out["concept_explainer"]["p50_ms"], 1)
+    out["size_ratio"] = round(out["captum_ig"]["response_bytes"] / out["concept_explainer"]["response_bytes"], 1)
     return out
 
 
 def worker_peak_rss(ts: TorchServe, model: str, image: bytes, endpoint: str, n: int) -> float:
     """Peak resident memory (MB) of the model's worker while serving n requests of one kind."""
-    status, desc = ts.client.describe(model)
+    _, desc = ts.client.describe(model)
     proc = psutil.Process(int(desc[0]["workers"][0]["pid"]))
     peak = proc.memory_info().rss
     for _ in range(n):
@@ -75,86 +167,198 @@ def worker_peak_rss(ts: TorchServe, model: str, image: bytes, endpoint: str, n: 
     return round(peak / 2**20, 1)
 
 
+# -- offline comparisons ----------------------------------------------------------------------
+
+def _timed_alternating(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, dict[str, float]]:
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(n + 3):
+        for name in (names if i % 2 else names[::-1]):
+            t = time.perf_counter()
+            fns[name]()
+            if i >= 3:  # the first rounds warm caches and allocators
+                times[name].append((time.perf_counter() - t) * 1000)
+    return {k: summary(v) for k, v in times.items()}
+
+
+def torch_encoder(onnx_file: Path):
+    """The concept encoder as a torch module, its weights read from the ONNX initializers
+    (only the ONNX graph is kept in the bundle)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    from export.concepts import ConceptAutoencoder
+    weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(onnx_file)).graph.initializer}
+    hidden, channels = weights["0.weight"].shape[:2]
+    enc = ConceptAutoencoder(int(channels), int(weights["2.weight"].shape[0]), int(hidden)).encoder
+    enc.load_state_dict(weights)
+    return enc.eval()
+
+
 def ort_vs_torch(classifier_dir: Path, bundle: Path, n: int) -> dict:
-    """The classifier with every explanation layer's activation: onnxruntime vs torch eager,
-    batch 1, one thread each, alternating. (The concept encoders are stored only as ONNX, so
-    their torch comparison is left to the full benchmark.)"""
+    """onnxruntime vs torch eager, batch 1, one thread each, alternating: the classifier with
+    the explanation layers' activations, and all concept encoders on those activations."""
     import torch
     from export.cli import _load_classifier
     from export.concepts import capture
     from handlers.runtime.classifier import make_session
-    from handlers.runtime.concepts import ConceptSpec
     torch.set_num_threads(1)
     model, spec, _, _ = _load_classifier(argparse.Namespace(classifier=classifier_dir))
     meta = json.loads((bundle / "metadata.json").read_text())
-    sess = make_session(bundle / meta["classifier"]["file"], ("CPUExecutionProvider",), 1)
+    providers = ("CPUExecutionProvider",)
+    sess = make_session(bundle / meta["classifier"]["file"], providers, 1)
     x = np.random.default_rng(0).normal(size=(1, spec.channels, spec.height, spec.width)).astype(np.float32)
-    tx = torch.from_numpy(x)
-    times = {"classifier_onnxruntime": [], "classifier_torch": []}
+    layer_names = [l["name"] for l in meta["layers"]]
+    out_names = [o.name for o in sess.get_outputs()]
     with torch.no_grad():
-        for i in range(n):
-            for name in (("classifier_onnxruntime", "classifier_torch") if i % 2 else ("classifier_torch", "classifier_onnxruntime")):
-                t = time.perf_counter()
-                if name.endswith("onnxruntime"):
-                    sess.run(None, {meta["classifier"]["input"]: x})
-                else:
-                    capture(model, [l["name"] for l in meta["layers"]], tx)
-                times[name].append((time.perf_counter() - t) * 1000)
-    out = {k: summary(v) for k, v in times.items()}
-    out["classifier_speedup"] = round(out["classifier_torch"]["p50_ms"] / out["classifier_onnxruntime"]["p50_ms"], 2)
-    return out
+        fns = {"torch": lambda: capture(model, layer_names, torch.from_numpy(x)),
+               "onnxruntime": lambda: sess.run(None, {meta["classifier"]["input"]: x})}
+        result: dict[str, Any] = {"classifier": _timed_alternating(fns, n)}
+        concepts_doc = meta.get("concepts") and json.loads((bundle / meta["concepts"]).read_text())
+        if concepts_doc:
+            acts = dict(zip(out_names, sess.run(None, {meta["classifier"]["input"]: x})))
+            by_layer = {l["name"]: l["output"] for l in meta["layers"]}
+            encoders = []
+            for layer in concepts_doc["layers"]:
+                f = bundle / layer["encoder_file"]
+                a = acts[by_layer[layer["layer"]]]
+                s = make_session(f, providers, 1)
+                encoders.append((torch_encoder(f), s, s.get_inputs()[0].name, a, torch.from_numpy(a)))
+            result["concept_encoders"] = _timed_alternating({
+                "torch": lambda: [e(ta) for e, _, _, _, ta in encoders],
+                "onnxruntime": lambda: [s.run(None, {name: a}) for _, s, name, a, _ in encoders]}, n)
+    for part in result.values():
+        part["speedup"] = round(part["torch"]["p50_ms"] / part["onnxruntime"]["p50_ms"], 2)
+    return result
+
+
+# -- one model size ---------------------------------------------------------------------------
+
+def bench_size(label: str, bundle: Path, classifier: Path, image: bytes, n: int, n_captum: int,
+               smoke: bool, tmp: Path) -> dict:
+    from bench.causal_speed import compare
+    store = tmp / label / "store"
+    build_mar(bundle, "x", "1.0", store)
+    build_mar(predictions_only_bundle(bundle, tmp / label / "bundle_p"), "p", "1.0", store)
+    captum_mar(classifier, "ig", store)
+    meta = json.loads((bundle / "metadata.json").read_text())
+    res: dict[str, Any] = {"label": label, "input": f"{meta['input']['height']}x{meta['input']['width']}",
+                           "requests_per_endpoint": n}
+    with TorchServe(tmp / label / "ts", store, {"x": "x.mar", "p": "p.mar", "ig": "ig.mar"}, timeout=300) as ts:
+        # memory first, on fresh workers
+        res["worker_peak_rss_mb"] = {"predictions_only": worker_peak_rss(ts, "p", image, "predictions", max(n // 4, 5)),
+                                     "explanations": worker_peak_rss(ts, "x", image, "explanations", max(n // 4, 5))}
+        res["worker_peak_rss_mb"]["ratio"] = round(res["worker_peak_rss_mb"]["explanations"]
+                                                   / res["worker_peak_rss_mb"]["predictions_only"], 2)
+        res["concurrency_1"] = endpoint_comparison(ts, "x", image, n, 1)
+        res["concurrency_8"] = endpoint_comparison(ts, "x", image, max(n, 40), 8)
+        res["explanation_stages_ms"] = stage_medians(ts, "x", image, max(n // 4, 5))
+        res["captum"] = captum_comparison(ts, "x", "ig", image, n_captum)
+    res["onnxruntime_vs_torch"] = ort_vs_torch(classifier, bundle, 10 if smoke else 100)
+    if meta.get("concepts"):
+        res["causal"] = compare(bundle, 3 if smoke else 10)
+    report = bundle.parent / "build-report.json"
+    if report.is_file():
+        res["build_seconds"] = json.loads(report.read_text()).get("seconds")
+    return res
+
+
+# -- report -----------------------------------------------------------------------------------
+
+def _mark(ok: bool | None) -> str:
+    return "" if ok is None else (" ✓" if ok else " ✗ missed")
 
 
 def markdown(r: dict) -> str:
-    rows = ["| comparison | A | B | B / A |", "|---|---|---|---|"]
+    sizes = r["sizes"]
+    head = "| measure | " + " | ".join(f"{s['label']} ({s['input']})" for s in sizes) + " | target |"
+    rows = [head, "|---" * (len(sizes) + 2) + "|"]
+
+    def row(name: str, fn: Callable[[dict], str], target: str = "") -> None:
+        cells = []
+        for s in sizes:
+            try:
+                cells.append(fn(s))
+            except KeyError:
+                cells.append("")
+        rows.append(f"| {name} | " + " | ".join(cells) + f" | {target} |")
+
     for c in ("concurrency_1", "concurrency_8"):
-        if c in r:
-            p, e = r[c]["predictions"], r[c]["explanations"]
-            rows.append(f"| /predictions vs /explanations p50 ({c.replace('_', ' ')}) | {p['p50_ms']} ms | "
-                        f"{e['p50_ms']} ms | {r[c]['ratio_p50']}x |")
-            rows.append(f"| ... p99 ({c.replace('_', ' ')}) | {p['p99_ms']} ms | {e['p99_ms']} ms | |")
-            rows.append(f"| ... response size | {p['response_bytes']} B | {e['response_bytes']} B | |")
-    if "worker_peak_rss_mb" in r:
-        m = r["worker_peak_rss_mb"]
-        rows.append(f"| worker peak RSS, predictions only vs explanations | {m['predictions_only']} MB | "
-                    f"{m['explanations']} MB | {round(m['explanations'] / m['predictions_only'], 2)}x |")
-    o = r.get("onnxruntime_vs_torch")
-    if o:
-        rows.append(f"| classifier + activations, torch eager vs onnxruntime p50 | {o['classifier_torch']['p50_ms']} ms | "
-                    f"{o['classifier_onnxruntime']['p50_ms']} ms | {o['classifier_speedup']}x faster |")
-    if r.get("demo_export_seconds"):
-        rows.append(f"| whole demo export (data, training, all artifacts, archive) | {r['demo_export_seconds']} s | | |")
-    return f"Measured {r['date']} on {r['machine']}{' (smoke counts)' if r['smoke'] else ''}.\n\n" + "\n".join(rows) + "\n"
+        k = c[-1]
+        row(f"/predictions p50 / p99, concurrency {k}",
+            lambda s, c=c: f"{s[c]['predictions']['p50_ms']} / {s[c]['predictions']['p99_ms']} ms")
+        row(f"/explanations p50 / p99, concurrency {k}",
+            lambda s, c=c: f"{s[c]['explanations']['p50_ms']} / {s[c]['explanations']['p99_ms']} ms")
+        row(f"**explanations / predictions p50**, concurrency {k}",
+            lambda s, c=c: f"**{s[c]['ratio_p50']}x**{_mark(s[c]['ratio_p50'] <= 1.5)}", "≤ 1.5x")
+        row(f"throughput predictions / explanations, concurrency {k}",
+            lambda s, c=c: f"{s[c]['predictions']['throughput_rps']} / {s[c]['explanations']['throughput_rps']} req/s")
+    row("explanation stages in the worker (median ms)",
+        lambda s: ", ".join(f"{k} {v}" for k, v in s["explanation_stages_ms"].items()))
+    row("Captum IG (n_steps=15) /explanations p50 / p99",
+        lambda s: f"{s['captum']['captum_ig']['p50_ms']} / {s['captum']['captum_ig']['p99_ms']} ms")
+    row("**Captum IG p50 / ours**",
+        lambda s: f"**{s['captum']['speedup_p50']}x**" + (_mark(s['captum']['speedup_p50'] >= 10) if s["input"] == "224x224" else ""),
+        "≥ 10x at 224 px")
+    row("response bytes: /predictions, /explanations, Captum IG",
+        lambda s: f"{s['concurrency_1']['predictions']['response_bytes']:,}, "
+                  f"{s['captum']['concept_explainer']['response_bytes']:,}, {s['captum']['captum_ig']['response_bytes']:,}")
+    row("**Captum IG bytes / ours**",
+        lambda s: f"**{s['captum']['size_ratio']}x**" + (_mark(s['captum']['size_ratio'] >= 20) if s["input"] == "224x224" else ""),
+        "≥ 20x at 224 px")
+    row("causal table: compiled vs pgmpy CausalInference (median)",
+        lambda s: f"{s['causal']['median_ms']['compiled']} vs {s['causal']['median_ms']['pgmpy_causal_inference']} ms: "
+                  f"**{s['causal']['speedup_vs_causal_inference']}x**{_mark(s['causal']['speedup_vs_causal_inference'] >= 100)}",
+        "≥ 100x")
+    row("classifier + activations: torch eager vs onnxruntime p50",
+        lambda s: f"{s['onnxruntime_vs_torch']['classifier']['torch']['p50_ms']} vs "
+                  f"{s['onnxruntime_vs_torch']['classifier']['onnxruntime']['p50_ms']} ms ({s['onnxruntime_vs_torch']['classifier']['speedup']}x)")
+    row("concept encoders: torch eager vs onnxruntime p50",
+        lambda s: f"{s['onnxruntime_vs_torch']['concept_encoders']['torch']['p50_ms']} vs "
+                  f"{s['onnxruntime_vs_torch']['concept_encoders']['onnxruntime']['p50_ms']} ms "
+                  f"({s['onnxruntime_vs_torch']['concept_encoders']['speedup']}x)")
+    row("worker peak RSS: predictions-only archive vs explanations",
+        lambda s: f"{s['worker_peak_rss_mb']['predictions_only']} vs {s['worker_peak_rss_mb']['explanations']} MB "
+                  f"({s['worker_peak_rss_mb']['ratio']}x){_mark(s['worker_peak_rss_mb']['ratio'] <= 1.5)}", "≤ 1.5x")
+    row("build: all artifacts (s)", lambda s: f"{s['build_seconds']} s")
+    notes = [f"Measured {r['date']} on {r['machine']} with `{r['command']}`"
+             f"{' (smoke counts: not figures)' if r['smoke'] else ''}."]
+    if len(sizes) > 1:
+        notes.append("The second model is untrained (one training step; one-epoch autoencoders and decoders "
+                     "on a few hundred rendered images): its timings and sizes are real, its explanations "
+                     "are not meaningful.")
+    return " ".join(notes) + "\n\n" + "\n".join(rows) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="build/shapes/bundle")
     ap.add_argument("--classifier", default="build/shapes/classifier")
-    ap.add_argument("--image", required=True)
+    ap.add_argument("--image", help="the PNG sent in every request (default: the first test image under --data)")
+    ap.add_argument("--data", default="data/shapes", help="the demo model's image folder")
+    ap.add_argument("--large", default="build/bench/resnet18_224",
+                    help="folder of the second model size (built by bench/build_model.py when missing)")
+    ap.add_argument("--no-large", action="store_true", help="the demo size only")
     ap.add_argument("--smoke", action="store_true", help="tiny request counts (seconds, not minutes)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    n = 10 if args.smoke else 200
-    image = Path(args.image).read_bytes()
-    bundle = Path(args.bundle)
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                     "smoke": args.smoke}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        build_mar(bundle, "bench", "1.0", tmp / "store")
-        build_mar(bundle, "benchp", "1.0", tmp / "store")  # same archive; its worker only predicts
-        with TorchServe(tmp / "ts", tmp / "store", {"bench": "bench.mar", "benchp": "benchp.mar"}) as ts:
-            # memory first, on fresh workers: one serving predictions only, one explanations
-            results["worker_peak_rss_mb"] = {
-                "predictions_only": worker_peak_rss(ts, "benchp", image, "predictions", n),
-                "explanations": worker_peak_rss(ts, "bench", image, "explanations", n)}
-            results["concurrency_1"] = endpoint_comparison(ts, "bench", image, n, 1)
-            results["concurrency_8"] = endpoint_comparison(ts, "bench", image, max(n, 40), 8)
-    results["onnxruntime_vs_torch"] = ort_vs_torch(Path(args.classifier), bundle, 20 if args.smoke else 300)
-    report = bundle.parent / "build-report.json"
-    if report.is_file():
-        results["demo_export_seconds"] = json.loads(report.read_text()).get("seconds")
+    image = Path(args.image or sorted((Path(args.data) / "test").glob("*/*.png"))[0]).read_bytes()
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                               "command": "make bench-smoke" if args.smoke else "make bench",
+                               "smoke": args.smoke, "sizes": []}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        results["sizes"].append(bench_size("demo, trained", Path(args.bundle), Path(args.classifier), image,
+                                           10 if args.smoke else 200, 3 if args.smoke else 60, args.smoke, Path(tmp)))
+        if not args.no_large:
+            large = Path(args.large)
+            if not (large / "bundle" / "manifest.json").is_file():
+                from bench.build_model import build
+                build(large)
+            sample = sorted((large / "data" / "test").glob("*/*.png"))[0]  # a rendered 224 px image
+            built = json.loads((large / "build-report.json").read_text())
+            results["sizes"].append(bench_size(f"{built['arch']}, untrained", large / "bundle", large / "classifier",
+                                               sample.read_bytes(), 10 if args.smoke else 60, 3 if args.smoke else 12,
+                                               args.smoke, Path(tmp)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -184,8 +184,11 @@ def reconstruct(module: nn.Module, inputs: torch.Tensor, bs: int = 256) -> torch
 
 
 def _fresh_accuracy(model_factory, recon_train: torch.Tensor, train: ImageDataset, recon_test: torch.Tensor,
-                    test: ImageDataset, spec: InputSpec, epochs: int, seed: int) -> float:
-    """Accuracy on test reconstructions of a fresh classifier trained on train reconstructions."""
+                    test: ImageDataset, spec: InputSpec, epochs: int, seed: int) -> float | None:
+    """Accuracy on test reconstructions of a fresh classifier trained on train reconstructions
+    (None with ``epochs`` 0: the check is skipped)."""
+    if epochs <= 0:
+        return None
     def as_ds(rec: torch.Tensor, ds: ImageDataset) -> ImageDataset:
         pix = (rec.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         return ImageDataset(pix, ds.labels, ds.classes, ds.paths)
@@ -258,11 +261,15 @@ def build_cladec(model: nn.Module, model_factory, spec: InputSpec, train: ImageD
     return report
 
 
+def _acc(v: float | None) -> str:
+    return "skipped" if v is None else f"{v:.4f}"
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = ["layer     alpha   MSE ClaDec  MSE RefAE  acc(f) ClaDec  acc(f) RefAE  fresh ClaDec  fresh RefAE",
              "-" * 94]
     for e in report["evaluation"]:
         lines.append(f"{e['layer']:<9} {e['alpha']:<7g} {e['mse_cladec']:10.4f} {e['mse_refae']:10.4f} "
                      f"{e['classifier_accuracy_on_cladec']:14.4f} {e['classifier_accuracy_on_refae']:13.4f} "
-                     f"{e['fresh_classifier_accuracy_on_cladec']:13.4f} {e['fresh_classifier_accuracy_on_refae']:12.4f}")
+                     f"{_acc(e['fresh_classifier_accuracy_on_cladec']):>13} {_acc(e['fresh_classifier_accuracy_on_refae']):>12}")
     return "\n".join(lines)

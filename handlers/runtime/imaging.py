@@ -148,6 +148,9 @@ def normalize(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# zlib level of the explanation images: on 64 px reconstructions level 3 is 2.4x faster than
+# level 6 for 3.5% more bytes (measured on the demo's ClaDec images).
+PNG_LEVEL = 3
 _PNG_COLOUR_TYPES = {1: 0, 2: 4, 3: 2, 4: 6}  # channels -> grey, grey+alpha, RGB, RGBA
 
 
@@ -166,7 +169,7 @@ def _png_idat(rows: np.ndarray, bpp: int, level: int) -> bytes:
     return zlib.compress(f.tobytes(), level)
 
 
-def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
+def encode_png(pixels: np.ndarray, level: int = PNG_LEVEL) -> bytes:
     """uint8 (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) -> PNG bytes (8-bit grey,
     grey + alpha, RGB or RGBA).
 
@@ -186,7 +189,7 @@ def encode_png(pixels: np.ndarray, level: int = 6) -> bytes:
 
 
 def encode_indexed_png(indices: np.ndarray, palette: np.ndarray, alpha: np.ndarray | None = None,
-                       level: int = 6) -> bytes:
+                       level: int = PNG_LEVEL) -> bytes:
     """Palette PNG: indices uint8 (H, W) into palette uint8 (P, 3), P <= 256; optional
     per-entry opacity uint8 (P,) (a tRNS chunk). One byte per pixel: a quantised heatmap
     compresses to a few KB even at 224 px."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ class ExplainerService:
                                                             ("features", features is not None)) if on)
         self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
         self._monitor_rng = random.Random(0)
+        self._pool: ThreadPoolExecutor | None = None  # created on first use (overlap_views)
 
     @classmethod
     def load(cls, model_dir: str | Path, settings: HandlerSettings) -> "ExplainerService":
@@ -185,6 +187,16 @@ class ExplainerService:
         probs = softmax(out.logits)
         shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
         explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
+        cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
+        cladec_job: Future | None = None  # started first: it overlaps the concept encoders
+        if cladec_rows and self.cladec is not None:
+            if self.settings.overlap_views:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec")
+                cladec_job = self._pool.submit(self._render_cladec, items, cladec_rows, out.activations, x)
+            else:
+                cladec_job = Future()
+                cladec_job.set_result(self._render_cladec(items, cladec_rows, out.activations, x))
         for row in range(len(items)):
             metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
         monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
@@ -197,38 +209,47 @@ class ExplainerService:
             for row in sorted(set(explain_rows) | set(monitored)):
                 for concept, state in concept_batch.evidence(row).items():
                     metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
-        cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
-        cladec_out: dict[int, list[dict[str, Any]]] = {}
-        cladec_ms = 0.0
-        if cladec_rows and self.cladec is not None:
-            t1 = time.perf_counter()
-            by_layers: dict[tuple[str, ...] | None, list[int]] = {}
-            for r in cladec_rows:
-                by_layers.setdefault(items[r].request.layers, []).append(r)
-            for layers, rows in by_layers.items():
-                for r, entries in zip(rows, self.cladec.render(out.activations, x, rows, layers)):
-                    cladec_out[r] = entries
-            cladec_ms = _ms(t1)  # reported only to the requests that got reconstructions
+        bodies: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         for row, it in enumerate(items):
             req = it.request
             k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
             body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
-            timings = dict(shared, cladec=cladec_ms) if row in cladec_out else dict(shared)
+            timings = dict(shared)
             if isinstance(req, ExplainRequest):
                 try:
-                    self._explain(req, row, it.pixels, probs[row], concept_batch, cladec_out.get(row),
-                                  out.activations, body, timings)
+                    self._explain(req, row, it.pixels, probs[row], concept_batch, out.activations, body, timings)
                 except Exception as exc:  # noqa: BLE001 - this request only
                     replies[it.index] = self._error_reply(exc)
                     continue
-            replies[it.index] = Reply(200, body, timings)
+            bodies[row] = body, timings
+        cladec_out, cladec_ms = cladec_job.result() if cladec_job is not None else ({}, 0.0)
+        for row, (body, timings) in bodies.items():
+            if row in cladec_out:
+                body["cladec"] = cladec_out[row]
+                timings["cladec"] = cladec_ms  # reported only to the requests that got reconstructions
+            replies[items[row].index] = Reply(200, body, timings)
+
+    def _render_cladec(self, items: list[_Item], rows: list[int], activations: dict[str, np.ndarray],
+                       x: np.ndarray) -> tuple[dict[int, list[dict[str, Any]]], float]:
+        """The ``cladec`` entries of the given rows (grouped by the layers they ask for), and
+        the milliseconds it took."""
+        assert self.cladec is not None
+        t0 = time.perf_counter()
+        by_layers: dict[tuple[str, ...] | None, list[int]] = {}
+        for r in rows:
+            by_layers.setdefault(items[r].request.layers, []).append(r)
+        out: dict[int, list[dict[str, Any]]] = {}
+        for layers, group in by_layers.items():
+            for r, entries in zip(group, self.cladec.render(activations, x, group, layers)):
+                out[r] = entries
+        return out, _ms(t0)
 
     def _wants(self, req: Any, view: str) -> bool:
         return isinstance(req, ExplainRequest) and view in (req.views or self.views)
 
     def _explain(self, req: ExplainRequest, row: int, pixels: np.ndarray, probs: np.ndarray,
-                 concept_batch: Any, cladec: list[dict[str, Any]] | None, activations: dict[str, np.ndarray],
-                 body: dict[str, Any], timings: dict[str, float]) -> None:
+                 concept_batch: Any, activations: dict[str, np.ndarray], body: dict[str, Any],
+                 timings: dict[str, float]) -> None:
         if req.target is None:
             target = int(np.argmax(probs))
         elif isinstance(req.target, str):
@@ -242,8 +263,6 @@ class ExplainerService:
             body["concepts"] = self.concepts.explain(concept_batch, row, target, top,
                                                      pixels if req.images else None, timings,
                                                      heatmap=req.heatmap)
-        if cladec is not None:
-            body["cladec"] = cladec
         if "features" in views and self.features is not None:
             t0 = time.perf_counter()
             body["features"] = self.features.explain(activations[self.features.layer][row], target)

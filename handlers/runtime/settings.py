@@ -20,6 +20,9 @@ class HandlerSettings:
         max_image_pixels: largest accepted decoded image, width x height (413 above it).
         allowed_formats: image formats accepted (Pillow format names).
         intra_op_threads: onnxruntime intra-op threads per worker (0 = onnxruntime decides).
+        overlap_views: render ClaDec reconstructions on a second thread while the concept
+            view is computed (onnxruntime and zlib release the GIL); lowers explanation
+            latency when a core is free, costs nothing measurable when none is.
         providers: onnxruntime execution providers, in order of preference; providers
             not available on the machine are skipped, CPU is always the last resort.
     """
@@ -32,6 +35,7 @@ class HandlerSettings:
     max_image_pixels: int = 4096 * 4096
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG")
     intra_op_threads: int = 1
+    overlap_views: bool = True
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
     @classmethod

@@ -205,3 +205,21 @@ def test_features_view(handler, model_dir, tiny_full_bundle, sample_pngs):
     assert sorted(c["index"] for c in f["contributions"]) == doc["subsets"][2]
     for c in f["contributions"]:
         assert c["contribution"] == pytest.approx(w[2, c["index"]] * h[c["index"]], abs=1e-5)
+
+
+def test_overlapped_cladec_gives_the_same_answers(handler, model_dir, sample_pngs):
+    """overlap_views renders ClaDec on a second thread: same bodies, batch order and errors
+    as rendering in line (timings aside)."""
+    serial = ConceptExplainerHandler()
+    serial.initialize(make_context(model_dir, {"overlap_views": False}))
+    assert handler.service.settings.overlap_views and not serial.service.settings.overlap_views
+    batch = [wire_request(sample_pngs[0], explain=True, idx=0), wire_request(b"junk", explain=True, idx=1),
+             wire_request(sample_pngs[1], idx=2),
+             wire_request(json.dumps({"data": base64.b64encode(sample_pngs[2]).decode(), "layers": ["avgpool"]}),
+                          "application/json", explain=True, idx=3)]
+    a, b = run(handler, model_dir, batch), run(serial, model_dir, batch)
+    assert [s for s, _ in a] == [s for s, _ in b] == [200, 400, 200, 200]
+    for (_, x), (_, y) in zip(a, b):
+        x.pop("timings_ms", None), y.pop("timings_ms", None)
+        assert x == y
+    assert [e["layer"] for e in a[3][1]["cladec"]] == ["avgpool", "avgpool"]

@@ -1,4 +1,7 @@
-"""`make bench-smoke`: the benchmark runs end to end on the tiny archive (no timing asserted)."""
+"""`make bench-smoke`: the benchmark runs end to end on tiny models (no timing asserted).
+
+Both model sizes' code paths run: the tiny demo bundle, and a tiny build of the second size
+(bench/build_model.py with ResNet-18's layout at 32 px instead of 224)."""
 from __future__ import annotations
 
 import json
@@ -8,20 +11,31 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: Path, tmp_path):
+    from bench.build_model import build
+    large = tmp_path / "large"
+    build(large, arch="resnet18_like", size=32, n_train=60, n_test=20, ae_images=40)
     image = sorted((tiny_data / "test").glob("*/*.png"))[0]
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--bundle", str(tiny_full_bundle),
-                           "--classifier", str(tiny_classifier), "--image", str(image), "--smoke",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=240, cwd=REPO)
+                           "--classifier", str(tiny_classifier), "--image", str(image), "--large", str(large),
+                           "--smoke", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "latest.json").read_text())
-    for c in ("concurrency_1", "concurrency_8"):
-        assert result[c]["predictions"]["n"] > 0 and result[c]["explanations"]["n"] > 0
-        assert result[c]["explanations"]["response_bytes"] > result[c]["predictions"]["response_bytes"]
-    assert result["worker_peak_rss_mb"]["explanations"] > 0
-    assert result["onnxruntime_vs_torch"]["classifier_onnxruntime"]["p50_ms"] > 0
-    assert "| comparison |" in (tmp_path / "latest.md").read_text()
+    result = json.loads((tmp_path / "out" / "latest.json").read_text())
+    assert [s["input"] for s in result["sizes"]] == ["32x32", "32x32"] and result["smoke"]
+    for size in result["sizes"]:
+        for c in ("concurrency_1", "concurrency_8"):
+            assert size[c]["predictions"]["n"] > 0 and size[c]["explanations"]["n"] > 0
+            assert size[c]["explanations"]["response_bytes"] > size[c]["predictions"]["response_bytes"]
+        # the Captum baseline answered with one attribution per input value
+        assert size["captum"]["captum_ig"]["attribution_shape"] == [3, 32, 32]
+        assert size["worker_peak_rss_mb"]["explanations"] > 0 and size["worker_peak_rss_mb"]["predictions_only"] > 0
+        assert {"classifier", "concept_encoders"} <= set(size["onnxruntime_vs_torch"])
+        assert size["causal"]["max_abs_difference"] < 1e-9  # compiled and pgmpy agree
+        assert {"classifier", "concepts", "causal", "cladec"} <= set(size["explanation_stages_ms"])
+    table = (tmp_path / "out" / "latest.md").read_text()
+    assert "Captum IG p50 / ours" in table and "smoke counts" in table
