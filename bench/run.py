@@ -19,6 +19,7 @@ p99 and ratios go to bench/results/latest.json and latest.md (the table the READ
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -120,12 +121,19 @@ def alternate(calls: dict[str, Callable[[], Any]], n: int, concurrency: int = 1,
 def endpoint_comparison(ts: TorchServe, model: str, image: bytes, n: int, concurrency: int) -> dict:
     """/predictions vs /explanations of one model, alternating, at the given concurrency."""
     calls = {e: (lambda e=e: post(ts, image, endpoint=e, model=model)) for e in ("predictions", "explanations")}
+    if concurrency == 1:  # the same explanation without ClaDec's reference images ("reference": false)
+        lean = json.dumps({"data": base64.b64encode(image).decode(), "reference": False}).encode()
+        calls["explanations_without_reference"] = lambda: post(ts, lean, "application/json", endpoint="explanations",
+                                                                model=model)
     for call in calls.values():  # warm-up
         call()
     lat, last, wall = alternate(calls, n, concurrency, block=1 if concurrency == 1 else 5 * concurrency)
     out: dict[str, Any] = {e: {**summary(v), "response_bytes": len(last[e].content),
                                "throughput_rps": round(len(v) / wall[e], 1)} for e, v in lat.items()}
     out["ratio_p50"] = round(out["explanations"]["p50_ms"] / out["predictions"]["p50_ms"], 2)
+    if "explanations_without_reference" in out:
+        out["ratio_p50_without_reference"] = round(out["explanations_without_reference"]["p50_ms"]
+                                                   / out["predictions"]["p50_ms"], 2)
     out["concurrency"] = concurrency
     return out
 
@@ -291,6 +299,11 @@ def markdown(r: dict) -> str:
             lambda s, c=c: f"{s[c]['explanations']['p50_ms']} / {s[c]['explanations']['p99_ms']} ms")
         row(f"**explanations / predictions p50**, concurrency {k}",
             lambda s, c=c: f"**{s[c]['ratio_p50']}x**{_mark(s[c]['ratio_p50'] <= 1.5)}", "≤ 1.5x")
+        if c == "concurrency_1":
+            row("... without ClaDec reference images (`\"reference\": false`): p50, ratio",
+                lambda s: f"{s[c]['explanations_without_reference']['p50_ms']} ms, "
+                          f"**{s[c]['ratio_p50_without_reference']}x**{_mark(s[c]['ratio_p50_without_reference'] <= 1.5)}",
+                "")
         row(f"throughput predictions / explanations, concurrency {k}",
             lambda s, c=c: f"{s[c]['predictions']['throughput_rps']} / {s[c]['explanations']['throughput_rps']} req/s")
     row("explanation stages in the worker (median ms)",

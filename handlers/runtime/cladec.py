@@ -57,10 +57,11 @@ class ClaDecView:
         return cls(entries, decoders, refaes, doc.get("report", {}))
 
     def render(self, activations: dict[str, np.ndarray], x: np.ndarray, rows: Sequence[int],
-               layers: Sequence[str] | None) -> list[list[dict[str, Any]]]:
+               layers: Sequence[str] | None, reference: bool = True) -> list[list[dict[str, Any]]]:
         """Per requested row, the ``cladec`` entries (base64 PNG reconstructions).
 
         activations: layer -> (N, ...) from the classifier run; x: normalised input (N, C, H, W).
+        reference: also run the RefAEs (``reference_png``).
         """
         rows = list(rows)
         wanted = [e for e in self.entries if layers is None or e.layer in layers]
@@ -69,12 +70,14 @@ class ClaDecView:
         for e in wanted:
             dec = self.decoders[e.decoder_file]
             rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
-            if e.refae_file not in ref_cache:
+            if reference and e.refae_file not in ref_cache:
                 ref = self.refaes[e.refae_file]
                 ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
                 ref_cache[e.refae_file] = [base64.b64encode(encode_png(img)).decode() for img in ref_u8]
             for j in range(len(rows)):
-                out[j].append({"layer": e.layer, "alpha": e.alpha,
-                               "reconstruction_png": base64.b64encode(encode_png(rec_u8[j])).decode(),
-                               "reference_png": ref_cache[e.refae_file][j]})
+                entry = {"layer": e.layer, "alpha": e.alpha,
+                         "reconstruction_png": base64.b64encode(encode_png(rec_u8[j])).decode()}
+                if reference:
+                    entry["reference_png"] = ref_cache[e.refae_file][j]
+                out[j].append(entry)
         return out

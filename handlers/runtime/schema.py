@@ -19,7 +19,7 @@ from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLar
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 JSON_TYPES = ("application/json",)
 PREDICT_OPTIONS = ("data", "top_k")
-EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers")
+EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers", "reference")
 HEATMAP_STYLES = ("overlay", "blended")
 
 
@@ -46,6 +46,7 @@ class ExplainRequest:
     heatmap: str = "overlay"
     views: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
+    reference: bool | None = None  # ClaDec: also the reference autoencoder's image (None: the archive's default)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -152,7 +153,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
 
     Options: ``target`` (class index or label), ``top_k``, ``top_concepts`` (1..number of
     concepts), ``images`` (bool), ``heatmap`` ("overlay": a transparent palette PNG
-    to draw over the input, or "blended": an RGB PNG of the heatmap over the input), ``views`` (subset of the available views), ``layers``.
+    to draw over the input, or "blended": an RGB PNG of the heatmap over the input), ``reference``
+    (bool: ClaDec's reference-autoencoder images; they cost a run of the classifier's
+    layers up to each ClaDec layer), ``views`` (subset of the available views), ``layers``.
     """
     obj, image = body_to_json_or_image(value, content_type, max_bytes)
     if obj is None:
@@ -174,6 +177,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     images = obj.get("images", True)
     if not isinstance(images, bool):
         raise InvalidOption(f'"images" must be true or false, got {json.dumps(images)[:40]}')
+    reference = obj.get("reference")
+    if reference is not None and not isinstance(reference, bool):
+        raise InvalidOption(f'"reference" must be true or false, got {json.dumps(reference)[:40]}')
     heatmap = obj.get("heatmap", "overlay")
     if heatmap not in HEATMAP_STYLES:
         raise InvalidOption(f'"heatmap" must be one of {list(HEATMAP_STYLES)}, got {json.dumps(heatmap)[:40]}')
@@ -186,6 +192,7 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         heatmap=heatmap,
         views=_str_list(obj, "views", views),
         layers=_str_list(obj, "layers", layers),
+        reference=reference,
     )
 
 

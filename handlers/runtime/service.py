@@ -231,16 +231,18 @@ class ExplainerService:
 
     def _render_cladec(self, items: list[_Item], rows: list[int], activations: dict[str, np.ndarray],
                        x: np.ndarray) -> tuple[dict[int, list[dict[str, Any]]], float]:
-        """The ``cladec`` entries of the given rows (grouped by the layers they ask for), and
+        """The ``cladec`` entries of the given rows (grouped by the layers and references they ask for), and
         the milliseconds it took."""
         assert self.cladec is not None
         t0 = time.perf_counter()
-        by_layers: dict[tuple[str, ...] | None, list[int]] = {}
+        groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
         for r in rows:
-            by_layers.setdefault(items[r].request.layers, []).append(r)
+            req = items[r].request
+            reference = self.settings.cladec_reference if req.reference is None else req.reference
+            groups.setdefault((req.layers, reference), []).append(r)
         out: dict[int, list[dict[str, Any]]] = {}
-        for layers, group in by_layers.items():
-            for r, entries in zip(group, self.cladec.render(activations, x, group, layers)):
+        for (layers, reference), group in groups.items():
+            for r, entries in zip(group, self.cladec.render(activations, x, group, layers, reference)):
                 out[r] = entries
         return out, _ms(t0)
 

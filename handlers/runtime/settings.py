@@ -20,6 +20,9 @@ class HandlerSettings:
         max_image_pixels: largest accepted decoded image, width x height (413 above it).
         allowed_formats: image formats accepted (Pillow format names).
         intra_op_threads: onnxruntime intra-op threads per worker (0 = onnxruntime decides).
+        cladec_reference: ClaDec entries carry the reference autoencoder's reconstruction
+            unless the request sets ``reference``; each RefAE repeats the classifier up to
+            its layer (at 224 px the two demo layers' RefAEs cost 1.8 classifier runs).
         overlap_views: render ClaDec reconstructions on a second thread while the concept
             view is computed (onnxruntime and zlib release the GIL); lowers explanation
             latency when a core is free, costs nothing measurable when none is.
@@ -35,6 +38,7 @@ class HandlerSettings:
     max_image_pixels: int = 4096 * 4096
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG")
     intra_op_threads: int = 1
+    cladec_reference: bool = True
     overlap_views: bool = True
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 

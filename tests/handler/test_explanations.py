@@ -223,3 +223,20 @@ def test_overlapped_cladec_gives_the_same_answers(handler, model_dir, sample_png
         x.pop("timings_ms", None), y.pop("timings_ms", None)
         assert x == y
     assert [e["layer"] for e in a[3][1]["cladec"]] == ["avgpool", "avgpool"]
+
+
+def test_reference_images_are_optional(handler, model_dir, sample_pngs):
+    """"reference": false drops the RefAE images (and their cost), not the reconstructions;
+    an archive can make that the default (cladec_reference) and a request can still ask."""
+    _, full = explain(handler, model_dir, sample_pngs[0], views=["cladec"])
+    _, lean = explain(handler, model_dir, sample_pngs[0], views=["cladec"], reference=False)
+    assert all("reference_png" in e for e in full["cladec"])
+    assert [set(e) for e in lean["cladec"]] == [{"layer", "alpha", "reconstruction_png"}] * len(full["cladec"])
+    assert [e["reconstruction_png"] for e in lean["cladec"]] == [e["reconstruction_png"] for e in full["cladec"]]
+    lean_default = ConceptExplainerHandler()
+    lean_default.initialize(make_context(model_dir, {"cladec_reference": False}))
+    assert all("reference_png" not in e for e in explain(lean_default, model_dir, sample_pngs[0])[1]["cladec"])
+    assert all("reference_png" in e for e in
+               explain(lean_default, model_dir, sample_pngs[0], reference=True)[1]["cladec"])
+    status, body = explain(handler, model_dir, sample_pngs[0], reference="no")
+    assert status == 400 and body["error"]["type"] == "InvalidOption"
