@@ -15,6 +15,10 @@ def make_session(path: str | Path, providers: Sequence[str], intra_op_threads: i
     options.intra_op_num_threads = max(0, int(intra_op_threads))
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No CPU memory arena: an explaining worker holds about ten sessions, and each arena keeps
+    # its largest batch's buffers for good (ResNet-18/224, batch 8: 639 -> 446 MB peak RSS);
+    # latency was unchanged at 64 and 224 px (bench/results, README "Benchmark suite").
+    options.enable_cpu_mem_arena = False
     available = set(ort.get_available_providers())
     chosen = [p for p in providers if p in available and p != "CPUExecutionProvider"]
     chosen.append("CPUExecutionProvider")

@@ -36,10 +36,12 @@ def test_edges_are_quantiles_and_discretise_matches_digitize():
     assert counts.min() > 800  # roughly equal-mass bins
 
 
-def test_upsample_matches_torch_bilinear():
-    m = np.random.default_rng(2).random((8, 5))
-    ref = F.interpolate(torch.from_numpy(m)[None, None], size=(32, 20), mode="bilinear", align_corners=False)[0, 0]
-    np.testing.assert_allclose(upsample(m, 32, 20), ref.numpy(), atol=1e-12)
+@pytest.mark.parametrize("shape, size", [((8, 5), (32, 20)), ((14, 14), (224, 224)), ((1, 1), (7, 7)),
+                                         ((7, 7), (7, 7)), ((6, 4), (3, 2)), ((3, 9), (64, 17))])
+def test_upsample_matches_torch_bilinear(shape, size):
+    m = np.random.default_rng(2).random(shape)
+    ref = F.interpolate(torch.from_numpy(m)[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(upsample(m, *size), ref.numpy(), atol=1e-12)
 
 
 def test_heatmap_overlay_shape_and_colours():
