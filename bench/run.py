@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -165,14 +166,26 @@ def captum_comparison(ts: TorchServe, ours: str, captum: str, image: bytes, n: i
 
 
 def worker_peak_rss(ts: TorchServe, model: str, image: bytes, endpoint: str, n: int) -> float:
-    """Peak resident memory (MB) of the model's worker while serving n requests of one kind."""
+    """Peak resident memory (MB) of the model's worker while it serves n requests of one
+    kind: sampled every 2 ms by a thread, so the peaks inside a request count too."""
     _, desc = ts.client.describe(model)
     proc = psutil.Process(int(desc[0]["workers"][0]["pid"]))
-    peak = proc.memory_info().rss
-    for _ in range(n):
-        post(ts, image, endpoint=endpoint, model=model)
-        peak = max(peak, proc.memory_info().rss)
-    return round(peak / 2**20, 1)
+    peak = [proc.memory_info().rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        for _ in range(n):
+            post(ts, image, endpoint=endpoint, model=model)
+    finally:
+        done.set()
+        sampler.join()
+    return round(peak[0] / 2**20, 1)
 
 
 # -- offline comparisons ----------------------------------------------------------------------
@@ -300,9 +313,11 @@ def markdown(r: dict) -> str:
         row(f"**explanations / predictions p50**, concurrency {k}",
             lambda s, c=c: f"**{s[c]['ratio_p50']}x**{_mark(s[c]['ratio_p50'] <= 1.5)}", "≤ 1.5x")
         if c == "concurrency_1":
-            row("... without ClaDec reference images (`\"reference\": false`): p50, ratio",
+            row("... without ClaDec reference images (`\"reference\": false`): p50, ratio, bytes",
                 lambda s: f"{s[c]['explanations_without_reference']['p50_ms']} ms, "
-                          f"**{s[c]['ratio_p50_without_reference']}x**{_mark(s[c]['ratio_p50_without_reference'] <= 1.5)}",
+                          f"**{s[c]['ratio_p50_without_reference']}x**{_mark(s[c]['ratio_p50_without_reference'] <= 1.5)}, "
+                          f"{s[c]['explanations_without_reference']['response_bytes']:,} B "
+                          f"(Captum IG / this: {round(s['captum']['captum_ig']['response_bytes'] / s[c]['explanations_without_reference']['response_bytes'], 1)}x)",
                 "")
         row(f"throughput predictions / explanations, concurrency {k}",
             lambda s, c=c: f"{s[c]['predictions']['throughput_rps']} / {s[c]['explanations']['throughput_rps']} req/s")
