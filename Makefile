@@ -64,7 +64,7 @@ latency: venv
 	$(PY) bench/latency.py --model $(MODEL) --image $(SAMPLE) --requests 200
 
 ## Benchmarks (bench/run.py): the demo model and a ResNet-18-sized model at 224 px (built by
-## bench/build_model.py on first use, about 5 minutes), each against a real TorchServe.
+## bench/build_model.py on first use, 7 to 10 minutes), each against a real TorchServe.
 BUNDLE := build/$(MODEL)/bundle/manifest.json
 $(BUNDLE):
 	$(MAKE) build
