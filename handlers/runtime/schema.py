@@ -180,7 +180,7 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     reference = obj.get("reference")
     if reference is not None and not isinstance(reference, bool):
         raise InvalidOption(f'"reference" must be true or false, got {json.dumps(reference)[:40]}')
-    heatmap = obj.get("heatmap", "overlay")
+    heatmap = obj.get("heatmap") if obj.get("heatmap") is not None else "overlay"  # null = the default
     if heatmap not in HEATMAP_STYLES:
         raise InvalidOption(f'"heatmap" must be one of {list(HEATMAP_STYLES)}, got {json.dumps(heatmap)[:40]}')
     return ExplainRequest(

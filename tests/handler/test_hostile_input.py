@@ -108,6 +108,8 @@ def test_arbitrary_json(handler, model_dir, doc, explain):
     "views": st.one_of(st.lists(st.sampled_from(["concepts", "cladec", "features", "saliency", ""]), max_size=4),
                        st.integers(), st.text(max_size=8)),
     "layers": st.one_of(st.lists(st.sampled_from(["layer2", "avgpool", "layer9", ""]), max_size=3), st.integers()),
+    "heatmap": st.one_of(st.sampled_from(["overlay", "blended", "jet", ""]), st.integers(), st.none()),
+    "reference": st.one_of(st.booleans(), st.none(), st.integers(), st.text(max_size=4)),
 }), st.sampled_from([True, False]))
 def test_option_combinations(handler, model_dir, sample_pngs, options, explain):
     body = json.dumps({"data": base64.b64encode(sample_pngs[0]).decode(), **options})
