@@ -1,7 +1,7 @@
 """Build the benchmark's second model size: a ResNet-18-sized classifier at 224 x 224 with every
 explanation artifact (concept autoencoders and network, ClaDec decoders and RefAEs, features).
 
-    python bench/build_model.py --out build/bench/resnet18_224          # about 5 minutes on 2 cores
+    python bench/build_model.py --out build/bench/resnet18_224          # 7 to 10 minutes on 2 cores
 
 For timing only: the classifier takes one training step (its weights are as good as untrained)
 and every autoencoder and decoder trains one short epoch on a few hundred rendered images, so

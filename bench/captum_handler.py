@@ -38,9 +38,8 @@ class CaptumIGHandler:
     def initialize(self, context: Any) -> None:
         model_dir = Path(context.system_properties["model_dir"])
         info = json.loads((model_dir / "classifier.json").read_text())
-        threads = int(((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
-                      .get("intra_op_threads", 1))
-        torch.set_num_threads(threads)  # the same thread budget as the onnxruntime handler
+        # torch's own thread count (all cores), as TorchServe's handlers leave it. Ours uses up
+        # to two threads for an explanation (the concept view and ClaDec beside it).
         self.spec = InputSpec.from_json(info["input"])
         self.classes = list(info["classes"])
         self.model = build_model(info["architecture"], len(self.classes), self.spec.channels)
@@ -59,8 +58,8 @@ class CaptumIGHandler:
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
         x = torch.cat([self._tensor(row) for row in data])
-        explain = [str(context.get_request_header(i, "explain")) == "True" for i in range(len(data))]
-        if not any(explain):
+        # upstream (BaseHandler._is_explain) looks at the first request's header for the batch
+        if str(context.get_request_header(0, "explain")) != "True":
             with torch.no_grad():
                 probs = torch.softmax(self.model(x), dim=1).numpy()
             out = []

@@ -174,7 +174,8 @@ def heatmap_levels(code_map: np.ndarray, scale: float, height: int, width: int,
     """The concept's code map (h, w) >= 0, upsampled to (height, width), divided by ``scale``
     (the concept's top typical value, so maps compare across images), clipped to [0, 1] and
     quantised to palette indices uint8 (height, width) in 0..levels-1."""
-    v = upsample(np.asarray(code_map, dtype=np.float64), height, width) / max(scale, 1e-8)
+    finite = np.nan_to_num(np.asarray(code_map, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    v = upsample(finite, height, width) / max(scale, 1e-8)  # a non-finite cell would spread through the products
     return (np.clip(v, 0.0, 1.0) * (levels - 1)).round().astype(np.uint8)
 
 

@@ -193,12 +193,13 @@ def encode_indexed_png(indices: np.ndarray, palette: np.ndarray, alpha: np.ndarr
     """Palette PNG: indices uint8 (H, W) into palette uint8 (P, 3), P <= 256; optional
     per-entry opacity uint8 (P,) (a tRNS chunk). One byte per pixel: a quantised heatmap
     compresses to a few KB even at 224 px."""
-    idx = np.asarray(indices, dtype=np.uint8)
+    raw = np.asarray(indices)
     pal = np.asarray(palette, dtype=np.uint8)
-    if idx.ndim != 2 or idx.size == 0 or pal.ndim != 2 or pal.shape[1] != 3 or not 0 < len(pal) <= 256:
-        raise ValueError(f"indices {idx.shape} / palette {pal.shape} are not a palette image")
-    if int(idx.max()) >= len(pal):
-        raise ValueError("index beyond the palette")
+    if raw.ndim != 2 or raw.size == 0 or pal.ndim != 2 or pal.shape[1] != 3 or not 0 < len(pal) <= 256:
+        raise ValueError(f"indices {raw.shape} / palette {pal.shape} are not a palette image")
+    if not np.issubdtype(raw.dtype, np.integer) or int(raw.min()) < 0 or int(raw.max()) >= len(pal):
+        raise ValueError(f"indices must be integers in 0..{len(pal) - 1}")  # checked before any cast wraps
+    idx = raw.astype(np.uint8)
     h, w = idx.shape
     out = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 3, 0, 0, 0))
     out += _png_chunk(b"PLTE", pal.tobytes())

@@ -63,15 +63,13 @@ def release_freed_heap() -> bool:
 
     Building onnxruntime sessions parses and copies every model; glibc keeps the freed
     copies mapped. After loading the ResNet-18/224 bundle this takes a process from 404 to
-    205 MB resident. Returns False where there is no glibc (nothing to do)."""
+    205 MB resident. Returns whether memory was released (False without glibc)."""
     import ctypes
-    import ctypes.util
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0) is not None)
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library
     except OSError:
         return False
+    return bool(trim(0)) if trim is not None else False
 
 
 def _ms(t0: float) -> float:
@@ -205,46 +203,66 @@ class ExplainerService:
         shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
         explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
         cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
-        cladec_job: Future | None = None  # started first: it overlaps the concept encoders
-        if cladec_rows and self.cladec is not None:
-            if self.settings.overlap_views:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec")
-                cladec_job = self._pool.submit(self._render_cladec, items, cladec_rows, out.activations, x)
-            else:
-                cladec_job = Future()
-                cladec_job.set_result(self._render_cladec(items, cladec_rows, out.activations, x))
-        for row in range(len(items)):
-            metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
-        monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
-                     and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
-        concept_batch = None
-        if (explain_rows or monitored) and self.concepts is not None:
-            t1 = time.perf_counter()
-            concept_batch = self.concepts.encode(out.activations)
-            shared["concepts"] = _ms(t1)
-            for row in sorted(set(explain_rows) | set(monitored)):
-                for concept, state in concept_batch.evidence(row).items():
-                    metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
+        cladec_job = self._start_cladec(items, cladec_rows, out.activations, x)  # first: it overlaps the concepts
+        cladec_out: dict[int, list[dict[str, Any]]] = {}
+        cladec_ms, cladec_error = 0.0, None
         bodies: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
-        for row, it in enumerate(items):
-            req = it.request
-            k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
-            body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
-            timings = dict(shared)
-            if isinstance(req, ExplainRequest):
+        try:
+            for row in range(len(items)):
+                metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
+            monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
+                         and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
+            concept_batch = None
+            if (explain_rows or monitored) and self.concepts is not None:
+                t1 = time.perf_counter()
+                concept_batch = self.concepts.encode(out.activations)
+                shared["concepts"] = _ms(t1)
+                for row in sorted(set(explain_rows) | set(monitored)):
+                    for concept, state in concept_batch.evidence(row).items():
+                        metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
+            for row, it in enumerate(items):
+                req = it.request
+                k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
+                body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
+                timings = dict(shared)
+                if isinstance(req, ExplainRequest):
+                    try:
+                        self._explain(req, row, it.pixels, probs[row], concept_batch, out.activations, body, timings)
+                    except Exception as exc:  # noqa: BLE001 - this request only
+                        replies[it.index] = self._error_reply(exc)
+                        continue
+                bodies[row] = body, timings
+        finally:  # never leave the job running into the next batch, even when this one failed
+            if cladec_job is not None:
                 try:
-                    self._explain(req, row, it.pixels, probs[row], concept_batch, out.activations, body, timings)
-                except Exception as exc:  # noqa: BLE001 - this request only
-                    replies[it.index] = self._error_reply(exc)
-                    continue
-            bodies[row] = body, timings
-        cladec_out, cladec_ms = cladec_job.result() if cladec_job is not None else ({}, 0.0)
+                    cladec_out, cladec_ms = cladec_job.result()
+                except Exception as exc:  # noqa: BLE001 - fails the requests that wanted ClaDec, not the batch
+                    cladec_error = exc
         for row, (body, timings) in bodies.items():
+            if cladec_error is not None and row in cladec_rows:
+                replies[items[row].index] = self._error_reply(cladec_error)
+                continue
             if row in cladec_out:
                 body["cladec"] = cladec_out[row]
                 timings["cladec"] = cladec_ms  # reported only to the requests that got reconstructions
             replies[items[row].index] = Reply(200, body, timings)
+
+    def _start_cladec(self, items: list[_Item], rows: list[int], activations: dict[str, np.ndarray],
+                      x: np.ndarray) -> Future | None:
+        """ClaDec for ``rows``: on the view thread (``overlap_views``) or here; either way a
+        Future whose result or exception :meth:`_answer` collects. None when nothing to do."""
+        if not rows or self.cladec is None:
+            return None
+        if self.settings.overlap_views:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec")
+            return self._pool.submit(self._render_cladec, items, rows, activations, x)
+        job: Future = Future()
+        try:
+            job.set_result(self._render_cladec(items, rows, activations, x))
+        except Exception as exc:  # noqa: BLE001 - collected like the threaded job's
+            job.set_exception(exc)
+        return job
 
     def _render_cladec(self, items: list[_Item], rows: list[int], activations: dict[str, np.ndarray],
                        x: np.ndarray) -> tuple[dict[int, list[dict[str, Any]]], float]:

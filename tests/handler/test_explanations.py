@@ -240,3 +240,45 @@ def test_reference_images_are_optional(handler, model_dir, sample_pngs):
                explain(lean_default, model_dir, sample_pngs[0], reference=True)[1]["cladec"])
     status, body = explain(handler, model_dir, sample_pngs[0], reference="no")
     assert status == 400 and body["error"]["type"] == "InvalidOption"
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_cladec_failure_fails_only_the_requests_that_wanted_cladec(model_dir, sample_pngs, monkeypatch, overlap):
+    """A fault inside ClaDec (threaded or not) answers 500 to the ClaDec requests of the batch;
+    predictions and explanations without ClaDec in the same batch are answered, and the
+    next batch works."""
+    h = ConceptExplainerHandler()
+    h.initialize(make_context(model_dir, {"overlap_views": overlap}))
+    good_render = h.service.cladec.render
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder fell over")
+
+    monkeypatch.setattr(h.service.cladec, "render", broken)
+    no_cladec = json.dumps({"data": base64.b64encode(sample_pngs[1]).decode(), "views": ["concepts"]})
+    batch = [wire_request(sample_pngs[0], explain=True, idx=0), wire_request(sample_pngs[1], idx=1),
+             wire_request(no_cladec, "application/json", explain=True, idx=2)]
+    out = run(h, model_dir, batch)
+    assert [s for s, _ in out] == [500, 200, 200]
+    assert out[0][1]["error"]["type"] == "InternalError" and "decoder" not in out[0][1]["error"]["message"]
+    assert "concepts" in out[2][1] and "cladec" not in out[2][1]
+    monkeypatch.setattr(h.service.cladec, "render", good_render)
+    assert [s for s, _ in run(h, model_dir, batch)] == [200, 200, 200]
+
+
+def test_one_batch_mixes_cladec_options(handler, model_dir, sample_pngs):
+    """Rows asking for different layers and references in one batch each get exactly theirs,
+    equal to asking alone."""
+    def req(i, **options):
+        return wire_request(json.dumps({"data": base64.b64encode(sample_pngs[i % 3]).decode(), "views": ["cladec"],
+                                        **options}), "application/json", explain=True, idx=i)
+    variants = [{}, {"reference": False}, {"layers": ["avgpool"]}, {"layers": ["layer2"], "reference": False},
+                {"reference": True, "heatmap": "blended"}]
+    together = run(handler, model_dir, [req(i, **o) for i, o in enumerate(variants)])
+    for i, o in enumerate(variants):
+        [(status, alone)] = run(handler, model_dir, [req(i, **o)])
+        assert together[i][0] == status == 200
+        assert together[i][1]["cladec"] == alone["cladec"]
+        layers = o.get("layers", ["layer2", "avgpool"])
+        assert sorted({e["layer"] for e in alone["cladec"]}) == sorted(layers)
+        assert all(("reference_png" in e) == o.get("reference", True) for e in alone["cladec"])

@@ -86,3 +86,14 @@ def test_cladec_loss_mixes_mse_and_cross_entropy():
     assert float(cladec_loss(rec, target, 0.0)) == pytest.approx(mse, rel=1e-6)
     assert float(cladec_loss(rec, target, 0.0, clf, spec, labels)) == pytest.approx(mse, rel=1e-6)
     assert float(cladec_loss(rec, target, 0.25, clf, spec, labels)) == pytest.approx(0.75 * mse + 0.25 * ce, rel=1e-5)
+
+
+def test_fresh_classifier_check_can_be_skipped():
+    """fresh_classifier_epochs 0 skips the check: None in the report, "skipped" in the table."""
+    from export.cladec import _fresh_accuracy, format_report
+    assert _fresh_accuracy(None, None, None, None, None, None, 0, 0) is None
+    row = {"layer": "layer2", "alpha": 0.0, "mse_cladec": 0.1, "mse_refae": 0.2, "classifier_accuracy_on_cladec": 0.9,
+           "classifier_accuracy_on_refae": 0.5, "fresh_classifier_accuracy_on_cladec": None,
+           "fresh_classifier_accuracy_on_refae": 0.25}
+    table = format_report({"evaluation": [row]})
+    assert "skipped" in table and "0.2500" in table

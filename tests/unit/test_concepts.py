@@ -126,3 +126,10 @@ def test_heatmap_levels_quantise_the_upsampled_map():
     assert idx[0, 0] == 0 and idx[-1, -1] == HEATMAP_LEVELS - 1  # saturates at the typical top
     palette, opacity = heatmap_palette()
     assert palette.shape == (HEATMAP_LEVELS, 3) and opacity[0] == 0 and np.all(np.diff(opacity.astype(int)) >= 0)
+
+
+def test_heatmap_levels_treat_non_finite_cells_as_inactive():
+    from handlers.runtime.concepts import heatmap_levels
+    m = np.array([[0.5, np.nan], [np.inf, 1.0]])
+    clean = np.array([[0.5, 0.0], [0.0, 1.0]])
+    np.testing.assert_array_equal(heatmap_levels(m, 1.0, 8, 8), heatmap_levels(clean, 1.0, 8, 8))

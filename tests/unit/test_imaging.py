@@ -169,6 +169,9 @@ def test_indexed_png_roundtrips_with_transparency():
         encode_indexed_png(idx, palette[:5])  # indices beyond the palette
     with pytest.raises(ValueError):
         encode_indexed_png(idx, palette, alpha[:3])
+    for bad in (idx.astype(np.int16) + 300, idx.astype(np.int16) - 1, idx.astype(np.float32)):
+        with pytest.raises(ValueError):  # not wrapped into range by a cast
+            encode_indexed_png(bad, np.zeros((256, 3), np.uint8))
 
 
 def test_input_spec_validates():

@@ -15,11 +15,11 @@ def test_release_freed_heap_returns_freed_small_blocks():
     proc = psutil.Process()
     # many small (heap, not mmap) blocks, then free all but the last: the heap top stays
     # pinned by the survivor, so only malloc_trim can return the freed pages
-    blocks = [np.ones(16_000, dtype=np.uint8) for _ in range(20_000)]  # ~320 MB below the mmap threshold
+    blocks = [np.ones(16_000, dtype=np.uint8) for _ in range(5_000)]  # ~80 MB below the mmap threshold
     keep = blocks[-1]
     del blocks
     before = proc.memory_info().rss
     assert release_freed_heap() is True
     after = proc.memory_info().rss
     assert keep.sum() == 16_000
-    assert before - after > 100 * 2**20, (before / 2**20, after / 2**20)
+    assert before - after > 40 * 2**20, (before / 2**20, after / 2**20)
