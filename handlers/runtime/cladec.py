@@ -56,28 +56,42 @@ class ClaDecView:
         refaes = {e.refae_file: make_session(bundle.path(e.refae_file), providers, threads) for e in entries}
         return cls(entries, decoders, refaes, doc.get("report", {}))
 
-    def render(self, activations: dict[str, np.ndarray], x: np.ndarray, rows: Sequence[int],
-               layers: Sequence[str] | None, reference: bool = True) -> list[list[dict[str, Any]]]:
-        """Per requested row, the ``cladec`` entries (base64 PNG reconstructions).
+    def wanted(self, layers: Sequence[str] | None) -> list[DecoderEntry]:
+        """The entries for ``layers`` (None: all), in archive order."""
+        return [e for e in self.entries if layers is None or e.layer in layers]
 
-        activations: layer -> (N, ...) from the classifier run; x: normalised input (N, C, H, W).
-        reference: also run the RefAEs (``reference_png``).
-        """
+    def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None) -> dict[str, list[str]]:
+        """The reference autoencoders' images: RefAE file -> base64 PNG per row, one RefAE run
+        per layer (shared by its alphas). Needs only the input x, normalised (N, C, H, W), so
+        it can run beside the classifier."""
         rows = list(rows)
-        wanted = [e for e in self.entries if layers is None or e.layer in layers]
-        out: list[list[dict[str, Any]]] = [[] for _ in rows]
-        ref_cache: dict[str, list[str]] = {}  # one RefAE run and PNG per layer, shared by its alphas
-        for e in wanted:
-            dec = self.decoders[e.decoder_file]
-            rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
-            if reference and e.refae_file not in ref_cache:
+        out: dict[str, list[str]] = {}
+        for e in self.wanted(layers):
+            if e.refae_file not in out:
                 ref = self.refaes[e.refae_file]
                 ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
-                ref_cache[e.refae_file] = [base64.b64encode(encode_png(img)).decode() for img in ref_u8]
-            for j in range(len(rows)):
-                entry = {"layer": e.layer, "alpha": e.alpha,
-                         "reconstruction_png": base64.b64encode(encode_png(rec_u8[j])).decode()}
-                if reference:
-                    entry["reference_png"] = ref_cache[e.refae_file][j]
-                out[j].append(entry)
+                out[e.refae_file] = [base64.b64encode(encode_png(img)).decode() for img in ref_u8]
         return out
+
+    def reconstructions(self, activations: dict[str, np.ndarray], rows: Sequence[int],
+                        layers: Sequence[str] | None) -> list[list[dict[str, Any]]]:
+        """Per row, the ``cladec`` entries without references (layer, alpha, base64 PNG).
+
+        activations: layer -> (N, ...) from the classifier run."""
+        rows = list(rows)
+        out: list[list[dict[str, Any]]] = [[] for _ in rows]
+        for e in self.wanted(layers):
+            dec = self.decoders[e.decoder_file]
+            rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
+            for j in range(len(rows)):
+                out[j].append({"layer": e.layer, "alpha": e.alpha,
+                               "reconstruction_png": base64.b64encode(encode_png(rec_u8[j])).decode()})
+        return out
+
+    def attach_references(self, entries: list[list[dict[str, Any]]], references: dict[str, list[str]],
+                          layers: Sequence[str] | None) -> None:
+        """Add ``reference_png`` to the entries of :meth:`reconstructions` (same rows, layers)."""
+        wanted = self.wanted(layers)
+        for j, row_entries in enumerate(entries):
+            for entry, e in zip(row_entries, wanted):
+                entry["reference_png"] = references[e.refae_file][j]

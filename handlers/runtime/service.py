@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +70,10 @@ def release_freed_heap() -> bool:
     except OSError:
         return False
     return bool(trim(0)) if trim is not None else False
+
+
+# ClaDec rows of a batch grouped by what they ask for: (layers or None for all, with references)
+_Groups = dict[tuple[tuple[str, ...] | None, bool], list[int]]
 
 
 def _ms(t0: float) -> float:
@@ -198,16 +202,18 @@ class ExplainerService:
                 metrics: BatchMetrics) -> None:
         t0 = time.perf_counter()
         x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
-        out = self.classifier(x)
-        probs = softmax(out.logits)
-        shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
-        explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
-        cladec_rows = [r for r in explain_rows if self._wants(items[r].request, "cladec") and items[r].request.images]
-        cladec_job = self._start_cladec(items, cladec_rows, out.activations, x)  # first: it overlaps the concepts
+        groups = self._cladec_groups(items)
+        # The reference autoencoders need only the input: with overlap_views they start now,
+        # on the view thread, beside the classifier and the concept view.
+        ref_job = self._start_references(x, groups)
+        bodies: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         cladec_out: dict[int, list[dict[str, Any]]] = {}
         cladec_ms, cladec_error = 0.0, None
-        bodies: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
         try:
+            out = self.classifier(x)
+            probs = softmax(out.logits)
+            shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
+            explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
             for row in range(len(items)):
                 metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
             monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
@@ -232,12 +238,14 @@ class ExplainerService:
                         replies[it.index] = self._error_reply(exc)
                         continue
                 bodies[row] = body, timings
-        finally:  # never leave the job running into the next batch, even when this one failed
-            if cladec_job is not None:
-                try:
-                    cladec_out, cladec_ms = cladec_job.result()
-                except Exception as exc:  # noqa: BLE001 - fails the requests that wanted ClaDec, not the batch
-                    cladec_error = exc
+            try:
+                cladec_out, cladec_ms = self._finish_cladec(groups, out.activations, x, ref_job)
+            except Exception as exc:  # noqa: BLE001 - fails the requests that wanted ClaDec, not the batch
+                cladec_error = exc
+        finally:  # never leave the reference job running into the next batch
+            if ref_job is not None:
+                wait([ref_job])
+        cladec_rows = {r for rows in groups.values() for r in rows}
         for row, (body, timings) in bodies.items():
             if cladec_error is not None and row in cladec_rows:
                 replies[items[row].index] = self._error_reply(cladec_error)
@@ -247,39 +255,56 @@ class ExplainerService:
                 timings["cladec"] = cladec_ms  # reported only to the requests that got reconstructions
             replies[items[row].index] = Reply(200, body, timings)
 
-    def _start_cladec(self, items: list[_Item], rows: list[int], activations: dict[str, np.ndarray],
-                      x: np.ndarray) -> Future | None:
-        """ClaDec for ``rows``: on the view thread (``overlap_views``) or here; either way a
-        Future whose result or exception :meth:`_answer` collects. None when nothing to do."""
-        if not rows or self.cladec is None:
-            return None
-        if self.settings.overlap_views:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec")
-            return self._pool.submit(self._render_cladec, items, rows, activations, x)
-        job: Future = Future()
-        try:
-            job.set_result(self._render_cladec(items, rows, activations, x))
-        except Exception as exc:  # noqa: BLE001 - collected like the threaded job's
-            job.set_exception(exc)
-        return job
+    def _cladec_groups(self, items: list[_Item]) -> _Groups:
+        """The rows that want ClaDec images, grouped by (layers, with references)."""
+        groups: _Groups = {}
+        if self.cladec is None:
+            return groups
+        for r, it in enumerate(items):
+            req = it.request
+            if isinstance(req, ExplainRequest) and self._wants(req, "cladec") and req.images:
+                reference = self.settings.cladec_reference if req.reference is None else req.reference
+                groups.setdefault((req.layers, reference), []).append(r)
+        return groups
 
-    def _render_cladec(self, items: list[_Item], rows: list[int], activations: dict[str, np.ndarray],
-                       x: np.ndarray) -> tuple[dict[int, list[dict[str, Any]]], float]:
-        """The ``cladec`` entries of the given rows (grouped by the layers and references they ask for), and
-        the milliseconds it took."""
+    def _references(self, x: np.ndarray, groups: _Groups
+                    ) -> tuple[dict[tuple[tuple[str, ...] | None, bool], dict[str, list[str]]], float]:
+        """RefAE images per group that asks for them, and the milliseconds it took."""
         assert self.cladec is not None
         t0 = time.perf_counter()
-        groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
-        for r in rows:
-            req = items[r].request
-            reference = self.settings.cladec_reference if req.reference is None else req.reference
-            groups.setdefault((req.layers, reference), []).append(r)
+        refs = {key: self.cladec.references(x, rows, key[0]) for key, rows in groups.items() if key[1]}
+        return refs, _ms(t0)
+
+    def _start_references(self, x: np.ndarray, groups: _Groups
+                          ) -> Future | None:
+        """The reference images on the view thread (``overlap_views``); None when none are
+        wanted, or when :meth:`_finish_cladec` is to make them in line."""
+        if not self.settings.overlap_views or not any(ref for _, ref in groups):
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
+        return self._pool.submit(self._references, x, groups)
+
+    def _finish_cladec(self, groups: _Groups,
+                       activations: dict[str, np.ndarray], x: np.ndarray, ref_job: Future | None
+                       ) -> tuple[dict[int, list[dict[str, Any]]], float]:
+        """Decode the rows' activations, attach the reference images (from ``ref_job`` or made
+        here) and return the entries per row with the ClaDec milliseconds (decoders plus
+        references; the references may have run beside the classifier)."""
+        if not groups:
+            return {}, 0.0
+        assert self.cladec is not None
+        t0 = time.perf_counter()
         out: dict[int, list[dict[str, Any]]] = {}
-        for (layers, reference), group in groups.items():
-            for r, entries in zip(group, self.cladec.render(activations, x, group, layers, reference)):
+        for (layers, _), rows in groups.items():
+            for r, entries in zip(rows, self.cladec.reconstructions(activations, rows, layers)):
                 out[r] = entries
-        return out, _ms(t0)
+        decode_ms = _ms(t0)
+        refs, refs_ms = ref_job.result() if ref_job is not None else self._references(x, groups)
+        for (layers, reference), rows in groups.items():
+            if reference:
+                self.cladec.attach_references([out[r] for r in rows], refs[(layers, reference)], layers)
+        return out, round(decode_ms + refs_ms, 3)
 
     def _wants(self, req: Any, view: str) -> bool:
         return isinstance(req, ExplainRequest) and view in (req.views or self.views)

@@ -242,19 +242,21 @@ def test_reference_images_are_optional(handler, model_dir, sample_pngs):
     assert status == 400 and body["error"]["type"] == "InvalidOption"
 
 
+@pytest.mark.parametrize("broken_part", ["reconstructions", "references"])
 @pytest.mark.parametrize("overlap", [True, False])
-def test_a_cladec_failure_fails_only_the_requests_that_wanted_cladec(model_dir, sample_pngs, monkeypatch, overlap):
+def test_a_cladec_failure_fails_only_the_requests_that_wanted_cladec(model_dir, sample_pngs, monkeypatch, overlap,
+                                                                     broken_part):
     """A fault inside ClaDec (threaded or not) answers 500 to the ClaDec requests of the batch;
     predictions and explanations without ClaDec in the same batch are answered, and the
     next batch works."""
     h = ConceptExplainerHandler()
     h.initialize(make_context(model_dir, {"overlap_views": overlap}))
-    good_render = h.service.cladec.render
+    good = getattr(h.service.cladec, broken_part)
 
     def broken(*args, **kwargs):
         raise RuntimeError("decoder fell over")
 
-    monkeypatch.setattr(h.service.cladec, "render", broken)
+    monkeypatch.setattr(h.service.cladec, broken_part, broken)
     no_cladec = json.dumps({"data": base64.b64encode(sample_pngs[1]).decode(), "views": ["concepts"]})
     batch = [wire_request(sample_pngs[0], explain=True, idx=0), wire_request(sample_pngs[1], idx=1),
              wire_request(no_cladec, "application/json", explain=True, idx=2)]
@@ -262,7 +264,7 @@ def test_a_cladec_failure_fails_only_the_requests_that_wanted_cladec(model_dir, 
     assert [s for s, _ in out] == [500, 200, 200]
     assert out[0][1]["error"]["type"] == "InternalError" and "decoder" not in out[0][1]["error"]["message"]
     assert "concepts" in out[2][1] and "cladec" not in out[2][1]
-    monkeypatch.setattr(h.service.cladec, "render", good_render)
+    monkeypatch.setattr(h.service.cladec, broken_part, good)
     assert [s for s, _ in run(h, model_dir, batch)] == [200, 200, 200]
 
 
