@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +40,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.stats import summary  # noqa: E402
-from export.archive import DEFAULT_MODEL_CONFIG, build_mar, write_bundle  # noqa: E402
+from export.archive import archive_folder, build_mar, write_bundle  # noqa: E402
 from handlers.runtime.bundle import ModelMetadata  # noqa: E402
 from tests.integration.server import TorchServe, post  # noqa: E402
 
@@ -58,9 +57,6 @@ def predictions_only_bundle(bundle: Path, out: Path) -> Path:
         meta.pop(key, None)
 
     def fill(tmp: Path) -> ModelMetadata:
-        for f in list(tmp.iterdir()):
-            if f.name != meta["classifier"]["file"]:
-                f.unlink()
         shutil.copy2(bundle / meta["classifier"]["file"], tmp / meta["classifier"]["file"])
         return ModelMetadata.from_json(meta)
 
@@ -75,12 +71,7 @@ def captum_mar(classifier_dir: Path, name: str, store: Path) -> Path:
         stage.mkdir()
         for f in ("classifier.json", "weights.safetensors"):
             shutil.copy2(classifier_dir / f, stage / f)
-        archiver = shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent)) or "torch-model-archiver"
-        subprocess.run([archiver, "--model-name", name, "--version", "bench",
-                        "--handler", str(REPO / "bench" / "captum_handler.py"), "--extra-files", str(stage),
-                        "--config-file", str(DEFAULT_MODEL_CONFIG), "--export-path", str(store), "--force"],
-                       check=True, capture_output=True, cwd=tmp)
-    return store / f"{name}.mar"
+        return archive_folder(stage, REPO / "bench" / "captum_handler.py", name, "bench", store)
 
 
 # -- measurements against the server ----------------------------------------------------------

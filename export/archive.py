@@ -60,26 +60,33 @@ def build_mar(bundle_dir: str | Path, name: str, version: str, model_store: str 
     puts the model folder first on the worker's PYTHONPATH), so serving needs only
     TorchServe, onnxruntime, numpy and Pillow.
     """
-    store = Path(model_store).resolve()
-    store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mar-stage-") as tmp:
         stage = Path(tmp) / "stage"
         stage.mkdir()
         _copy_handlers(stage)
         shutil.copytree(Path(bundle_dir).resolve(), stage / "bundle")
-        archiver = (shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent))
-                    or shutil.which("torch-model-archiver"))
-        if archiver is None:
-            raise RuntimeError("torch-model-archiver is not installed")
-        cmd = [archiver,
-               "--model-name", name, "--version", version,
-               "--handler", str(stage / "handlers" / HANDLER_MODULE),
-               "--extra-files", str(stage),
-               "--config-file", str(model_config or DEFAULT_MODEL_CONFIG),
-               "--export-path", str(store), "--force"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
-        if proc.returncode != 0:
-            raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return archive_folder(stage, stage / "handlers" / HANDLER_MODULE, name, version, model_store, model_config)
+
+
+def archive_folder(stage: str | Path, handler: str | Path, name: str, version: str, model_store: str | Path,
+                   model_config: str | Path | None = None) -> Path:
+    """Run torch-model-archiver on a staged folder (its contents become the model folder)
+    with ``handler`` as the entry point; returns ``model_store/NAME.mar``."""
+    store = Path(model_store).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    archiver = (shutil.which("torch-model-archiver", path=str(Path(sys.executable).parent))
+                or shutil.which("torch-model-archiver"))
+    if archiver is None:
+        raise RuntimeError("torch-model-archiver is not installed")
+    cmd = [archiver,
+           "--model-name", name, "--version", version,
+           "--handler", str(handler),
+           "--extra-files", str(stage),
+           "--config-file", str(model_config or DEFAULT_MODEL_CONFIG),
+           "--export-path", str(store), "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(stage).parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return store / f"{name}.mar"
 
 

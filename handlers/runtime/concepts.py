@@ -6,7 +6,6 @@ serving (to turn the encoders' code maps into evidence). Stored as ``concepts.js
 from __future__ import annotations
 
 import functools
-
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +156,14 @@ def upsample(m: np.ndarray, height: int, width: int) -> np.ndarray:
     return _bilinear_weights(h, height) @ np.asarray(m, dtype=np.float64) @ _bilinear_weights(w, width).T
 
 
+def _scaled_map(code_map: np.ndarray, scale: float, height: int, width: int) -> np.ndarray:
+    """A code map (h, w) upsampled to (height, width), divided by ``scale`` and clipped to
+    [0, 1]; non-finite cells count as inactive (through the matrix products of
+    :func:`upsample` one would spread over the whole map)."""
+    finite = np.nan_to_num(np.asarray(code_map, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(upsample(finite, height, width) / max(scale, 1e-8), 0.0, 1.0)
+
+
 HEATMAP_LEVELS = 64
 HEATMAP_MAX_OPACITY = 0.75
 
@@ -174,9 +181,7 @@ def heatmap_levels(code_map: np.ndarray, scale: float, height: int, width: int,
     """The concept's code map (h, w) >= 0, upsampled to (height, width), divided by ``scale``
     (the concept's top typical value, so maps compare across images), clipped to [0, 1] and
     quantised to palette indices uint8 (height, width) in 0..levels-1."""
-    finite = np.nan_to_num(np.asarray(code_map, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    v = upsample(finite, height, width) / max(scale, 1e-8)  # a non-finite cell would spread through the products
-    return (np.clip(v, 0.0, 1.0) * (levels - 1)).round().astype(np.uint8)
+    return (_scaled_map(code_map, scale, height, width) * (levels - 1)).round().astype(np.uint8)
 
 
 def heatmap_overlay(image: np.ndarray, code_map: np.ndarray, scale: float, alpha: float = 0.55) -> np.ndarray:
@@ -190,5 +195,5 @@ def heatmap_overlay(image: np.ndarray, code_map: np.ndarray, scale: float, alpha
     base = image.astype(np.float64) / 255.0
     if base.shape[2] == 1:
         base = np.repeat(base, 3, axis=2)
-    heat = colormap(upsample(np.asarray(code_map, dtype=np.float64), h, w) / max(scale, 1e-8))
+    heat = colormap(_scaled_map(code_map, scale, h, w))
     return np.clip((1 - alpha) * base + alpha * heat, 0, 1).__mul__(255).round().astype(np.uint8)

@@ -119,17 +119,27 @@ def _int_option(obj: dict, key: str, low: int, high: int) -> int | None:
     return v
 
 
-def parse_predict(value: Any, content_type: str | None, *, max_bytes: int, num_classes: int) -> PredictRequest:
-    """Parse a ``/predictions`` request. Options: ``top_k`` (1..number of classes)."""
+def _options_or_image(value: Any, content_type: str | None, max_bytes: int, allowed: Sequence[str],
+                      endpoint: str) -> tuple[dict | None, bytes]:
+    """(None, image bytes) for a raw image body; (options, b"") for a JSON body whose fields
+    are all in ``allowed`` and that carries ``data``."""
     obj, image = body_to_json_or_image(value, content_type, max_bytes)
     if obj is None:
         assert image is not None
-        return PredictRequest(image=image)
-    unknown = sorted(set(obj) - set(PREDICT_OPTIONS))
+        return None, image
+    unknown = sorted(set(obj) - set(allowed))
     if unknown:
-        raise InvalidOption(f"unknown fields {unknown}; /predictions accepts {list(PREDICT_OPTIONS)}")
+        raise InvalidOption(f"unknown fields {unknown}; {endpoint} accepts {list(allowed)}")
     if "data" not in obj:
         raise InvalidRequest('JSON body needs a "data" field with the base64 image')
+    return obj, b""
+
+
+def parse_predict(value: Any, content_type: str | None, *, max_bytes: int, num_classes: int) -> PredictRequest:
+    """Parse a ``/predictions`` request. Options: ``top_k`` (1..number of classes)."""
+    obj, image = _options_or_image(value, content_type, max_bytes, PREDICT_OPTIONS, "/predictions")
+    if obj is None:
+        return PredictRequest(image=image)
     return PredictRequest(image=_b64(obj["data"], max_bytes), top_k=_int_option(obj, "top_k", 1, num_classes))
 
 
@@ -157,15 +167,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     (bool: ClaDec's reference-autoencoder images; they cost a run of the classifier's
     layers up to each ClaDec layer), ``views`` (subset of the available views), ``layers``.
     """
-    obj, image = body_to_json_or_image(value, content_type, max_bytes)
+    obj, image = _options_or_image(value, content_type, max_bytes, EXPLAIN_OPTIONS, "/explanations")
     if obj is None:
-        assert image is not None
         return ExplainRequest(image=image)
-    unknown = sorted(set(obj) - set(EXPLAIN_OPTIONS))
-    if unknown:
-        raise InvalidOption(f"unknown fields {unknown}; /explanations accepts {list(EXPLAIN_OPTIONS)}")
-    if "data" not in obj:
-        raise InvalidRequest('JSON body needs a "data" field with the base64 image')
     target = obj.get("target")
     if target is not None:
         if isinstance(target, bool) or not isinstance(target, (int, str)):
@@ -180,7 +184,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     reference = obj.get("reference")
     if reference is not None and not isinstance(reference, bool):
         raise InvalidOption(f'"reference" must be true or false, got {json.dumps(reference)[:40]}')
-    heatmap = obj.get("heatmap") if obj.get("heatmap") is not None else "overlay"  # null = the default
+    heatmap = obj.get("heatmap")
+    if heatmap is None:  # absent or null: the default, like the other options
+        heatmap = "overlay"
     if heatmap not in HEATMAP_STYLES:
         raise InvalidOption(f'"heatmap" must be one of {list(HEATMAP_STYLES)}, got {json.dumps(heatmap)[:40]}')
     return ExplainRequest(

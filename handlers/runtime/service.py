@@ -73,7 +73,8 @@ def release_freed_heap() -> bool:
 
 
 # ClaDec rows of a batch grouped by what they ask for: (layers or None for all, with references)
-_Groups = dict[tuple[tuple[str, ...] | None, bool], list[int]]
+_GroupKey = tuple[tuple[str, ...] | None, bool]
+_Groups = dict[_GroupKey, list[int]]
 
 
 def _ms(t0: float) -> float:
@@ -267,16 +268,14 @@ class ExplainerService:
                 groups.setdefault((req.layers, reference), []).append(r)
         return groups
 
-    def _references(self, x: np.ndarray, groups: _Groups
-                    ) -> tuple[dict[tuple[tuple[str, ...] | None, bool], dict[str, list[str]]], float]:
+    def _references(self, x: np.ndarray, groups: _Groups) -> tuple[dict[_GroupKey, dict[str, list[str]]], float]:
         """RefAE images per group that asks for them, and the milliseconds it took."""
         assert self.cladec is not None
         t0 = time.perf_counter()
         refs = {key: self.cladec.references(x, rows, key[0]) for key, rows in groups.items() if key[1]}
         return refs, _ms(t0)
 
-    def _start_references(self, x: np.ndarray, groups: _Groups
-                          ) -> Future | None:
+    def _start_references(self, x: np.ndarray, groups: _Groups) -> Future | None:
         """The reference images on the view thread (``overlap_views``); None when none are
         wanted, or when :meth:`_finish_cladec` is to make them in line."""
         if not self.settings.overlap_views or not any(ref for _, ref in groups):
@@ -285,9 +284,8 @@ class ExplainerService:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
         return self._pool.submit(self._references, x, groups)
 
-    def _finish_cladec(self, groups: _Groups,
-                       activations: dict[str, np.ndarray], x: np.ndarray, ref_job: Future | None
-                       ) -> tuple[dict[int, list[dict[str, Any]]], float]:
+    def _finish_cladec(self, groups: _Groups, activations: dict[str, np.ndarray], x: np.ndarray,
+                       ref_job: Future | None) -> tuple[dict[int, list[dict[str, Any]]], float]:
         """Decode the rows' activations, attach the reference images (from ``ref_job`` or made
         here) and return the entries per row with the ClaDec milliseconds (decoders plus
         references; the references may have run beside the classifier)."""
