@@ -43,7 +43,7 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
     report["concepts"] = cli.cmd_concepts(argparse.Namespace(
         bundle=bundle, classifier=classifier, data=data, layers=None, limit=None, test_limit=None, k=None,
         states=None, epochs=1, train_images=ae_images, validity_images=20, max_indegree=None,
-        outcome_max_indegree=None, seed=seed))
+        outcome_max_indegree=None, intervention_images=40, backoff=None, seed=seed))
     report["cladec"] = cli.cmd_cladec(argparse.Namespace(
         bundle=bundle, classifier=classifier, data=data, layers=None, alphas=None, limit=None, test_limit=None,
         epochs=1, train_images=ae_images, eval_images=20, fresh_classifier_epochs=0, seed=seed))

@@ -164,7 +164,7 @@ def cmd_concepts(args: argparse.Namespace) -> dict:
     meta = load_bundle(args.bundle).metadata
     model, _, _, _ = _load_classifier(args)
     overrides = _overrides(args, ("k", "states", "epochs", "train_images", "validity_images", "max_indegree",
-                                  "outcome_max_indegree", "seed"))
+                                  "outcome_max_indegree", "intervention_images", "backoff", "seed"))
     if args.layers:
         overrides["layers"] = tuple(args.layers.split(","))
     cfg = dataclasses.replace(ConceptConfig(), **overrides)
@@ -258,12 +258,24 @@ def cmd_analyze(args: argparse.Namespace) -> dict:
 
 def cmd_archive(args: argparse.Namespace) -> dict:
     from export.archive import build_mar
+    from export.concepts import failed_checks
     from handlers.runtime.bundle import load_bundle
     bundle = load_bundle(args.bundle)  # refuse to archive a corrupted bundle
+    failed = []
+    if "concepts" in bundle.metadata.extra:
+        report = json.loads(bundle.path(bundle.metadata.extra["concepts"]).read_text()).get("report", {})
+        failed = failed_checks(report)
+    if failed:
+        lines = "; ".join(f"{c['name']} = {c['measured']} (target {c['target']})" for c in failed)
+        if not getattr(args, "accept_failed_checks", False):
+            raise SystemExit(f"refusing to archive {args.bundle}: concept validity checks failed: {lines}. "
+                             "Improve the bundle, or pass --accept-failed-checks to archive it anyway "
+                             "(answers then carry the failed checks in their validity block).")
+        print(f"archiving despite failed concept validity checks (--accept-failed-checks): {lines}")
     mar = build_mar(args.bundle, args.name or bundle.metadata.name, args.version or bundle.metadata.version,
                     args.model_store, args.model_config)
     print(f"archived {mar} ({mar.stat().st_size / 1e6:.2f} MB, bundle sha256 {bundle.sha256[:12]})")
-    return {"mar": str(mar)}
+    return {"mar": str(mar), "failed_checks": [c["name"] for c in failed]}
 
 
 def cmd_build_demo(args: argparse.Namespace) -> dict:
@@ -284,7 +296,7 @@ def cmd_build_demo(args: argparse.Namespace) -> dict:
     report["concepts"] = cmd_concepts(argparse.Namespace(
         bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, limit=None,
         test_limit=None, k=None, states=None, epochs=None, train_images=None, validity_images=None,
-        max_indegree=None, outcome_max_indegree=None, seed=None))
+        max_indegree=None, outcome_max_indegree=None, intervention_images=None, backoff=None, seed=None))
     report["cladec"] = cmd_cladec(argparse.Namespace(
         bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, alphas=None,
         limit=None, test_limit=None, epochs=None, train_images=None, eval_images=None,
@@ -299,7 +311,8 @@ def cmd_build_demo(args: argparse.Namespace) -> dict:
             if k != "concept_names"}
     report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
                                                        version=args.version, model_store=args.model_store,
-                                                       model_config=None))
+                                                       model_config=None,
+                                                       accept_failed_checks=args.accept_failed_checks))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (build / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"demo build finished in {report['seconds']} s; report in {build / 'build-report.json'}")
@@ -440,8 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int)
     c.add_argument("--train-images", type=int)
     c.add_argument("--validity-images", type=int)
-    c.add_argument("--max-indegree", type=int)
-    c.add_argument("--outcome-max-indegree", type=int)
+    c.add_argument("--max-indegree", type=int, help="parents per concept from the previous layer (default 3)")
+    c.add_argument("--outcome-max-indegree", type=int, help="parents of Y from the last layer (default 8)")
+    c.add_argument("--intervention-images", type=int,
+                   help="training images put through every single-concept intervention (default 1200)")
+    c.add_argument("--backoff", type=float,
+                   help="weight of the logistic table against configuration counts (default 5)")
     c.add_argument("--seed", type=int)
     c.add_argument("--limit", type=int, help="training images loaded (default all)")
     c.add_argument("--test-limit", type=int, help="held-out images loaded (default all)")
@@ -495,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--version")
     a.add_argument("--model-store", default="model_store")
     a.add_argument("--model-config", help="model-config.yaml (default: export/model-config.yaml)")
+    a.add_argument("--accept-failed-checks", action="store_true",
+                   help="archive even if the bundle's concept validity checks failed (default: refuse)")
     a.set_defaults(func=cmd_archive)
 
     d = sub.add_parser("build-demo", help="render, train, export and archive the demo model")
@@ -508,6 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--force", action="store_true", help="redo data and training even if present")
+    d.add_argument("--accept-failed-checks", action="store_true",
+                   help="archive the demo even if its concept validity checks failed (default: refuse)")
     d.set_defaults(func=cmd_build_demo)
 
     q = sub.add_parser("query", help="send an image to a running TorchServe")

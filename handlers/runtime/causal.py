@@ -3,7 +3,7 @@
 For an input, every concept is observed. For a concept ``X`` and each of its states ``x``
 the model answers ``P(Y | do(X = x), e_ND(X))`` where ``e_ND(X)`` is the evidence on the
 non-descendants of ``X``. With every non-descendant observed, the truncated factorisation
-gives (shared/methods.md, method 1)::
+gives (docs/methods.md, method 1)::
 
     P(Y | do(x), e_ND) = sum over De(X) of  prod_{d in De(X) + {Y}} P(d | pa(d))
 
@@ -266,7 +266,7 @@ class CompiledCausalModel:
         """Per concept: observed state, ``effect``, ``sensitivity`` and the intervention table.
 
         ``effect(X) = p[x_o] - sum_x pi(x) p[x]`` and ``sensitivity(X) = sum_x pi(x) |p[x] - p[x_o]|``
-        with ``p[x] = P(Y = target | do(X = x), e_ND)`` (shared/methods.md). Records are in
+        with ``p[x] = P(Y = target | do(X = x), e_ND)`` (docs/methods.md). Records are in
         topological order; sort them as the caller needs.
         """
         t = self._index({self.outcome: target}, self.outcome)

@@ -21,7 +21,7 @@ def concept_id(layer: str, channel: int) -> str:
 
 
 def pooled_values(codes: np.ndarray) -> np.ndarray:
-    """Spatial max of each code channel: (N, K, H, W) -> (N, K) (methods.md choice)."""
+    """Spatial max of each code channel: (N, K, H, W) -> (N, K) (docs/methods.md)."""
     codes = np.asarray(codes)
     if codes.ndim != 4:
         raise ValueError(f"code maps must be (N, K, H, W), got shape {codes.shape}")

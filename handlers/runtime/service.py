@@ -28,6 +28,7 @@ from handlers.runtime.imaging import decode_image, normalize, to_pixels
 from handlers.runtime.metrics import CONCEPT_STATE, ERRORS, PREDICTED_CLASS, REQUESTS, STAGE_LATENCY, STAGES, BatchMetrics
 from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict, top_predictions
 from handlers.runtime.settings import HandlerSettings
+from handlers.runtime.validity import bundle_validity
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,8 @@ class ExplainerService:
                                                             ("cladec", cladec is not None),
                                                             ("features", features is not None)) if on)
         self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
+        self.validity = bundle_validity(concepts.spec.report if concepts is not None else None,
+                                        features.report if features is not None else None)
         self._monitor_rng = random.Random(0)
         self._pool: ThreadPoolExecutor | None = None  # created on first use (overlap_views)
 
@@ -327,6 +330,7 @@ class ExplainerService:
             t0 = time.perf_counter()
             body["features"] = self.features.explain(activations[self.features.layer][row], target)
             timings["features"] = _ms(t0)
+        body["validity"] = self.validity
         body["model"] = self.model_info
         body["timings_ms"] = timings
 
