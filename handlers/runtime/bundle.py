@@ -4,15 +4,18 @@
 hash before anything is used, so a corrupted or partial bundle refuses to load (with a
 message naming the file, the expected and the actual hash) instead of serving wrong
 answers. Export writes bundles with :func:`write_manifest`; serving reads them with
-:func:`load_bundle`. No pickles anywhere.
+:func:`load_bundle` and opens files only through :meth:`Bundle.path`, which refuses (with
+:class:`UnlistedArtifact`, an :class:`ArtifactError`) any name the manifest does not list and
+any path that would leave the bundle, so no unverified file is ever read. No pickles anywhere.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import InputSpec
@@ -20,6 +23,24 @@ from handlers.runtime.imaging import InputSpec
 MANIFEST = "manifest.json"
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
+
+
+class UnlistedArtifact(ArtifactError):
+    """The runtime asked for a bundle file that the manifest does not list, or a name that
+    is not a plain relative path inside the bundle (absolute, ``..``, escaping symlink).
+
+    A subclass of :class:`ArtifactError`, so like any other bundle error it fails the load.
+    """
+
+
+def _check_name(root: Path, name: Any) -> str:
+    """``name`` as a normalised relative POSIX path inside the bundle, or UnlistedArtifact."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise UnlistedArtifact(f"bundle {root}: file name {name!r} is not a relative path inside the bundle")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or ".." in pure.parts or not pure.parts or pure.parts == (".",):
+        raise UnlistedArtifact(f"bundle {root}: file name {name!r} is not a relative path inside the bundle")
+    return pure.as_posix()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -70,7 +91,11 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"bundle {root}: unsupported format_version {manifest.get('format_version')}")
     for name, expected in sorted(files.items()):
+        if _check_name(root, name) != name:
+            raise UnlistedArtifact(f"bundle {root}: manifest name {name!r} is not in normal form")
         file = root / name
+        if file.exists() and not file.resolve().is_relative_to(root.resolve()):
+            raise UnlistedArtifact(f"bundle {root}: file {name} resolves outside the bundle")
         if not file.is_file():
             raise ArtifactError(f"bundle {root}: file {name} is missing (expected sha256 {expected})")
         actual = sha256_file(file)
@@ -142,14 +167,28 @@ class ModelMetadata:
 
 @dataclass(frozen=True)
 class Bundle:
-    """A verified bundle on disk."""
+    """A verified bundle on disk. ``files``: the manifest's name -> sha256 (all verified at load)."""
 
     root: Path
     metadata: ModelMetadata
     sha256: str
+    files: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def path(self, name: str) -> Path:
-        return self.root / name
+        """The path of ``name``, a file the manifest lists (and :func:`load_bundle` verified).
+
+        Raises:
+            UnlistedArtifact: ``name`` is not listed in the manifest, is absolute, contains
+                ``..``, or resolves (through a symlink) outside the bundle.
+        """
+        key = _check_name(self.root, name)
+        if key not in self.files:
+            raise UnlistedArtifact(f"bundle {self.root}: file {name} is not listed in the manifest "
+                                   f"(only listed, verified files may be opened)")
+        path = self.root / key
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise UnlistedArtifact(f"bundle {self.root}: file {name} resolves outside the bundle")
+        return path
 
 
 def load_bundle(bundle_dir: str | Path) -> Bundle:
@@ -159,6 +198,6 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     if METADATA not in manifest["files"]:
         raise ArtifactError(f"bundle {root}: {METADATA} is not listed in the manifest")
     metadata = ModelMetadata.from_json(json.loads((root / METADATA).read_text()))
-    if metadata.classifier_file not in manifest["files"]:
-        raise ArtifactError(f"bundle {root}: {metadata.classifier_file} is not listed in the manifest")
-    return Bundle(root, metadata, manifest["bundle_sha256"])
+    bundle = Bundle(root, metadata, manifest["bundle_sha256"], MappingProxyType(dict(manifest["files"])))
+    bundle.path(metadata.classifier_file)  # listed and inside the bundle, or UnlistedArtifact
+    return bundle

@@ -1,9 +1,132 @@
-"""Handler settings, read once from the ``handler:`` section of ``model-config.yaml``."""
+"""Handler settings, read once from the ``handler:`` section of ``model-config.yaml``.
+
+Values are parsed strictly: a value of the wrong type or out of range fails the model load
+with a :class:`SettingsError` naming the setting, rather than being coerced into something
+the operator did not mean (``"false"`` is false, not a truthy string; ``3.7`` is not 3).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from handlers.runtime.imaging import _SIGNATURES
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+#: Formats :func:`handlers.runtime.imaging.decode_image` can recognise (Pillow format names).
+IMAGE_FORMATS: tuple[str, ...] = tuple(dict.fromkeys(name for _, _, name in _SIGNATURES))
+
+
+class SettingsError(ValueError):
+    """A ``handler:`` setting in ``model-config.yaml`` is unknown, malformed or out of range."""
+
+
+def _show(value: Any) -> str:
+    return repr(value)[:60]
+
+
+def _parse_bool(name: str, value: Any) -> bool:
+    """Real bools, 0/1, and the strings true/false, yes/no, on/off, 1/0 (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+    raise SettingsError(f"handler setting {name} must be a boolean (true/false, yes/no, on/off, 1/0), "
+                        f"got {_show(value)}")
+
+
+def _parse_int(name: str, value: Any) -> int:
+    """Integers, integral floats (``1.0e+7``) and strings holding an integer; never bools."""
+    if isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        return value
+    elif isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+    elif isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise SettingsError(f"handler setting {name} must be an integer, got {_show(value)}")
+
+
+def _parse_float(name: str, value: Any) -> float:
+    """Finite numbers or strings holding one; never bools."""
+    out: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        out = float(value)
+    elif isinstance(value, str):
+        try:
+            out = float(value.strip())
+        except ValueError:
+            out = None
+    if out is None or not math.isfinite(out):
+        raise SettingsError(f"handler setting {name} must be a finite number, got {_show(value)}")
+    return out
+
+
+def _parse_str(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise SettingsError(f"handler setting {name} must be a non-empty string, got {_show(value)}")
+    return value.strip()
+
+
+def _parse_names(name: str, value: Any) -> tuple[str, ...]:
+    """A YAML list of strings, or one comma-separated string."""
+    if isinstance(value, str):
+        items: list[Any] = [v.strip() for v in value.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise SettingsError(f"handler setting {name} must be a list of names, got {_show(value)}")
+    if not all(isinstance(v, str) and v.strip() for v in items):
+        raise SettingsError(f"handler setting {name} must be a list of non-empty strings, got {_show(value)}")
+    return tuple(v.strip() for v in items)
+
+
+def _parse_formats(name: str, value: Any) -> tuple[str, ...]:
+    formats = tuple(v.upper() for v in _parse_names(name, value))
+    unknown = [f for f in formats if f not in IMAGE_FORMATS]
+    if unknown or not formats:
+        raise SettingsError(f"handler setting {name} must list one or more of {list(IMAGE_FORMATS)}, "
+                            f"got {_show(value)}")
+    return formats
+
+
+def _parse_providers(name: str, value: Any) -> tuple[str, ...]:
+    import onnxruntime as ort
+    providers = _parse_names(name, value)
+    known = ort.get_all_providers()
+    unknown = [p for p in providers if p not in known]
+    if unknown:
+        raise SettingsError(f"handler setting {name}: unknown onnxruntime execution providers {unknown}; "
+                            f"known: {known}")
+    return providers
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "bundle_dir": _parse_str,
+    "top_k": _parse_int,
+    "top_concepts": _parse_int,
+    "monitor_fraction": _parse_float,
+    "max_request_bytes": _parse_int,
+    "max_image_pixels": _parse_int,
+    "allowed_formats": _parse_formats,
+    "intra_op_threads": _parse_int,
+    "cladec_reference": _parse_bool,
+    "overlap_views": _parse_bool,
+    "providers": _parse_providers,
+}
 
 
 @dataclass(frozen=True)
@@ -12,13 +135,15 @@ class HandlerSettings:
 
     Attributes:
         bundle_dir: artifact bundle folder, relative to the extracted model directory.
-        top_k: predictions returned per request (capped at the number of classes).
-        top_concepts: concepts returned per explanation unless the request asks otherwise.
+        top_k: predictions returned per request (>= 1; capped at the number of classes).
+        top_concepts: concepts returned per explanation unless the request asks otherwise
+            (>= 1; capped at the number of concepts, so a large value means "all").
         monitor_fraction: share of /predictions requests whose concept states are counted
-            (concept encoders only) for drift monitoring; 0 turns monitoring off.
-        max_request_bytes: largest accepted request body (413 above it).
-        max_image_pixels: largest accepted decoded image, width x height (413 above it).
-        allowed_formats: image formats accepted (Pillow format names).
+            (concept encoders only) for drift monitoring, 0 to 1; 0 turns monitoring off.
+        max_request_bytes: largest accepted request body (413 above it), >= 1.
+        max_image_pixels: largest accepted decoded image, width x height (413 above it), >= 1.
+        allowed_formats: image formats accepted (Pillow format names, any case; one or more
+            of PNG, JPEG, GIF, WEBP, BMP, TIFF).
         intra_op_threads: onnxruntime intra-op threads per worker (0 = onnxruntime decides).
         cladec_reference: ClaDec entries carry the reference autoencoder's reconstruction
             unless the request sets ``reference``; each RefAE repeats the classifier up to
@@ -28,6 +153,10 @@ class HandlerSettings:
             release the GIL); lowers explanation latency when a core is free.
         providers: onnxruntime execution providers, in order of preference; providers
             not available on the machine are skipped, CPU is always the last resort.
+            Names onnxruntime does not know at all (typos) are rejected.
+
+    Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers
+    accept integral numbers and integer strings. Anything else raises :class:`SettingsError`.
     """
 
     bundle_dir: str = "bundle"
@@ -42,33 +171,28 @@ class HandlerSettings:
     overlap_views: bool = True
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
+    def __post_init__(self) -> None:
+        for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"handler setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.intra_op_threads < 0:
+            raise SettingsError(f"handler setting intra_op_threads must be >= 0 (0 = onnxruntime decides), "
+                                f"got {self.intra_op_threads}")
+        if not 0.0 <= self.monitor_fraction <= 1.0:
+            raise SettingsError(f"handler setting monitor_fraction must be between 0 and 1, "
+                                f"got {self.monitor_fraction}")
+
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> "HandlerSettings":
-        """Build from the ``handler:`` mapping; unknown keys are rejected loudly."""
-        section = dict(section or {})
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(section) - set(fields))
+        """Build from the ``handler:`` mapping; unknown keys and bad values are rejected loudly."""
+        if section is None:
+            section = {}
+        if not isinstance(section, Mapping):
+            raise SettingsError(f"the handler section must be a mapping, got {_show(section)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert fields == set(_PARSERS), "every setting needs a parser"
+        unknown = sorted(set(section) - fields, key=str)
         if unknown:
-            raise ValueError(f"unknown handler settings {unknown}; known: {sorted(fields)}")
-        values: dict[str, Any] = {}
-        for name, value in section.items():
-            default = getattr(cls, name)
-            if isinstance(default, tuple):
-                if isinstance(value, str):
-                    value = [v.strip() for v in value.split(",") if v.strip()]
-                value = tuple(str(v) for v in value)
-            elif isinstance(default, bool):
-                value = bool(value)
-            elif isinstance(default, float):
-                value = float(value)
-            elif isinstance(default, int):
-                value = int(value)
-            else:
-                value = str(value)
-            values[name] = value
-        settings = cls(**values)
-        if settings.top_k < 1 or settings.max_request_bytes < 1 or settings.max_image_pixels < 1:
-            raise ValueError("top_k, max_request_bytes and max_image_pixels must be >= 1")
-        if not 0.0 <= settings.monitor_fraction <= 1.0:
-            raise ValueError("monitor_fraction must be between 0 and 1")
-        return settings
+            raise SettingsError(f"unknown handler settings {unknown}; known: {sorted(fields)}")
+        values = {name: _PARSERS[name](name, value) for name, value in section.items()}
+        return cls(**values)

@@ -1,6 +1,7 @@
 """Settings from model-config.yaml, and the verified artifact bundle."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,10 +9,11 @@ import pytest
 import yaml
 
 from export.archive import DEFAULT_MODEL_CONFIG, write_bundle
-from handlers.runtime.bundle import LayerInfo, ModelMetadata, load_bundle, sha256_file, verify_bundle
+from handlers.runtime.bundle import (LayerInfo, ModelMetadata, UnlistedArtifact, _bundle_digest, load_bundle,
+                                     sha256_file, verify_bundle)
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import InputSpec
-from handlers.runtime.settings import HandlerSettings
+from handlers.runtime.settings import HandlerSettings, SettingsError
 
 
 def test_shipped_model_config_parses():
@@ -31,6 +33,68 @@ def test_settings_conversions_and_unknown_keys():
         HandlerSettings.from_mapping({"top_k": 0})
     with pytest.raises(Exception):
         s.top_k = 4  # frozen
+
+
+@pytest.mark.parametrize("name", ["cladec_reference", "overlap_views"])
+@pytest.mark.parametrize("value, expected", [
+    ("false", False), ("False", False), ("FALSE", False), ("no", False), ("off", False), ("0", False),
+    (" false ", False), (False, False), (0, False),
+    ("true", True), ("True", True), ("yes", True), ("ON", True), ("1", True), (True, True), (1, True),
+])
+def test_boolean_settings_parse_strictly(name, value, expected):
+    """A quoted "false" in model-config.yaml is false (bool("false") used to make it true)."""
+    assert getattr(HandlerSettings.from_mapping({name: value}), name) is expected
+
+
+def test_boolean_settings_from_yaml_text():
+    section = yaml.safe_load('cladec_reference: "false"\noverlap_views: "off"\n')
+    s = HandlerSettings.from_mapping(section)
+    assert s.cladec_reference is False and s.overlap_views is False
+
+
+@pytest.mark.parametrize("name", ["cladec_reference", "overlap_views"])
+@pytest.mark.parametrize("value", ["flase", "", "2", 2, -1, 0.5, None, [], {}])
+def test_boolean_settings_reject_anything_else(name, value):
+    with pytest.raises(SettingsError, match=name):
+        HandlerSettings.from_mapping({name: value})
+
+
+@pytest.mark.parametrize("name", ["top_concepts", "top_k", "max_request_bytes", "max_image_pixels"])
+@pytest.mark.parametrize("value", [0, -1, "0", "-3"])
+def test_counts_below_one_are_rejected_naming_the_setting(name, value):
+    """top_concepts: 0 used to mean "all" silently (and -3 "all but 3"); a count is >= 1.
+    A value above the number of concepts is capped, which is how to ask for all of them."""
+    with pytest.raises(SettingsError, match=name):
+        HandlerSettings.from_mapping({name: value})
+    assert HandlerSettings.from_mapping({"top_concepts": 10**6}).top_concepts == 10**6
+
+
+@pytest.mark.parametrize("name, value", [
+    ("top_k", 3.7), ("top_k", "3.5"), ("top_k", True), ("top_k", None), ("top_k", "five"),
+    ("top_concepts", float("nan")), ("max_request_bytes", [1]), ("intra_op_threads", -1),
+    ("intra_op_threads", False), ("monitor_fraction", True), ("monitor_fraction", "nan"),
+    ("monitor_fraction", float("inf")), ("monitor_fraction", 1.5), ("monitor_fraction", -0.1),
+    ("monitor_fraction", None), ("monitor_fraction", "lots"),
+    ("bundle_dir", None), ("bundle_dir", ""), ("bundle_dir", 7),
+    ("allowed_formats", None), ("allowed_formats", []), ("allowed_formats", "JPG"), ("allowed_formats", [1]),
+    ("allowed_formats", 5), ("providers", "CUDAExecutionprovider"), ("providers", [None]), ("providers", 3),
+])
+def test_malformed_values_name_the_setting(name, value):
+    with pytest.raises(SettingsError, match=name):
+        HandlerSettings.from_mapping({name: value})
+
+
+def test_lenient_but_exact_conversions():
+    s = HandlerSettings.from_mapping({"max_request_bytes": 1.0e7, "top_concepts": " 4 ", "monitor_fraction": "0.5",
+                                      "intra_op_threads": 0, "allowed_formats": ["png", "Jpeg"],
+                                      "providers": "CPUExecutionProvider"})
+    assert s.max_request_bytes == 10_000_000 and s.top_concepts == 4 and s.intra_op_threads == 0
+    assert s.allowed_formats == ("PNG", "JPEG") and s.providers == ("CPUExecutionProvider",)
+    assert s.monitor_fraction == 0.5 and HandlerSettings.from_mapping({"monitor_fraction": 0}).monitor_fraction == 0.0
+    with pytest.raises(SettingsError, match="handler section"):
+        HandlerSettings.from_mapping(["top_k", 3])
+    with pytest.raises(SettingsError, match="top_concepts"):
+        HandlerSettings(top_concepts=0)
 
 
 def _meta() -> ModelMetadata:
@@ -85,6 +149,81 @@ def test_manifest_edit_is_detected(tmp_path):
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="net.onnx"):
         verify_bundle(root)
+
+
+def test_bundle_path_opens_listed_files_only(tmp_path):
+    """A file the manifest does not list was opened unverified by Bundle.path; now it is refused."""
+    root = _bundle(tmp_path)
+    (root / "unlisted.json").write_text('{"evil": 1}')  # added after the manifest was written
+    b = load_bundle(root)
+    assert b.path("net.onnx") == root / "net.onnx"
+    assert b.path("extra/table.json") == root / "extra" / "table.json"
+    assert b.path("./extra/table.json") == root / "extra" / "table.json"
+    with pytest.raises(UnlistedArtifact, match="unlisted.json is not listed in the manifest"):
+        b.path("unlisted.json")
+    assert issubclass(UnlistedArtifact, ArtifactError)  # the load fails like any other bundle error
+
+
+@pytest.mark.parametrize("name", ["../outside.json", "extra/../../outside.json", "extra/../net.onnx",
+                                  "/etc/passwd", "", ".", "extra\\table.json"])
+def test_bundle_path_refuses_names_escaping_the_bundle(tmp_path, name):
+    root = _bundle(tmp_path)
+    (tmp_path / "outside.json").write_text("{}")
+    b = load_bundle(root)
+    with pytest.raises(UnlistedArtifact):
+        b.path(name)
+
+
+def test_bundle_path_refuses_absolute_path_to_a_listed_file(tmp_path):
+    b = load_bundle(_bundle(tmp_path))
+    with pytest.raises(UnlistedArtifact):
+        b.path(str(b.root / "net.onnx"))
+
+
+def test_bundle_path_refuses_listed_symlink_out_of_the_bundle(tmp_path):
+    root = _bundle(tmp_path)
+    (tmp_path / "outside.json").write_text('{"a": 1}')
+    (root / "extra" / "table.json").unlink()
+    (root / "extra" / "table.json").symlink_to(tmp_path / "outside.json")
+    m = json.loads((root / "manifest.json").read_text())
+    m["files"]["extra/table.json"] = sha256_file(tmp_path / "outside.json")
+    m["bundle_sha256"] = _bundle_digest(m["files"])
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UnlistedArtifact, match="extra/table.json resolves outside the bundle"):
+        load_bundle(root)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "not_normal"])
+def test_manifest_listing_a_path_outside_the_bundle_refuses_to_load(tmp_path, kind):
+    """Even with the right hash, a manifest name must be a normal relative path inside the bundle."""
+    root = _bundle(tmp_path)
+    outside = tmp_path / "outside.json"
+    outside.write_text('{"a": 1}')
+    name = {"dotdot": "../outside.json", "absolute": str(outside), "not_normal": "extra/../net.onnx"}[kind]
+    m = json.loads((root / "manifest.json").read_text())
+    m["files"][name] = sha256_file(root / name)
+    m["bundle_sha256"] = _bundle_digest(m["files"])
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UnlistedArtifact, match="outside.json|net.onnx"):
+        load_bundle(root)
+
+
+def test_metadata_pointing_at_an_unlisted_file_refuses_to_load(tmp_path):
+    """The service opens metadata's files (classifier, concepts, cladec, features) via
+    Bundle.path; an artifact named in metadata but missing from the manifest fails the load."""
+    def fill(d: Path) -> ModelMetadata:
+        (d / "net.onnx").write_bytes(b"onnx bytes")
+        return dataclasses.replace(_meta(), extra={"concepts": "concepts.json"})
+    b = load_bundle(write_bundle(tmp_path / "bundle", fill))
+    (b.root / "concepts.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="concepts.json is not listed"):
+        b.path(b.metadata.extra["concepts"])
+
+    def fill_escaping(d: Path) -> ModelMetadata:
+        (d / "net.onnx").write_bytes(b"onnx bytes")
+        return dataclasses.replace(_meta(), classifier_file="../net.onnx")
+    with pytest.raises(UnlistedArtifact, match="net.onnx"):
+        load_bundle(write_bundle(tmp_path / "bundle2", fill_escaping))
 
 
 def test_interrupted_export_keeps_previous_bundle(tmp_path):
