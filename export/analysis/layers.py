@@ -1,10 +1,22 @@
 """Method 4: information-theoretic layer analysis (Xu et al. 2018; Ince et al. 2017).
 
-For each chosen layer: Gaussian-copula MI (bits) between the layer's representation and
+For each chosen layer: mutual information (bits) between the layer's representation and
 every generative factor of a controlled data set (``factors.csv``), per pooled channel and
 for a PCA-reduced multivariate code; pose invariance as the interaction information between
 the codes of two pose bins about the class; and, for the concepts of method 1, the factor
 each concept shares most information with (its name).
+
+Estimators (``ESTIMATORS``, repeated in the result):
+
+* continuous and circular factors: Gaussian-copula MI (:func:`gcmi.gcmi_cc`), a lower bound
+  of the MI for any monotone marginals;
+* categorical factors: the cross-validated classifier information
+  (:func:`gcmi.mi_classifier_cd`), ``H(Y) - held-out cross-entropy`` floored at 0 — a lower
+  bound too, and never above the factor's entropy ``H(Y)`` (``factor_entropy_bits``). The
+  Gaussian-model figure :func:`gcmi.gcmi_model_cd` is *not* bounded by ``H(Y)`` (nearly
+  separated classes give several times log2 of the class count); it is kept only as
+  ``mi_pca_gaussian_model_bits`` (categorical factors; None elsewhere), never used for
+  ranking or naming.
 """
 from __future__ import annotations
 
@@ -25,6 +37,13 @@ from handlers.runtime.concepts import colormap
 from handlers.runtime.imaging import InputSpec
 
 MAX_CATEGORIES = 32
+ESTIMATORS = {
+    "categorical": "cross-validated classifier information: max(0, H(Y) - 5-fold held-out cross-entropy of a "
+                   "Gaussian class-conditional classifier), a lower bound of I never above H(Y)",
+    "continuous": "Gaussian-copula MI (gcmi_cc)",
+    "circular": "Gaussian-copula MI (gcmi_cc) of (cos, sin)",
+    "gaussian_model": "gcmi_model_cd, Gaussian-model estimate for a categorical factor; not bounded by H(Y)",
+}
 
 
 @dataclass(frozen=True)
@@ -65,17 +84,30 @@ def encode_factors(factors: dict[str, np.ndarray], kinds: dict[str, dict] | None
     return out
 
 
+def factor_entropy(f: Factor) -> float | None:
+    """Plug-in entropy (bits) of a categorical factor; None for the others."""
+    return gcmi.entropy_discrete(f.values) if f.kind == "categorical" else None
+
+
 def mi_with_factor(x: np.ndarray, f: Factor) -> float:
-    """GCMI (bits) between a representation x (d, N) and a factor."""
+    """MI (bits) between a representation x (d, N) and a factor (estimators: ``ESTIMATORS``).
+
+    For a categorical factor the result lies in [0, H(factor)].
+    """
     if f.kind == "categorical":
-        return gcmi.gcmi_model_cd(x, f.values)
+        return gcmi.mi_classifier_cd(x, f.values)
     return gcmi.gcmi_cc(x, f.values)
 
 
+def mi_gaussian_model(x: np.ndarray, f: Factor) -> float | None:
+    """The unbounded Gaussian-model GCMI (bits) of x (d, N) with a categorical factor; None otherwise."""
+    return gcmi.gcmi_model_cd(x, f.values) if f.kind == "categorical" else None
+
+
 def mi_per_channel(p: np.ndarray, f: Factor) -> np.ndarray:
-    """GCMI of each row of p (C, N) with the factor: (C,)."""
+    """MI (bits) of each row of p (C, N) with the factor, as :func:`mi_with_factor`: (C,)."""
     if f.kind == "categorical":
-        return gcmi.gcmi_model_cd_batch(p, f.values)
+        return gcmi.mi_classifier_cd_batch(p, f.values)
     if f.kind == "continuous":
         return gcmi.gcmi_cc_batch(p, f.values[0])
     return np.array([gcmi.gcmi_cc(row, f.values) for row in p])
@@ -104,6 +136,10 @@ def pose_invariance(code: np.ndarray, pose: np.ndarray, classes: np.ndarray) -> 
     both poses carry the same class information. ``redundancy = -II / mean(I(R1;S), I(R2;S))``
     is the share of the class information the two poses have in common: high for a
     pose-invariant class code, near 0 for one that carries the class in one pose only.
+    Every MI term is the bounded :func:`gcmi.mi_classifier_cd`, within [0, H(S)]
+    (``class_entropy_bits``, the plug-in entropy of the paired samples' classes).
+
+    code: (d, N); pose: (N,) continuous; classes: (N,) integer labels.
     """
     low = pose <= np.median(pose)
     r1, r2, s = [], [], []
@@ -120,9 +156,10 @@ def pose_invariance(code: np.ndarray, pose: np.ndarray, classes: np.ndarray) -> 
         return {"error": "fewer than two classes have enough images in both pose bins"}
     R1, R2, S = np.concatenate(r1, axis=1), np.concatenate(r2, axis=1), np.concatenate(s)
     _, S = np.unique(S, return_inverse=True)
-    i1, i2 = gcmi.gcmi_model_cd(R1, S), gcmi.gcmi_model_cd(R2, S)
-    ii = gcmi.interaction_information_cd(R1, R2, S)
+    t = gcmi.interaction_information_classifier_cd(R1, R2, S)
+    ii, i1, i2 = t["ii"], t["i_r1"], t["i_r2"]
     return {"ii_bits": float(ii), "i_bin1_bits": float(i1), "i_bin2_bits": float(i2),
+            "i_joint_bits": float(t["i_joint"]), "class_entropy_bits": float(t["h_s"]),
             "redundancy": float(-ii / max((i1 + i2) / 2, 1e-9)), "pairs": int(S.size)}
 
 
@@ -130,7 +167,14 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
             kinds: dict[str, dict] | None, pca_dims: int = 4, pose_factor: str = "pos_x",
             concept_encoders: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full analysis. ``concept_encoders``: layer -> onnxruntime session (method 1),
-    for naming concepts; the layers of the encoders are captured too."""
+    for naming concepts; the layers of the encoders are captured too.
+
+    Result keys: ``mi_pca_bits``, ``mi_best_channel_bits``, ``mi_mean_channel_bits`` (layers x
+    factors, estimators as :func:`mi_with_factor`: a categorical factor's entries never
+    exceed ``factor_entropy_bits[factor]``); ``mi_pca_gaussian_model_bits`` (the unbounded
+    Gaussian-model figure, categorical factors only, None elsewhere); ``estimators``;
+    ``pose_invariance``; ``concept_names`` (the factor with the largest bounded MI).
+    """
     if ds.factors is None:
         raise ValueError("the data set has no factors.csv: nothing to analyse against")
     t0 = time.perf_counter()
@@ -141,14 +185,21 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
     classes = ds.labels
     result: dict[str, Any] = {"layers": list(layers), "factors": [f.name for f in factors],
                               "kinds": {f.name: f.kind for f in factors}, "images": len(ds),
+                              "estimators": {k: v for k, v in ESTIMATORS.items()
+                                             if k == "gaussian_model" or any(f.kind == k for f in factors)},
+                              "factor_entropy_bits": {f.name: round(h, 4) for f in factors
+                                                      if (h := factor_entropy(f)) is not None},
                               "pca_dims": pca_dims, "mi_pca_bits": [], "mi_best_channel_bits": [],
-                              "mi_mean_channel_bits": [], "pose_factor": pose_factor, "pose_invariance": {}}
+                              "mi_mean_channel_bits": [], "mi_pca_gaussian_model_bits": [],
+                              "pose_factor": pose_factor, "pose_invariance": {}}
     pose = next((f for f in factors if f.name == pose_factor), None)
     for l in layers:
         p = live_rows(pooled[l])
         code = pca_code(p, pca_dims)
         per = [mi_per_channel(p, f) for f in factors]
         result["mi_pca_bits"].append([round(mi_with_factor(code, f), 4) for f in factors])
+        result["mi_pca_gaussian_model_bits"].append(
+            [None if (g := mi_gaussian_model(code, f)) is None else round(g, 4) for f in factors])
         result["mi_best_channel_bits"].append([round(float(np.max(v)), 4) for v in per])
         result["mi_mean_channel_bits"].append([round(float(np.mean(v)), 4) for v in per])
         if pose is not None and pose.kind != "categorical":
@@ -158,12 +209,14 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
         for l, sess in concept_encoders.items():
             z = sess.run(None, {sess.get_inputs()[0].name: raw[l].astype(np.float32)})[0]
             values = z.max(axis=(2, 3)).T.astype(np.float64)  # (K, N): the concept variables
+            live = values.std(axis=1) > 1e-8 * (np.abs(values).max(axis=1) + 1e-12)
+            per_factor = {f.name: mi_per_channel(values[live], f) for f in factors} if live.any() else {}
             entries = []
-            for c, row in enumerate(values):
-                if row.std() <= 1e-8 * (np.abs(row).max() + 1e-12):
+            for c, j in enumerate(np.cumsum(live) - 1):  # j: the row among the live ones
+                if not live[c]:
                     entries.append({"channel": c, "name": None, "bits": None, "all_bits": {}})
                     continue
-                bits = {f.name: round(mi_with_factor(row[None, :], f), 4) for f in factors}
+                bits = {name: round(float(v[j]), 4) for name, v in per_factor.items()}
                 best = max(bits, key=bits.get)
                 entries.append({"channel": c, "name": best, "bits": bits[best], "all_bits": bits})
             names[l] = entries
@@ -190,7 +243,7 @@ def heatmap_png(result: dict[str, Any], path: str | Path, key: str = "mi_pca_bit
             draw.rectangle([x0, y0, x0 + cw - 2, y0 + ch - 2], fill=rgb)
             lum = 0.3 * rgb[0] + 0.59 * rgb[1] + 0.11 * rgb[2]
             draw.text((x0 + 18, y0 + 11), f"{m[i, j]:.2f}", fill="black" if lum > 110 else "white")
-    draw.text((left, 8), f"GCMI (bits), {key.replace('mi_', '').replace('_bits', '')}, {result['images']} images",
+    draw.text((left, 8), f"MI (bits), {key.replace('mi_', '').replace('_bits', '')}, {result['images']} images",
               fill="black")
     img.save(path)
 
@@ -200,6 +253,12 @@ def format_report(result: dict[str, Any]) -> str:
     lines = ["MI (bits) of the PCA code with each factor", "layer      " + " ".join(f"{c[:10]:>10}" for c in cols)]
     for l, row in zip(result["layers"], result["mi_pca_bits"]):
         lines.append(f"{l:<10} " + " ".join(f"{v:10.3f}" for v in row))
+    entropies = result.get("factor_entropy_bits", {})
+    if entropies:
+        lines.append("H(factor)  " + " ".join(f"{entropies[c]:10.3f}" if c in entropies else f"{'':>10}"
+                                             for c in cols))
+    for kind, text in result.get("estimators", {}).items():
+        lines.append(f"  estimator, {kind}: {text}")
     if result["pose_invariance"]:
         lines.append(f"pose invariance over {result['pose_factor']} bins (shared share of the class information)")
         for l, v in result["pose_invariance"].items():

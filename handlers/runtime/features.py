@@ -1,8 +1,20 @@
-"""The class-specific features view (method 3) at serve time."""
+"""The class-specific features view (method 3) at serve time.
+
+For pooled penultimate features ``h`` (D,), head ``W`` (C, D), ``b`` (C,) and per-class
+subsets ``S_c``, the full head's logit splits exactly into three parts::
+
+    logit_c = sum_{i in S_c} W[c, i] h_i  +  sum_{i not in S_c} W[c, i] h_i  +  b_c
+            = (decomposed logit_c - b_c)  +  outside_c                      +  b_c
+
+The decomposed head (Badola et al., "Decomposing the Deep") keeps only the first part and
+the bias. When it disagrees with the full head, the reason is in the ``outside`` parts: the
+answer shows them for the target and for the runner-up class, split into positive and
+negative sums, so a reader sees which class lost the evidence that kept it down.
+"""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -12,20 +24,38 @@ from handlers.runtime.errors import ArtifactError
 FORMAT = "features/1"
 
 
-class FeatureView:
-    """Per-class feature subsets ``S_c`` and the classifier head ``W`` (C, D), ``b`` (C,)."""
+def _r(v: float) -> float:
+    return round(float(v), 6)
 
-    def __init__(self, layer: str, subsets: list[list[int]], weight: np.ndarray, bias: np.ndarray,
-                 report: dict[str, Any]) -> None:
+
+def _optional_float(v: Any) -> float | None:
+    return None if v is None else _r(v)
+
+
+class FeatureView:
+    """Per-class feature subsets ``S_c`` and the classifier head ``W`` (C, D), ``b`` (C,).
+
+    ``report`` is the export report stored in the artifact (``features.json``); its
+    held-out agreement figures are repeated in every answer. ``classes``: the class labels
+    (C,), used to label the runner-up; without them the runner-up has no ``label``.
+    """
+
+    def __init__(self, layer: str, subsets: Sequence[Sequence[int]], weight: np.ndarray, bias: np.ndarray,
+                 report: dict[str, Any], classes: Sequence[str] | None = None) -> None:
         self.layer = layer
         self.subsets = [np.asarray(s, dtype=np.int64) for s in subsets]
-        self.weight = weight
-        self.bias = bias
+        self.weight = np.asarray(weight, dtype=np.float64)
+        self.bias = np.asarray(bias, dtype=np.float64)
         self.report = report
-        mask = np.zeros_like(weight)
+        self.classes = tuple(classes) if classes is not None else None
+        mask = np.zeros_like(self.weight)
         for c, s in enumerate(self.subsets):
             mask[c, s] = 1.0
-        self.masked = weight * mask
+        self.mask = mask.astype(bool)
+        self.masked = self.weight * mask
+        per_class = report.get("agreement_decomposed_vs_full_by_predicted_class")
+        self._agreement_by_class: list[float | None] | None = (
+            list(per_class) if isinstance(per_class, list) and len(per_class) == self.weight.shape[0] else None)
 
     @classmethod
     def load(cls, bundle: Bundle, file: str) -> "FeatureView":
@@ -38,31 +68,82 @@ class FeatureView:
             raise ArtifactError(f"{file}: head has {weight.shape[0]} rows for {len(bundle.metadata.classes)} classes")
         if doc["layer"] not in {l.name for l in bundle.metadata.layers}:
             raise ArtifactError(f"{file}: layer {doc['layer']} is not an output of the classifier graph")
-        return cls(doc["layer"], doc["subsets"], weight, bias, doc.get("report", {}))
+        return cls(doc["layer"], doc["subsets"], weight, bias, doc.get("report", {}), bundle.metadata.classes)
+
+    def _subset_contributions(self, h: np.ndarray, c: int) -> list[dict[str, Any]]:
+        """Class ``c``'s subset features, largest contribution first.
+
+        ``contribution_i = W[c, i] h_i`` for i in S_c; ``share`` = contribution / (full logit_c - b_c),
+        None when that evidence is exactly 0. h: (D,).
+        """
+        subset = self.subsets[c]
+        contrib = self.weight[c, subset] * h[subset]
+        evidence = float(self.weight[c] @ h)
+        order = np.argsort(-contrib, kind="stable")
+        return [{"index": int(subset[i]), "contribution": _r(contrib[i]),
+                 "share": _r(contrib[i] / evidence) if evidence != 0 else None} for i in order]
+
+    def _outside(self, h: np.ndarray, c: int) -> dict[str, Any]:
+        """Evidence of the features outside ``S_c`` for class ``c``: ``W[c, i] h_i`` for i not in S_c.
+
+        h: (D,). ``positive`` and ``negative`` are the sums of the positive and negative terms;
+        ``total`` = positive + negative = full logit_c - decomposed logit_c.
+        """
+        terms = self.weight[c, ~self.mask[c]] * h[~self.mask[c]]
+        pos = float(terms[terms > 0].sum())
+        neg = float(terms[terms < 0].sum())
+        return {"features": int(terms.size), "positive": _r(pos), "negative": _r(neg), "total": _r(pos + neg)}
+
+    def runner_up(self, full: np.ndarray, target: int) -> int | None:
+        """The class the target is compared with: the full head's second class when the target
+        is its top class, else its top class. full: (C,) logits. None with a single class."""
+        if full.shape[0] < 2:
+            return None
+        order = np.argsort(-full, kind="stable")
+        return int(order[1]) if int(order[0]) == target else int(order[0])
 
     def explain(self, activation: np.ndarray, target: int) -> dict[str, Any]:
         """The ``features`` view for one image.
 
         activation: the layer's output for the image, any shape with D elements (e.g. (D, 1, 1)).
-        ``contribution_i = W[t, i] h_i`` for i in S_t; ``share`` = contribution / (full logit - bias),
-        i.e. the part of the target's weighted evidence this feature carries.
+        ``contributions``: the target's subset features (``contribution_i = W[t, i] h_i`` for
+        i in S_t; ``share`` = contribution / (full logit - bias)). ``outside_subset``: the
+        target's evidence from the features not in S_t. ``runner_up``: the same breakdown for
+        the class compared with the target (see :meth:`runner_up`), with its full and
+        decomposed logits. ``decomposed_agreement_held_out``: share of the export's held-out
+        images on which the decomposed head's class equals the full head's (None for an
+        artifact without that figure); ``decomposed_agreement_held_out_class``: the same over
+        the held-out images the full head puts in this image's full-head class.
         """
         h = np.asarray(activation, dtype=np.float64).reshape(-1)
         if h.shape[0] != self.weight.shape[1]:
             raise ValueError(f"{self.layer} activation has {h.shape[0]} values, head expects {self.weight.shape[1]}")
         full = self.weight @ h + self.bias
         decomposed = self.masked @ h + self.bias
-        subset = self.subsets[target]
-        contrib = self.weight[target, subset] * h[subset]
-        evidence = float(full[target] - self.bias[target])
-        order = np.argsort(-contrib, kind="stable")
-        return {
-            "layer": self.layer, "subset_size": int(len(subset)),
-            "decomposed_agrees": bool(np.argmax(decomposed) == np.argmax(full)),
-            "decomposed_prediction": int(np.argmax(decomposed)),
-            "target_logit": round(float(full[target]), 6),
-            "decomposed_target_logit": round(float(decomposed[target]), 6),
-            "contributions": [{"index": int(subset[i]), "contribution": round(float(contrib[i]), 6),
-                               "share": round(float(contrib[i] / evidence), 6) if evidence != 0 else None}
-                              for i in order],
+        predicted, dec_pred = int(np.argmax(full)), int(np.argmax(decomposed))
+        by_class = self._agreement_by_class
+        body: dict[str, Any] = {
+            "layer": self.layer, "subset_size": int(len(self.subsets[target])),
+            "decomposed_agrees": bool(dec_pred == predicted),
+            "decomposed_prediction": dec_pred,
+            "decomposed_prediction_logit": _r(decomposed[dec_pred]),
+            "target_logit": _r(full[target]),
+            "decomposed_target_logit": _r(decomposed[target]),
+            "target_bias": _r(self.bias[target]),
+            "contributions": self._subset_contributions(h, target),
+            "outside_subset": self._outside(h, target),
+            "runner_up": None,
+            "decomposed_agreement_held_out": _optional_float(self.report.get("agreement_decomposed_vs_full")),
+            "decomposed_agreement_held_out_class": _optional_float(by_class[predicted]) if by_class else None,
+            "held_out_images": self.report.get("test_images"),
         }
+        other = self.runner_up(full, target)
+        if other is not None:
+            body["runner_up"] = {
+                "index": other, "label": self.classes[other] if self.classes is not None else None,
+                "logit": _r(full[other]), "decomposed_logit": _r(decomposed[other]), "bias": _r(self.bias[other]),
+                "subset_size": int(len(self.subsets[other])),
+                "contributions": self._subset_contributions(h, other),
+                "outside_subset": self._outside(h, other),
+            }
+        return body

@@ -205,6 +205,29 @@ def test_features_view(handler, model_dir, tiny_full_bundle, sample_pngs):
     assert sorted(c["index"] for c in f["contributions"]) == doc["subsets"][2]
     for c in f["contributions"]:
         assert c["contribution"] == pytest.approx(w[2, c["index"]] * h[c["index"]], abs=1e-5)
+    b = np.asarray(doc["bias"])
+    full = w @ h + b
+    outside = [w[2, i] * h[i] for i in range(len(h)) if i not in doc["subsets"][2]]
+    assert f["outside_subset"]["features"] == len(h) - 5
+    assert f["outside_subset"]["positive"] == pytest.approx(sum(t for t in outside if t > 0), abs=1e-4)
+    assert f["outside_subset"]["negative"] == pytest.approx(sum(t for t in outside if t < 0), abs=1e-4)
+    assert sum(c["contribution"] for c in f["contributions"]) + f["outside_subset"]["total"] == pytest.approx(
+        full[2] - b[2], abs=1e-4)
+    order = [int(i) for i in np.argsort(-full, kind="stable")]
+    runner_up = order[1] if order[0] == 2 else order[0]
+    classes = json.loads((tiny_full_bundle / "metadata.json").read_text())["classes"]
+    ru = f["runner_up"]
+    assert ru["index"] == runner_up and ru["label"] == classes[runner_up]
+    assert ru["logit"] == pytest.approx(full[runner_up], abs=1e-4)
+    assert sorted(c["index"] for c in ru["contributions"]) == doc["subsets"][runner_up]
+    dec_ru = sum(w[runner_up, i] * h[i] for i in doc["subsets"][runner_up]) + b[runner_up]
+    assert ru["decomposed_logit"] == pytest.approx(dec_ru, abs=1e-4)
+    assert ru["outside_subset"]["total"] == pytest.approx(full[runner_up] - dec_ru, abs=1e-4)
+    report = doc["report"]
+    assert f["decomposed_agreement_held_out"] == pytest.approx(report["agreement_decomposed_vs_full"], abs=1e-6)
+    assert f["held_out_images"] == report["test_images"]
+    by_class = report["agreement_decomposed_vs_full_by_predicted_class"][order[0]]
+    assert f["decomposed_agreement_held_out_class"] == (None if by_class is None else pytest.approx(by_class, abs=1e-6))
 
 
 def test_overlapped_cladec_gives_the_same_answers(handler, model_dir, sample_pngs):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from scipy import integrate, stats
 from scipy.special import ndtri
 
 from export.analysis.gcmi import (
@@ -12,11 +13,15 @@ from export.analysis.gcmi import (
     copnorm,
     ctransform,
     ent_g,
+    entropy_discrete,
     gcmi_cc,
     gcmi_cc_batch,
     gcmi_model_cd,
     gcmi_model_cd_batch,
     interaction_information_cd,
+    interaction_information_classifier_cd,
+    mi_classifier_cd,
+    mi_classifier_cd_batch,
     mi_gg,
     mi_model_gd,
 )
@@ -397,3 +402,142 @@ def test_other_invalid_inputs_raise():
         gcmi_cc_batch(_RNG.standard_normal((3, 10)), _RNG.standard_normal((2, 10)))
     with pytest.raises(ValueError, match="Ym must be a positive integer"):
         mi_model_gd(_X100, _LAB100, 2.0)
+
+
+# --------------------------------------------------------------------------- bounded discrete MI
+
+def mixture_mi_bits(mu: float) -> float:
+    """True I(X; Y) for Y ~ Bernoulli(1/2), X | Y ~ N(mu Y, 1), by quadrature (bits)."""
+    def integrand(x: float) -> float:
+        p = [stats.norm.pdf(x, mu * k, 1.0) for k in (0, 1)]
+        mix = 0.5 * (p[0] + p[1])
+        return sum(0.5 * pk * np.log2(pk / mix) for pk in p if pk > 0)
+    return integrate.quad(integrand, -12.0, 12.0 + mu, limit=200)[0]
+
+
+def test_entropy_discrete_known_values():
+    assert entropy_discrete([0, 1, 0, 1]) == pytest.approx(1.0)
+    assert entropy_discrete(np.arange(40) % 10) == pytest.approx(np.log2(10))
+    assert entropy_discrete([0, 0, 0, 1]) == pytest.approx(-(0.75 * np.log2(0.75) + 0.25 * np.log2(0.25)))
+    assert entropy_discrete(np.zeros(5, int)) == 0.0
+
+
+@pytest.mark.parametrize("m", [2, 3, 10])
+@pytest.mark.parametrize("d", [1, 4])
+def test_separable_factor_gives_its_entropy(m: int, d: int):
+    """Perfectly separable classes: I(X; Y) = H(Y); the estimate is at most H(Y) and close to it,
+    for raw clusters and for a strictly monotone transform of them."""
+    rng = np.random.default_rng(30 + m + d)
+    y = np.arange(3000) % m
+    x = y + 0.05 * rng.standard_normal((d, 3000))
+    h = np.log2(m)
+    for values in (x, np.exp(x)):
+        est = mi_classifier_cd(values, y)
+        assert h - 0.01 <= est <= h
+    np.testing.assert_array_less(mi_classifier_cd_batch(x, y), h + 1e-12)
+    assert np.all(mi_classifier_cd_batch(x, y) >= h - 0.01)
+
+
+def test_gaussian_model_estimate_exceeds_the_entropy_where_the_bounded_one_does_not():
+    """The reported fault: 4-D separated clusters of a 10-class factor give the Gaussian-model
+    estimate far above log2(10) = 3.32 bits; the classifier information stays below it."""
+    rng = np.random.default_rng(31)
+    y = np.arange(4000) % 10
+    x = y + 0.05 * rng.standard_normal((4, 4000))
+    assert gcmi_model_cd(x, y) > np.log2(10) + 1.0
+    assert np.log2(10) - 0.01 <= mi_classifier_cd(x, y) <= np.log2(10)
+
+
+@pytest.mark.parametrize("mu", [0.5, 1.0, 2.0, 4.0])
+def test_classifier_information_matches_a_gaussian_mixture_by_quadrature(mu: float):
+    rng = np.random.default_rng(int(mu * 10) + 32)
+    y = rng.integers(0, 2, 20_000)
+    x = mu * y + rng.standard_normal(20_000)
+    true = mixture_mi_bits(mu)
+    est = mi_classifier_cd(x, y)
+    assert est <= entropy_discrete(y)
+    assert abs(est - true) < 0.015  # the class model is the true model here: close to I, not above it by more than noise
+
+
+def test_classifier_information_of_an_independent_factor_is_near_zero():
+    rng = np.random.default_rng(33)
+    for m, d in ((2, 1), (10, 1), (4, 3)):
+        y = rng.integers(0, m, 5000)
+        x = rng.standard_normal((d, 5000))
+        assert 0.0 <= mi_classifier_cd(x, y) < 0.005
+        assert 0.0 <= mi_classifier_cd(np.exp(x), y) < 0.005
+    batch = mi_classifier_cd_batch(rng.standard_normal((20, 5000)), rng.integers(0, 10, 5000))
+    assert np.all(batch >= 0) and batch.max() < 0.005
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(10, 150), m=st.integers(2, 6), d=st.integers(1, 3),
+       strength=st.floats(0.0, 50.0), seed=st.integers(0, 2 ** 32 - 1))
+def test_classifier_information_never_exceeds_the_entropy(n: int, m: int, d: int, strength: float, seed: int):
+    rng = np.random.default_rng(seed)
+    y = np.concatenate([np.arange(m), rng.integers(0, m, n - m)])  # every class present, some with 1 sample
+    x = rng.standard_normal((d, n)) + strength * rng.normal(size=(d, 1)) * y
+    x[0] = np.round(x[0])  # ties
+    h = entropy_discrete(y)
+    est = mi_classifier_cd(x, y)
+    assert 0.0 <= est <= h
+    batch = mi_classifier_cd_batch(x, y)
+    assert np.all((batch >= 0.0) & (batch <= h))
+
+
+def test_mi_classifier_cd_batch_equals_loop():
+    rng = np.random.default_rng(34)
+    n = 700
+    y = rng.integers(0, 4, n)
+    X = rng.standard_normal((10, n)) + np.linspace(0, 2, 10)[:, None] * y
+    X[2] = np.exp(X[2])
+    X[3] = np.round(X[3])
+    X[4] = y + 0.01 * rng.standard_normal(n)
+    batch = mi_classifier_cd_batch(X, y)
+    loop = np.array([mi_classifier_cd(row, y) for row in X])
+    assert batch.shape == (10,)
+    np.testing.assert_allclose(batch, loop, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(mi_classifier_cd_batch(X, y, Ym=4, folds=3, seed=5),
+                               [mi_classifier_cd(row, y, 4, 3, 5) for row in X], rtol=0, atol=1e-10)
+
+
+def test_mi_classifier_cd_is_deterministic_and_seeded():
+    rng = np.random.default_rng(35)
+    y = rng.integers(0, 3, 400)
+    x = rng.standard_normal((2, 400)) + y
+    assert mi_classifier_cd(x, y) == mi_classifier_cd(x, y)
+    assert mi_classifier_cd(x, y, seed=1) != mi_classifier_cd(x, y, seed=2)
+    assert mi_classifier_cd(x, np.zeros(400, int)) == 0.0  # one class: H(Y) = 0
+
+
+def test_interaction_information_classifier_terms_are_bounded():
+    rng = np.random.default_rng(36)
+    n = 6000
+    s = rng.integers(0, 2, n)
+    signal = s + 0.7 * rng.standard_normal(n)
+    r1 = signal + 0.1 * rng.standard_normal(n)
+    r2 = signal + 0.1 * rng.standard_normal(n)
+    t = interaction_information_classifier_cd(r1, r2, s)
+    assert t["h_s"] == pytest.approx(entropy_discrete(s))
+    for key in ("i_joint", "i_r1", "i_r2"):
+        assert 0 <= t[key] <= t["h_s"]
+    assert t["ii"] == pytest.approx(t["i_joint"] - t["i_r1"] - t["i_r2"])
+    assert t["ii"] < -0.2  # redundant code
+    a, b = rng.integers(0, 2, (2, n))
+    xor = interaction_information_classifier_cd(a + 0.3 * rng.standard_normal(n), b + 0.3 * rng.standard_normal(n),
+                                                a ^ b)
+    assert xor["i_r1"] < 0.005 and xor["i_r2"] < 0.005 and xor["ii"] > 0.2  # synergy
+
+
+@pytest.mark.parametrize("func", [mi_classifier_cd, mi_classifier_cd_batch])
+def test_classifier_information_invalid_inputs_raise(func):
+    with pytest.raises(ValueError, match=_MISMATCH):
+        func(_Y99, _LAB100)
+    with pytest.raises(ValueError, match="folds must be an integer"):
+        func(_X100, _LAB100, folds=1)
+    with pytest.raises(ValueError, match="at least the number of folds"):
+        func(_X100[:, :4], _LAB100[:4] * 0, folds=5)
+    with pytest.raises(ValueError, match="empty class"):
+        func(_X100, 2 * _LAB100)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        func(np.r_[np.nan, np.zeros(99)], _LAB100)

@@ -7,7 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.analysis.layers import encode_factors, heatmap_png, mi_per_channel, pca_code, pose_invariance
+from export.analysis.layers import (
+    encode_factors,
+    factor_entropy,
+    format_report,
+    heatmap_png,
+    mi_gaussian_model,
+    mi_per_channel,
+    mi_with_factor,
+    pca_code,
+    pose_invariance,
+)
 
 
 def test_factor_kinds_from_factors_json_and_inferred():
@@ -39,6 +49,25 @@ def test_per_channel_mi_finds_the_informative_channel():
     mi_cls = mi_per_channel(p, fs["cls"])
     assert np.argmax(mi_scale) == 1 and mi_scale[1] > 0.3 and np.delete(mi_scale, 1).max() < 0.02
     assert np.argmax(mi_cls) == 3 and mi_cls[3] > 0.3
+    assert np.all(mi_cls <= factor_entropy(fs["cls"])) and np.all(mi_cls >= 0)
+
+
+def test_categorical_mi_is_bounded_by_the_factor_entropy():
+    """A 10-class factor whose classes a 4-D code separates: the reported MI is close to
+    log2(10) and never above it; the Gaussian-model figure (kept under its own name) is not."""
+    rng = np.random.default_rng(4)
+    shape = np.arange(5000) % 10
+    code = shape + 0.05 * rng.standard_normal((4, 5000))
+    [f] = encode_factors({"shape": shape.astype(float)}, {"shape": {"type": "categorical"}})
+    h = factor_entropy(f)
+    assert h == pytest.approx(np.log2(10))
+    assert h - 0.01 <= mi_with_factor(code, f) <= h
+    assert mi_gaussian_model(code, f) > h + 1.0  # the unbounded estimate the analysis no longer reports as MI
+    assert np.all(mi_per_channel(code, f) <= h) and np.all(mi_per_channel(code, f) >= h - 0.01)
+    independent = rng.standard_normal((4, 5000))
+    assert 0 <= mi_with_factor(independent, f) < 0.005
+    [g] = encode_factors({"scale": rng.uniform(0, 1, 5000)}, None)
+    assert factor_entropy(g) is None and mi_gaussian_model(code, g) is None
 
 
 def test_pca_code_drops_dead_channels():
@@ -61,6 +90,11 @@ def test_pose_invariance_separates_invariant_from_pose_bound_codes():
     assert inv["ii_bits"] < -0.5 and inv["redundancy"] > 0.5
     assert bound["i_bin2_bits"] < 0.05 and abs(bound["redundancy"]) < 0.05
     assert inv["pairs"] > 2500
+    for r in (inv, bound):
+        assert r["class_entropy_bits"] == pytest.approx(2.0, abs=0.01)
+        for key in ("i_bin1_bits", "i_bin2_bits", "i_joint_bits"):
+            assert 0 <= r[key] <= r["class_entropy_bits"]
+        assert r["ii_bits"] == pytest.approx(r["i_joint_bits"] - r["i_bin1_bits"] - r["i_bin2_bits"])
 
 
 def test_heatmap_png(tmp_path):
@@ -80,4 +114,21 @@ def test_tiny_bundle_concepts_named(tiny_full_bundle: Path):
     analysis = json.loads((tiny_full_bundle.parent / "analysis" / "layer_analysis.json").read_text())
     assert analysis["layers"] == ["stem", "layer1", "layer2", "layer3"]
     assert np.asarray(analysis["mi_pca_bits"]).shape == (4, 9)
+    entropy = analysis["factor_entropy_bits"]
+    assert set(entropy) == {f for f, k in analysis["kinds"].items() if k == "categorical"} >= {"shape", "texture"}
+    assert "categorical" in analysis["estimators"] and "gaussian_model" in analysis["estimators"]
+    for key in ("mi_pca_bits", "mi_best_channel_bits", "mi_mean_channel_bits"):
+        for row in analysis[key]:
+            for factor, v in zip(analysis["factors"], row):
+                assert factor not in entropy or 0 <= v <= entropy[factor] + 1e-4  # rounding to 4 decimals
+    for row in analysis["mi_pca_gaussian_model_bits"]:
+        assert [v is not None for v in row] == [f in entropy for f in analysis["factors"]]
+    for n, b in named:
+        assert n not in entropy or b <= entropy[n] + 1e-4
+    for entries in analysis.get("concept_names", {}).values():
+        for e in entries:
+            if e["name"] is not None:
+                assert e["bits"] == max(e["all_bits"].values())
+                assert all(v <= entropy[f] + 1e-4 for f, v in e["all_bits"].items() if f in entropy)
+    assert "H(factor)" in format_report(analysis)
     assert (tiny_full_bundle.parent / "analysis" / "layer_analysis.png").is_file()
