@@ -388,6 +388,16 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
         top = ", ".join(f"#{c['index']} {c['contribution']:+.2f}" for c in ft["contributions"])
         print(f"  features ({ft['layer']}, {ft['subset_size']} of the target's subset): {top}; "
               f"decomposed head agrees: {ft['decomposed_agrees']}")
+        o, ru = ft["outside_subset"], ft.get("runner_up")
+        print(f"    outside the subset: {o['positive']:+.2f} / {o['negative']:+.2f} (total {o['total']:+.2f}); "
+              f"held-out agreement {ft['decomposed_agreement_held_out']}")
+        if ru:
+            print(f"    runner-up {ru['label']}: logit {ru['logit']:+.2f}, decomposed {ru['decomposed_logit']:+.2f}, "
+                  f"outside the subset {ru['outside_subset']['negative']:+.2f} negative")
+    if "validity" in body and "concepts" in body["validity"]:
+        v = body["validity"]["concepts"]
+        print(f"  bundle validity: causal Spearman {v['causal_spearman']} (per image {v['causal_spearman_per_image']}), "
+              f"fidelity {v['fidelity']}; failed checks: {', '.join(v['failed_checks']) or 'none'}")
     print("  timings (ms): " + ", ".join(f"{k}={v}" for k, v in body["timings_ms"].items()))
     print(f"full explanation: {out / 'explanation.json'}; ClaDec triplets: {out / 'cladec_grid.png'}")
     return {"explanation_bytes": size}

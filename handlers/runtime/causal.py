@@ -67,8 +67,6 @@ class CompiledCausalModel:
     #: Largest precomputed lookup table per concept, in float64 entries (2 MB); larger ones
     #: cost more load time than they save (measured on the demo network).
     MAX_LOOKUP_ENTRIES = 250_000
-    #: Most observed-state combinations evaluated one by one to fill a lookup table.
-    MAX_LOOKUP_COMBINATIONS = 2_048
 
     def __init__(self, cpts: Sequence[CPT], outcome: str) -> None:
         self.cpts: dict[str, CPT] = {c.node: c for c in cpts}
@@ -184,8 +182,8 @@ class CompiledCausalModel:
     def _with_lookup(self, plan: _Plan) -> _Plan:
         """Precompute the plan's answers for every combination of its observed variables when
         the table has at most ``MAX_LOOKUP_ENTRIES`` entries: by transposing the outcome's CPT
-        when it is the only factor, else by running the compiled contraction once per
-        combination (at most ``MAX_LOOKUP_COMBINATIONS``)."""
+        when it is the only factor, else by one contraction that keeps the observed variables
+        as free axes (:meth:`_contract_all`)."""
         x, y = plan.concept, self.outcome
         obs = sorted({p for _, spec in plan.factors for kind, p in spec if kind == "obs"})
         cards = [self.cpts[p].card for p in obs]
@@ -202,13 +200,27 @@ class CompiledCausalModel:
             else:
                 table = np.transpose(moved, [axes.index(p) for p in obs] + [len(axes)])
                 table = np.broadcast_to(table[..., None, :], table.shape[:-1] + (sx, sy))
-        elif combos <= self.MAX_LOOKUP_COMBINATIONS:
-            table = np.empty((*cards, sx, sy))
-            for combo in np.ndindex(*cards):
-                table[combo] = self._contract(plan, dict(zip(obs, combo)))
         else:
-            return plan
+            table = self._contract_all(plan, obs)
         return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
+
+    def _contract_all(self, plan: _Plan, obs: Sequence[str]) -> np.ndarray:
+        """The plan's answers for every combination of the observed variables ``obs`` at once:
+        (card(obs_1), ..., card(obs_k), states of X, states of Y), by one einsum whose
+        observed axes stay free instead of being sliced."""
+        names = [plan.concept, *obs, *(n for n, _ in plan.factors)]
+        names = list(dict.fromkeys(names))
+        if len(names) > 52:
+            raise ValueError(f"too many variables to tabulate concept {plan.concept}")
+        letter = {n: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i, n in enumerate(names)}
+        terms, ops = [], []
+        for node, spec in plan.factors:
+            terms.append(letter[node] + "".join(letter[p] for _, p in spec))
+            ops.append(self.cpts[node].table)
+        out = "".join(letter[p] for p in obs) + letter[plan.concept] + letter[self.outcome]
+        subscripts = ",".join(terms) + "->" + out
+        path, _ = np.einsum_path(subscripts, *ops, optimize="greedy")
+        return np.einsum(subscripts, *ops, optimize=path)
 
     def _sliced(self, node: str, spec: tuple[tuple[str, str], ...], index: Mapping[str, int]) -> np.ndarray:
         """``node``'s CPT with its observed parents fixed at state indices ``index``; kept
