@@ -39,6 +39,13 @@ def cmd_render(args: argparse.Namespace) -> dict:
     return info
 
 
+def cmd_digits(args: argparse.Namespace) -> dict:
+    from export.data.digits import write_digits_folder
+    out = write_digits_folder(args.out, size=args.size, seed=args.seed)
+    print(f"wrote scikit-learn's 1,797 handwritten digits ({args.size} px) into {out}/train and {out}/test")
+    return {"out": str(out)}
+
+
 def cmd_train(args: argparse.Namespace) -> dict:
     import torch
     from export.data.loader import infer_input_spec, load_image_folder
@@ -429,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--workers", type=int, default=None)
     r.set_defaults(func=cmd_render)
+
+    dg = sub.add_parser("digits", help="write scikit-learn's real handwritten digits as an image folder "
+                                       "(a small real data set for checks; needs scikit-learn)")
+    dg.add_argument("--out", default="data/digits", help="output folder (default data/digits)")
+    dg.add_argument("--size", type=int, default=32, help="image size in px (default 32)")
+    dg.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
+    dg.set_defaults(func=cmd_digits)
 
     t = sub.add_parser("train", help="train a project architecture on an image folder")
     t.add_argument("--data", required=True)
