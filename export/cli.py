@@ -171,7 +171,7 @@ def cmd_concepts(args: argparse.Namespace) -> dict:
     meta = load_bundle(args.bundle).metadata
     model, _, _, _ = _load_classifier(args)
     overrides = _overrides(args, ("k", "states", "epochs", "train_images", "validity_images", "max_indegree",
-                                  "outcome_max_indegree", "intervention_images", "backoff", "seed"))
+                                  "outcome_max_indegree", "intervention_images", "backoff", "min_steps", "seed"))
     if args.layers:
         overrides["layers"] = tuple(args.layers.split(","))
     cfg = dataclasses.replace(ConceptConfig(), **overrides)
@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--states", type=int, help="states per concept (default 3)")
     c.add_argument("--epochs", type=int)
     c.add_argument("--train-images", type=int)
+    c.add_argument("--min-steps", type=int,
+                   help="least autoencoder training steps; small data sets get more epochs (default 180)")
     c.add_argument("--validity-images", type=int)
     c.add_argument("--max-indegree", type=int, help="parents per concept from the previous layer (default 3)")
     c.add_argument("--outcome-max-indegree", type=int, help="parents of Y from the last layer (default 8)")

@@ -37,6 +37,7 @@ class ConceptConfig:
     k: int = 8
     states: int = 3
     epochs: int = 4
+    min_steps: int = 180  # small data sets train more epochs, so every autoencoder gets this many steps
     batch_size: int = 128
     lr: float = 1e-2
     deep_weight: float = 0.1
@@ -145,16 +146,17 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
         aes[l] = ConceptAutoencoder(a.shape[1], cfg.k, hidden=hidden, nonneg=bool((a >= 0).all()))
         scale[l] = float(a.pow(2).mean()) + 1e-8
     params = [p for ae in aes.values() for p in ae.parameters()]
-    steps = cfg.epochs * -(-len(idx) // cfg.batch_size)
+    steps_per_epoch = -(-len(idx) // cfg.batch_size)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+    steps = epochs * steps_per_epoch
     opt = torch.optim.Adam(params, lr=cfg.lr)
     sched = one_cycle(opt, cfg.lr, steps, 0.2)
     history: list[dict[str, float]] = []
     bar = tqdm(total=steps, desc="concept autoencoders", disable=not progress, unit="step")
     sub = ds.take(idx)
     t0 = time.perf_counter()
-    steps_per_epoch = -(-len(idx) // cfg.batch_size)
     step = 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(epochs):
         sums = {f"{l}/{t}": 0.0 for l in cfg.layers for t in ("shallow", "deep", "sparse")}
         n = 0
         for x, _ in batches(sub, spec, cfg.batch_size, rng.permutation(len(sub))):
@@ -449,45 +451,33 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(spearmanr(a, b).statistic)
 
 
-@torch.no_grad()
-def causal_validity(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: ImageDataset, spec: InputSpec,
-                    cfg: ConceptConfig, bn: CompiledCausalModel, edges: dict[str, np.ndarray],
-                    typical: dict[str, np.ndarray], support: dict[str, np.ndarray] | None = None,
-                    progress: bool = True) -> dict[str, Any]:
+def causal_validity(iv: Interventions, bn: CompiledCausalModel, cfg: ConceptConfig,
+                    support: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Rank agreement between the network's effects and effects measured in the real classifier.
 
-    For each held-out image, concept (layer l, channel c) and state s: rescale channel c of
-    the code so its spatial max is the state's typical value (a flat map if the channel is
-    silent), decode, run f_{>l} and read P(target), target = the prediction. The measured
-    effect uses the same weights pi(x) as the network's: ``P_t(x_o) - sum_x pi(x) P_t(x)``.
+    ``iv``: :func:`run_interventions` on held-out images, so for each image, concept and
+    state, P(prediction | do(concept = state)) of the real classifier (code rescaled to the
+    state's typical peak, decoded, f_{>l} run). The measured effect uses the same weights
+    pi(x) as the network's: ``P_t(x_o) - sum_x pi(x) P_t(x)``, target t = the prediction.
     Spearman correlations: pooled over (image, concept) pairs, per image (over its concepts,
     the ranking a reader sees; mean over images), over per-concept mean effects, per layer.
     With ``support`` (rows per parent configuration per node): the share of served
     interventions whose directly affected tables (X's children, and Y when X is its parent)
     are read at a parent configuration no fitting row had.
     """
-    n = min(cfg.validity_images, len(ds))
-    idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
-    x = next(batches(ds.take(idx), spec, n))[0]
-    logits, acts = capture(model, cfg.layers, x)
-    target = logits.argmax(1).numpy()
-    codes = {l: aes[l].encoder(acts[l]) for l in cfg.layers}
-    states = {l: discretise(pooled_values(codes[l].numpy()), edges[l]) for l in cfg.layers}
-    evidence = [{concept_id(l, c): int(states[l][i, c]) for l in cfg.layers for c in range(states[l].shape[1])}
+    layers = list(iv.layers)
+    n = len(iv.y_observed)
+    target = iv.y_observed
+    evidence = [{concept_id(l, c): int(iv.observed[l][i, c]) for l in layers for c in range(iv.observed[l].shape[1])}
                 for i in range(n)]
-    work = [(l, c) for l in cfg.layers for c in range(codes[l].shape[1])]
+    work = [(li, l, c) for li, l in enumerate(layers) for c in range(iv.observed[l].shape[1])]
     bn_effect = np.zeros((n, len(work)))
     measured = np.zeros((n, len(work)))
     unseen = np.zeros((n, len(work), cfg.states), bool)
-    rows = np.arange(n)
-    for w, (l, c) in enumerate(tqdm(work, desc="causal validity", disable=not progress, unit="concept")):
-        p_t = np.zeros((n, cfg.states))
-        for s in range(cfg.states):
-            zz = set_code_peak(codes[l], c, float(typical[l][c, s]))
-            probs = F.softmax(spliced_logits(model, l, x, aes[l].decoder(zz)), dim=1).numpy()
-            p_t[:, s] = probs[rows, target]
+    for w, (li, l, c) in enumerate(work):
+        p_t = iv.p_pred[li][c].T  # (n, S)
         cid = concept_id(l, c)
-        direct = [ch for ch in bn.children[cid]]
+        direct = list(bn.children[cid])
         for i in range(n):
             pi = bn.prior(evidence[i], cid)
             xo = evidence[i][cid]
@@ -497,12 +487,11 @@ def causal_validity(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Im
             if support is not None:
                 for s in range(cfg.states):
                     ev = {**evidence[i], cid: s}
-                    for ch in direct:
-                        cfg_idx = tuple(ev[p] for p in bn.cpts[ch].parents)
-                        if support[ch][cfg_idx] == 0:
-                            unseen[i, w, s] = True
-    layer_of = np.array([l for l, _ in work])
-    connected = np.array([bn.outcome in bn.descendants(concept_id(l, c)) for l, c in work])
+                    unseen[i, w, s] = any(support[ch][tuple(ev[p] for p in bn.cpts[ch].parents)] == 0
+                                          for ch in direct)
+    layer_of = np.array([l for _, l, _ in work])
+    ids = [concept_id(l, c) for _, l, c in work]
+    connected = np.array([bn.outcome in bn.descendants(cid) for cid in ids])
     per_image = [_spearman(bn_effect[i], measured[i]) for i in range(n)]
     per_image_valid = [r for r in per_image if r is not None]
     moving = np.abs(measured).mean(axis=0) >= cfg.reacting_threshold
@@ -511,11 +500,10 @@ def causal_validity(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Im
            "images_with_constant_effects": int(n - len(per_image_valid)),
            "spearman_per_concept": _spearman(bn_effect.mean(axis=0), measured.mean(axis=0)),
            "spearman_per_layer": {l: _spearman(bn_effect[:, layer_of == l].ravel(), measured[:, layer_of == l].ravel())
-                                  for l in cfg.layers},
+                                  for l in layers},
            "pairs": int(bn_effect.size), "images": n,
            "concepts_connected_to_outcome": int(connected.sum()),
-           "moving_concepts_without_path": [concept_id(l, c) for (l, c), m, con in zip(work, moving, connected)
-                                            if m and not con],
+           "moving_concepts_without_path": [cid for cid, m, con in zip(ids, moving, connected) if m and not con],
            "bn_effect_mean_abs": float(np.abs(bn_effect).mean()),
            "measured_effect_mean_abs": float(np.abs(measured).mean())}
     if support is not None:
@@ -564,7 +552,10 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
         ev = {concept_id(l, c): int(st_test[l][i, c]) for l in cfg.layers for c in range(cfg.k)}
         hits += int(compiled.outcome_posterior(ev).argmax() == y_test[i])
     fidelity = hits / len(test)
-    validity = causal_validity(model, aes, test, spec, cfg, compiled, edges, typical, support, progress)
+    n_val = min(cfg.validity_images, len(test))
+    val_idx = np.linspace(0, len(test) - 1, n_val).round().astype(int)
+    iv_test = run_interventions(model, aes, test.take(val_idx), spec, cfg.layers, edges, typical, progress=progress)
+    validity = causal_validity(iv_test, compiled, cfg, support)
     layers, parity = [], {}
     for l in cfg.layers:
         with torch.no_grad():

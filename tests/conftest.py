@@ -50,7 +50,7 @@ def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Pat
     cli.cmd_concepts(argparse.Namespace(
         bundle=out, classifier=tiny_classifier, data=tiny_data, layers=None, limit=None, test_limit=None,
         k=4, states=3, epochs=1, train_images=200, validity_images=20, max_indegree=2,
-        outcome_max_indegree=2, intervention_images=60, backoff=None, seed=0))
+        outcome_max_indegree=2, intervention_images=60, backoff=None, min_steps=0, seed=0))
     return out
 
 
