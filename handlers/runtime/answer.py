@@ -35,7 +35,7 @@ from pydantic_core import PydanticUndefined
 def _rounded(digits: int) -> PlainSerializer:
     def serialize(value: float) -> float:
         return round(float(value), digits)
-    return PlainSerializer(serialize, return_type=float)
+    return PlainSerializer(serialize, return_type=float, when_used="unless-none")
 
 
 Round6 = Annotated[float, _rounded(6)]  # probabilities, logits, effects, contributions
@@ -49,15 +49,15 @@ def _base64(png: bytes) -> str:
 
 
 #: PNG bytes in the model, a base64 string on the wire.
-Png = Annotated[bytes, PlainSerializer(_base64, return_type=str),
+Png = Annotated[bytes, PlainSerializer(_base64, return_type=str, when_used="unless-none"),
                 WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"})]
 
 
 # -- the base model and fields that may be left out -----------------------------------------
 
 
-def _no_default(schema: dict[str, Any]) -> None:
-    schema.pop("default", None)
+def _omitted_marker(schema: dict[str, Any]) -> None:
+    """Marks a field made by :func:`omitted` (as its ``json_schema_extra``); changes nothing."""
 
 
 #: In a field's type: None in the model, absent from the body and from the schema (never ``null``).
@@ -73,7 +73,7 @@ def on_wire(description: str | None = None, **constraints: Any) -> Any:
 
 def omitted(description: str) -> Any:
     """The default of a field that is left out of the body when None (type ``X | Absent``)."""
-    return Field(default=None, description=description, json_schema_extra=_no_default)
+    return Field(default=None, description=description, json_schema_extra=_omitted_marker)
 
 
 class Answer(BaseModel):
@@ -87,10 +87,10 @@ class Answer(BaseModel):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         cls._omitted_fields = frozenset(name for name, f in cls.model_fields.items()
-                                        if f.json_schema_extra is _no_default)
+                                        if f.json_schema_extra is _omitted_marker)
 
     # No return annotation: pydantic would take it as the schema of the serialised model.
-    @model_serializer(mode="wrap")
+    @model_serializer(mode="wrap", when_used="unless-none")
     def _leave_out_absent(self, serialize: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
         body = serialize(self)
         for name in self._omitted_fields:
@@ -329,10 +329,25 @@ class _Generator(GenerateJsonSchema):
         return False
 
 
+def _normalised(node: Any) -> Any:
+    """The same schema in the form every pydantic 2.x writes: a lone ``allOf: [{$ref}]`` as
+    ``$ref`` (2020-12 allows siblings), and no ``default`` (an answer has no defaults)."""
+    if isinstance(node, list):
+        return [_normalised(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _normalised(v) for k, v in node.items() if k != "default"}
+    all_of = out.get("allOf")
+    if isinstance(all_of, list) and len(all_of) == 1 and set(all_of[0]) == {"$ref"} and "$ref" not in out:
+        del out["allOf"]
+        out = {"$ref": all_of[0]["$ref"], **out}
+    return out
+
+
 def json_schema(kind: str) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of one kind of body, as serialised on the wire."""
     schema = SCHEMAS[kind].model_json_schema(mode="serialization", schema_generator=_Generator)
-    return {"$schema": DIALECT, **schema}
+    return {"$schema": DIALECT, **_normalised(schema)}
 
 
 def schema_files() -> dict[str, str]:
