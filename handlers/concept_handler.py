@@ -8,7 +8,6 @@ exactly one class in this module.
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -60,12 +59,18 @@ class ConceptExplainerHandler:
         for i, (req, reply) in enumerate(zip(requests, replies)):
             context.set_response_status(reply.status, "", idx=i)
             context.set_response_content_type(i, "application/json")
-            body = json.dumps(reply.body, separators=(",", ":")).encode()
+            body = reply.wire_json()
             batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(body),
                                 endpoint="explanations" if req.explain else "predictions")
             bodies.append(body)
         self._emit(context, batch_metrics.samples())
         return bodies
+
+    def close(self) -> None:
+        """Release the service's threads (TorchServe has no unload hook; a host that stops
+        the handler, or a test, calls this). Idempotent."""
+        if self.service is not None:
+            self.service.close()
 
     def _emit(self, context: Any, samples: list[metrics_mod.Sample]) -> None:
         """Hand samples to TorchServe's metrics API (declared in metrics.yaml). Metrics never

@@ -1,20 +1,30 @@
 """The ClaDec view (method 2) at serve time: decode the classifier's activations into an
-image, beside the reference autoencoder's reconstruction of the same input."""
+image, beside the reference autoencoder's reconstruction of the same input.
+
+:class:`ClaDecView` holds the sessions; :class:`ClaDecRunner` runs them for batches (the
+reference autoencoders optionally on a thread beside the classifier), one
+:class:`ClaDecJob` per batch, whose :class:`ClaDecOutcome` maps rows to their entries."""
 from __future__ import annotations
 
-import base64
 import json
-from dataclasses import dataclass
-from typing import Any, Sequence
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from handlers.runtime.answer import ClaDecImage
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.classifier import make_session
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_png
 
 FORMAT = "cladec/1"
+
+#: row -> decoder or RefAE file -> PNG bytes
+RowImages = dict[int, dict[str, bytes]]
 
 
 @dataclass(frozen=True)
@@ -60,38 +70,164 @@ class ClaDecView:
         """The entries for ``layers`` (None: all), in archive order."""
         return [e for e in self.entries if layers is None or e.layer in layers]
 
-    def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None) -> dict[str, list[str]]:
-        """The reference autoencoders' images: RefAE file -> base64 PNG per row, one RefAE run
+    def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None) -> RowImages:
+        """The reference autoencoders' images: row -> RefAE file -> PNG bytes, one RefAE run
         per layer (shared by its alphas). Needs only the input x, normalised (N, C, H, W), so
-        it can run beside the classifier."""
+        it can run beside the classifier. rows: rows of x."""
         rows = list(rows)
-        out: dict[str, list[str]] = {}
+        out: RowImages = {r: {} for r in rows}
+        done: set[str] = set()
         for e in self.wanted(layers):
-            if e.refae_file not in out:
+            if e.refae_file not in done:
+                done.add(e.refae_file)
                 ref = self.refaes[e.refae_file]
                 ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
-                out[e.refae_file] = [base64.b64encode(encode_png(img)).decode() for img in ref_u8]
+                for r, img in zip(rows, ref_u8, strict=True):
+                    out[r][e.refae_file] = encode_png(img)
         return out
 
     def reconstructions(self, activations: dict[str, np.ndarray], rows: Sequence[int],
-                        layers: Sequence[str] | None) -> list[list[dict[str, Any]]]:
-        """Per row, the ``cladec`` entries without references (layer, alpha, base64 PNG).
+                        layers: Sequence[str] | None) -> RowImages:
+        """The decoders' images: row -> decoder file -> PNG bytes.
 
-        activations: layer -> (N, ...) from the classifier run."""
+        activations: layer -> (N, ...) from the classifier run; rows: rows of the activations."""
         rows = list(rows)
-        out: list[list[dict[str, Any]]] = [[] for _ in rows]
+        out: RowImages = {r: {} for r in rows}
         for e in self.wanted(layers):
             dec = self.decoders[e.decoder_file]
             rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
-            for j in range(len(rows)):
-                out[j].append({"layer": e.layer, "alpha": e.alpha,
-                               "reconstruction_png": base64.b64encode(encode_png(rec_u8[j])).decode()})
+            for r, img in zip(rows, rec_u8, strict=True):
+                out[r][e.decoder_file] = encode_png(img)
         return out
 
-    def attach_references(self, entries: list[list[dict[str, Any]]], references: dict[str, list[str]],
-                          layers: Sequence[str] | None) -> None:
-        """Add ``reference_png`` to the entries of :meth:`reconstructions` (same rows, layers)."""
-        wanted = self.wanted(layers)
-        for j, row_entries in enumerate(entries):
-            for entry, e in zip(row_entries, wanted):
-                entry["reference_png"] = references[e.refae_file][j]
+    def images(self, layers: Sequence[str] | None, reconstructions: Mapping[str, bytes],
+               references: Mapping[str, bytes] | None) -> list[ClaDecImage]:
+        """One image's ``cladec`` entries in archive order, from its row of :meth:`reconstructions`
+        and of :meth:`references` (None: without reference images)."""
+        return [ClaDecImage(layer=e.layer, alpha=e.alpha, reconstruction_png=reconstructions[e.decoder_file],
+                            reference_png=references[e.refae_file] if references is not None else None)
+                for e in self.wanted(layers)]
+
+
+@dataclass(frozen=True)
+class ClaDecWish:
+    """What one image asks of ClaDec: the layers (None: all) and whether with reference images."""
+
+    layers: tuple[str, ...] | None
+    reference: bool
+
+
+@dataclass(frozen=True)
+class ClaDecOutcome:
+    """ClaDec's part of a batch's answers.
+
+    images: row -> its ``cladec`` entries; ms: milliseconds of the decoders plus the reference
+    autoencoders (unrounded; the references may have run beside the classifier); error: the
+    fault that stopped ClaDec, which then fails exactly the rows in ``wanted``.
+    """
+
+    wanted: frozenset[int] = frozenset()
+    images: dict[int, list[ClaDecImage]] = field(default_factory=dict)
+    ms: float = 0.0
+    error: BaseException | None = None
+
+
+class ClaDecJob:
+    """One batch's ClaDec work: its rows grouped by (layers, with references), the reference
+    images (started on the runner's thread, or made in :meth:`finish`) and the merge of
+    reconstructions and references, keyed by row and file.
+
+    Use as a context manager: leaving it waits for the reference thread, so a job never runs
+    into the next batch.
+    """
+
+    def __init__(self, view: ClaDecView | None, x: np.ndarray, wishes: Mapping[int, ClaDecWish],
+                 pool: ThreadPoolExecutor | None) -> None:
+        """x: the normalised batch (N, C, H, W); wishes: row -> what it asks (rows absent want
+        nothing); pool: where to start the reference images now (None: in :meth:`finish`)."""
+        if wishes and view is None:
+            raise ValueError("ClaDec wishes without a ClaDec view")
+        self._view = view
+        self._x = x
+        self._wishes = dict(wishes)
+        self._groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
+        for row, wish in self._wishes.items():
+            self._groups.setdefault((wish.layers, wish.reference), []).append(row)
+        wants_references = any(reference for _, reference in self._groups)
+        self._job: Future[tuple[RowImages, float]] | None = (
+            pool.submit(self._references) if pool is not None and wants_references else None)
+
+    def _references(self) -> tuple[RowImages, float]:
+        """Row -> RefAE file -> PNG for the rows that ask for references, and the milliseconds."""
+        assert self._view is not None
+        t0 = time.perf_counter()
+        out: RowImages = {}
+        for (layers, reference), rows in self._groups.items():
+            if reference:
+                out.update(self._view.references(self._x, rows, layers))
+        return out, (time.perf_counter() - t0) * 1000
+
+    def finish(self, activations: dict[str, np.ndarray]) -> ClaDecOutcome:
+        """Decode the rows' activations (layer -> (N, ...)), take the reference images and merge.
+
+        Never raises for a fault inside ClaDec: the outcome carries it, to fail only the rows
+        that wanted ClaDec."""
+        wanted = frozenset(self._wishes)
+        if not wanted:
+            return ClaDecOutcome()
+        assert self._view is not None
+        try:
+            t0 = time.perf_counter()
+            recs: RowImages = {}
+            for (layers, _), rows in self._groups.items():
+                recs.update(self._view.reconstructions(activations, rows, layers))
+            decode_ms = (time.perf_counter() - t0) * 1000
+            refs, refs_ms = self._job.result() if self._job is not None else self._references()
+            images = {row: self._view.images(wish.layers, recs[row], refs[row] if wish.reference else None)
+                      for row, wish in self._wishes.items()}
+        except Exception as exc:  # noqa: BLE001 - fails the rows that wanted ClaDec, not the batch
+            return ClaDecOutcome(wanted, error=exc)
+        return ClaDecOutcome(wanted, images, decode_ms + refs_ms)
+
+    def __enter__(self) -> "ClaDecJob":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._job is not None:
+            wait([self._job])
+
+
+class ClaDecRunner:
+    """ClaDec across batches: owns the thread that makes reference images beside the
+    classifier (``overlap``) and hands out one :class:`ClaDecJob` per batch.
+
+    :meth:`close` stops the thread; after it, references are made in line. A runner that is
+    dropped without :meth:`close` stops its thread when collected.
+    """
+
+    def __init__(self, view: ClaDecView | None, overlap: bool) -> None:
+        self.view = view
+        self.overlap = overlap
+        self._pool: ThreadPoolExecutor | None = None  # created on first use
+        self._release: weakref.finalize | None = None
+        self._closed = False
+
+    def begin(self, x: np.ndarray, wishes: Mapping[int, ClaDecWish]) -> ClaDecJob:
+        """Start one batch's ClaDec work. x: normalised (N, C, H, W); wishes: row -> what it asks."""
+        pool = None
+        if self.overlap and not self._closed and any(w.reference for w in wishes.values()):
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
+                self._release = weakref.finalize(self, self._pool.shutdown, wait=False)
+            pool = self._pool
+        return ClaDecJob(self.view, x, wishes, pool)
+
+    def close(self) -> None:
+        """Stop the reference thread (waits for a running job). Idempotent."""
+        self._closed = True
+        if self._release is not None:
+            self._release.detach()
+            self._release = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

@@ -1,12 +1,15 @@
 """Domain errors of the explainer and the one place that maps them to HTTP status.
 
 Everything a client can get wrong raises a subclass of :class:`ExplainerError` carrying
-its HTTP status; :func:`to_http` turns any exception into ``(status, body)``. Unknown
-exceptions are faults of the server (500) and their details are not echoed to clients.
+its HTTP status; :func:`to_answer` turns any exception into ``(status, ErrorAnswer)``
+(:func:`to_http`: with the JSON body). Unknown exceptions are faults of the server (500)
+and their details are not echoed to clients.
 """
 from __future__ import annotations
 
 from typing import Any
+
+from handlers.runtime.answer import ErrorAnswer, ErrorDetail
 
 
 class ExplainerError(Exception):
@@ -64,8 +67,14 @@ class ArtifactError(Exception):
     """
 
 
+def to_answer(exc: BaseException) -> tuple[int, ErrorAnswer]:
+    """Map an exception to ``(status, ErrorAnswer)``."""
+    if isinstance(exc, ExplainerError):
+        return exc.status, ErrorAnswer(error=ErrorDetail(type=exc.type, message=exc.message))
+    return 500, ErrorAnswer(error=ErrorDetail(type="InternalError", message="internal server error"))
+
+
 def to_http(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """Map an exception to ``(status, {"error": {"type", "message"}})``."""
-    if isinstance(exc, ExplainerError):
-        return exc.status, {"error": {"type": exc.type, "message": exc.message}}
-    return 500, {"error": {"type": "InternalError", "message": "internal server error"}}
+    status, answer = to_answer(exc)
+    return status, answer.wire()

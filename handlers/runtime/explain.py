@@ -2,13 +2,13 @@
 discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
-import base64
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
+from handlers.runtime.answer import Concept, Intervention
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.classifier import make_session
@@ -16,6 +16,16 @@ from handlers.runtime.concepts import (ConceptSpec, concept_id, discretise, heat
                                        pooled_values)
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_indexed_png, encode_png
+
+
+@dataclass(frozen=True)
+class ConceptsView:
+    """The concepts view of one image and what it cost: ``causal_ms`` for the causal queries,
+    ``encode_ms`` for building the answer (heatmaps); unrounded milliseconds."""
+
+    concepts: list[Concept]
+    causal_ms: float
+    encode_ms: float
 
 
 @dataclass
@@ -70,46 +80,37 @@ class ConceptExplainer:
         return ConceptBatch(codes, values, states)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, timings: dict[str, float] | None = None,
-                heatmap: str = "overlay") -> list[dict[str, Any]]:
-        """The ``concepts`` view for one image, sorted by |effect| (largest first).
+                pixels: np.ndarray | None, heatmap: str = "overlay") -> ConceptsView:
+        """The ``concepts`` view for one image, sorted by |effect| (largest first; ties by id).
 
+        row: the image's row in ``batch``; top: how many concepts (None: all).
         pixels: uint8 (H, W, C) model input for heatmaps, or None for no images.
         heatmap: "overlay" = a palette PNG with transparency, to draw over the input;
         "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
-        timings: if given, receives "causal" and "encode" milliseconds.
         """
         t0 = time.perf_counter()
         records = self.network.explain(batch.evidence(row), target)
+        records.sort(key=lambda r: (-abs(r["effect"]), r["id"]))
+        records = records[:top] if top else records
+        t1 = time.perf_counter()
+        concepts = []
         for rec in records:
             layer_name, c = rec["id"].rsplit("/c", 1)
             channel = int(c)
             layer = self.layers[layer_name]
-            rec.update(layer=layer_name, channel=channel,
-                       name=layer.names[channel] or rec["id"], name_bits=layer.name_bits[channel],
-                       activation=float(batch.values[layer_name][row, channel]))
-        records.sort(key=lambda r: (-abs(r["effect"]), r["id"]))
-        records = records[:top] if top else records
-        t1 = time.perf_counter()
-        out = []
-        for rec in records:
-            item = {"id": rec["id"], "layer": rec["layer"], "channel": rec["channel"], "name": rec["name"],
-                    "name_bits": rec["name_bits"], "activation": round(rec["activation"], 5),
-                    "state": rec["state"], "effect": round(rec["effect"], 6),
-                    "sensitivity": round(rec["sensitivity"], 6),
-                    "interventions": [{"state": i["state"], "probability": round(i["probability"], 6)}
-                                      for i in rec["interventions"]]}
+            png = None
             if pixels is not None:
-                layer = self.layers[rec["layer"]]
-                code_map = batch.codes[rec["layer"]][row, rec["channel"]]
-                scale = float(layer.typical[rec["channel"], -1])
+                code_map = batch.codes[layer_name][row, channel]
+                scale = float(layer.typical[channel, -1])
                 if heatmap == "blended":
                     png = encode_png(heatmap_overlay(pixels, code_map, scale))
                 else:
                     png = encode_indexed_png(heatmap_levels(code_map, scale, *pixels.shape[:2]), *self._palette)
-                item["heatmap_png"] = base64.b64encode(png).decode()
-            out.append(item)
-        if timings is not None:
-            timings["causal"] = round((t1 - t0) * 1000, 3)
-            timings["encode"] = round((time.perf_counter() - t1) * 1000, 3)
-        return out
+            concepts.append(Concept(
+                id=rec["id"], layer=layer_name, channel=channel, name=layer.names[channel] or rec["id"],
+                name_bits=layer.name_bits[channel], activation=float(batch.values[layer_name][row, channel]),
+                state=int(rec["state"]), effect=float(rec["effect"]), sensitivity=float(rec["sensitivity"]),
+                interventions=[Intervention(state=int(i["state"]), probability=float(i["probability"]))
+                               for i in rec["interventions"]],
+                heatmap_png=png))
+        return ConceptsView(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000)

@@ -18,18 +18,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from handlers.runtime.answer import Contribution, Features, OutsideSubset, RunnerUp
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.errors import ArtifactError
 
 FORMAT = "features/1"
 
 
-def _r(v: float) -> float:
-    return round(float(v), 6)
-
-
 def _optional_float(v: Any) -> float | None:
-    return None if v is None else _r(v)
+    return None if v is None else float(v)
 
 
 class FeatureView:
@@ -70,7 +67,7 @@ class FeatureView:
             raise ArtifactError(f"{file}: layer {doc['layer']} is not an output of the classifier graph")
         return cls(doc["layer"], doc["subsets"], weight, bias, doc.get("report", {}), bundle.metadata.classes)
 
-    def _subset_contributions(self, h: np.ndarray, c: int) -> list[dict[str, Any]]:
+    def _subset_contributions(self, h: np.ndarray, c: int) -> list[Contribution]:
         """Class ``c``'s subset features, largest contribution first.
 
         ``contribution_i = W[c, i] h_i`` for i in S_c; ``share`` = contribution / (full logit_c - b_c),
@@ -80,10 +77,10 @@ class FeatureView:
         contrib = self.weight[c, subset] * h[subset]
         evidence = float(self.weight[c] @ h)
         order = np.argsort(-contrib, kind="stable")
-        return [{"index": int(subset[i]), "contribution": _r(contrib[i]),
-                 "share": _r(contrib[i] / evidence) if evidence != 0 else None} for i in order]
+        return [Contribution(index=int(subset[i]), contribution=float(contrib[i]),
+                             share=float(contrib[i] / evidence) if evidence != 0 else None) for i in order]
 
-    def _outside(self, h: np.ndarray, c: int) -> dict[str, Any]:
+    def _outside(self, h: np.ndarray, c: int) -> OutsideSubset:
         """Evidence of the features outside ``S_c`` for class ``c``: ``W[c, i] h_i`` for i not in S_c.
 
         h: (D,). ``positive`` and ``negative`` are the sums of the positive and negative terms;
@@ -92,7 +89,7 @@ class FeatureView:
         terms = self.weight[c, ~self.mask[c]] * h[~self.mask[c]]
         pos = float(terms[terms > 0].sum())
         neg = float(terms[terms < 0].sum())
-        return {"features": int(terms.size), "positive": _r(pos), "negative": _r(neg), "total": _r(pos + neg)}
+        return OutsideSubset(features=int(terms.size), positive=pos, negative=neg, total=pos + neg)
 
     def runner_up(self, full: np.ndarray, target: int) -> int | None:
         """The class the target is compared with: the full head's second class when the target
@@ -102,7 +99,7 @@ class FeatureView:
         order = np.argsort(-full, kind="stable")
         return int(order[1]) if int(order[0]) == target else int(order[0])
 
-    def explain(self, activation: np.ndarray, target: int) -> dict[str, Any]:
+    def explain(self, activation: np.ndarray, target: int) -> Features:
         """The ``features`` view for one image.
 
         activation: the layer's output for the image, any shape with D elements (e.g. (D, 1, 1)).
@@ -122,28 +119,27 @@ class FeatureView:
         decomposed = self.masked @ h + self.bias
         predicted, dec_pred = int(np.argmax(full)), int(np.argmax(decomposed))
         by_class = self._agreement_by_class
-        body: dict[str, Any] = {
-            "layer": self.layer, "subset_size": int(len(self.subsets[target])),
-            "decomposed_agrees": bool(dec_pred == predicted),
-            "decomposed_prediction": dec_pred,
-            "decomposed_prediction_logit": _r(decomposed[dec_pred]),
-            "target_logit": _r(full[target]),
-            "decomposed_target_logit": _r(decomposed[target]),
-            "target_bias": _r(self.bias[target]),
-            "contributions": self._subset_contributions(h, target),
-            "outside_subset": self._outside(h, target),
-            "runner_up": None,
-            "decomposed_agreement_held_out": _optional_float(self.report.get("agreement_decomposed_vs_full")),
-            "decomposed_agreement_held_out_class": _optional_float(by_class[predicted]) if by_class else None,
-            "held_out_images": self.report.get("test_images"),
-        }
         other = self.runner_up(full, target)
+        runner_up = None
         if other is not None:
-            body["runner_up"] = {
-                "index": other, "label": self.classes[other] if self.classes is not None else None,
-                "logit": _r(full[other]), "decomposed_logit": _r(decomposed[other]), "bias": _r(self.bias[other]),
-                "subset_size": int(len(self.subsets[other])),
-                "contributions": self._subset_contributions(h, other),
-                "outside_subset": self._outside(h, other),
-            }
-        return body
+            runner_up = RunnerUp(
+                index=other, label=self.classes[other] if self.classes is not None else None,
+                logit=float(full[other]), decomposed_logit=float(decomposed[other]), bias=float(self.bias[other]),
+                subset_size=int(len(self.subsets[other])),
+                contributions=self._subset_contributions(h, other),
+                outside_subset=self._outside(h, other))
+        return Features(
+            layer=self.layer, subset_size=int(len(self.subsets[target])),
+            decomposed_agrees=bool(dec_pred == predicted),
+            decomposed_prediction=dec_pred,
+            decomposed_prediction_logit=float(decomposed[dec_pred]),
+            target_logit=float(full[target]),
+            decomposed_target_logit=float(decomposed[target]),
+            target_bias=float(self.bias[target]),
+            contributions=self._subset_contributions(h, target),
+            outside_subset=self._outside(h, target),
+            runner_up=runner_up,
+            decomposed_agreement_held_out=_optional_float(self.report.get("agreement_decomposed_vs_full")),
+            decomposed_agreement_held_out_class=_optional_float(by_class[predicted]) if by_class else None,
+            held_out_images=self.report.get("test_images"),
+        )

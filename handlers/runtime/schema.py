@@ -1,4 +1,5 @@
-"""Request parsing and response formatting (the REST contract), independent of TorchServe.
+"""Request parsing (the REST contract's requests), independent of TorchServe; the answers
+are typed in :mod:`handlers.runtime.answer`.
 
 A request is raw image bytes (``image/png``, ``image/jpeg``) or JSON
 ``{"data": "<base64 image>", ...options}``. TorchServe hands JSON bodies over already
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from handlers.runtime.answer import Prediction
 from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnknownTarget, UnsupportedMediaType
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
@@ -203,7 +205,7 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
 
 
 def top_predictions(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
-    """probabilities: (K,) -> the k most probable classes, highest first (ties: lower index first)."""
-    p = np.asarray(probabilities, dtype=np.float64)
-    order = np.argsort(-p, kind="stable")[:k]
-    return [{"index": int(i), "label": classes[int(i)], "probability": round(float(p[i]), 6)} for i in order]
+    """probabilities: (K,) -> the k most probable classes, highest first (ties: lower index
+    first), as on the wire (``{"index", "label", "probability"}``; see
+    :meth:`handlers.runtime.answer.Prediction.top` for the typed form)."""
+    return [p.wire() for p in Prediction.top(probabilities, classes, k)]

@@ -9,24 +9,25 @@ from __future__ import annotations
 
 import logging
 import random
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from handlers.runtime import errors
+from handlers.runtime.answer import (ClaDecImage, ErrorAnswer, Explanation, Features, ModelInfo, Prediction,
+                                     PredictionsAnswer, Target, Timings)
 from handlers.runtime.bundle import Bundle, load_bundle
-from handlers.runtime.cladec import ClaDecView
+from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
 from handlers.runtime.errors import ExplanationsUnavailable
-from handlers.runtime.explain import ConceptExplainer
+from handlers.runtime.explain import ConceptBatch, ConceptExplainer, ConceptsView
 from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
 from handlers.runtime.metrics import CONCEPT_STATE, ERRORS, PREDICTED_CLASS, REQUESTS, STAGE_LATENCY, STAGES, BatchMetrics
-from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict, top_predictions
+from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict
 from handlers.runtime.settings import HandlerSettings
 from handlers.runtime.validity import bundle_validity
 
@@ -43,20 +44,51 @@ class RawRequest:
     explain: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Reply:
-    """One answer: HTTP status and JSON-serialisable body."""
+    """One answer: HTTP status and the typed body (:mod:`handlers.runtime.answer`)."""
 
     status: int
-    body: dict[str, Any]
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    answer: PredictionsAnswer | Explanation | ErrorAnswer
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The JSON body as Python objects (formatted by the answer models)."""
+        return self.answer.wire()
+
+    def wire_json(self) -> bytes:
+        """The JSON body as sent."""
+        return self.answer.wire_json()
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Item:
+    """A request that parsed and decoded: its position in the batch, options and pixels (H, W, C)."""
+
     index: int
     request: PredictRequest | ExplainRequest
     pixels: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Explained:
+    """One image's explanation views before ClaDec joins them; ``*_ms``: unrounded milliseconds
+    of the stages that ran (None: not run)."""
+
+    target: Target
+    concepts: ConceptsView | None
+    features: Features | None
+    features_ms: float | None
+
+
+@dataclass(frozen=True)
+class _Shared:
+    """What every row of a batch shares: stage milliseconds (unrounded) and the batch size."""
+
+    decode_ms: float
+    classifier_ms: float
+    concepts_ms: float | None
+    batch_size: int
 
 
 def release_freed_heap() -> bool:
@@ -73,13 +105,9 @@ def release_freed_heap() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
-# ClaDec rows of a batch grouped by what they ask for: (layers or None for all, with references)
-_GroupKey = tuple[tuple[str, ...] | None, bool]
-_Groups = dict[_GroupKey, list[int]]
-
-
 def _ms(t0: float) -> float:
-    return round((time.perf_counter() - t0) * 1000, 3)
+    """Milliseconds since ``t0`` (``time.perf_counter``), unrounded: the answer rounds."""
+    return (time.perf_counter() - t0) * 1000
 
 
 class ExplainerService:
@@ -98,11 +126,16 @@ class ExplainerService:
         self.views: tuple[str, ...] = tuple(v for v, on in (("concepts", concepts is not None),
                                                             ("cladec", cladec is not None),
                                                             ("features", features is not None)) if on)
-        self.model_info = {"name": self.meta.name, "version": self.meta.version, "artifact_sha256": bundle.sha256}
+        self.model_info = ModelInfo(name=self.meta.name, version=self.meta.version, artifact_sha256=bundle.sha256)
         self.validity = bundle_validity(concepts.spec.report if concepts is not None else None,
                                         features.report if features is not None else None)
         self._monitor_rng = random.Random(0)
-        self._pool: ThreadPoolExecutor | None = None  # created on first use (overlap_views)
+        self._cladec_runner = ClaDecRunner(cladec, settings.overlap_views)
+
+    def close(self) -> None:
+        """Release what the service holds beyond its sessions: the ClaDec reference thread.
+        Idempotent; the service still answers afterwards (ClaDec then runs in line)."""
+        self._cladec_runner.close()
 
     @classmethod
     def load(cls, model_dir: str | Path, settings: HandlerSettings) -> "ExplainerService":
@@ -169,13 +202,14 @@ class ExplainerService:
         return _Item(i, req, to_pixels(image, self.meta.input))
 
     def handle_batch(self, requests: Sequence[RawRequest], metrics: BatchMetrics | None = None) -> list[Reply]:
-        """Answer every request of a batch; never raises for a bad request.
+        """Answer every request of a batch, one reply per request in order; never raises for a
+        bad request.
 
         ``metrics``, if given, receives the batch's observations (requests, errors, predicted
         classes, concept states of explained and monitored requests, stage latencies).
         """
         metrics = metrics if metrics is not None else BatchMetrics()
-        replies: list[Reply | None] = [None] * len(requests)
+        replies: dict[int, Reply] = {}
         items: list[_Item] = []
         t0 = time.perf_counter()
         for i, raw in enumerate(requests):
@@ -186,157 +220,131 @@ class ExplainerService:
         decode_ms = _ms(t0)
         if items:
             try:
-                self._answer(items, replies, decode_ms, metrics)
+                answered = self._answer(items, decode_ms, metrics)
             except Exception as exc:  # noqa: BLE001 - a server fault answers the valid requests with 500
-                for it in items:
-                    replies[it.index] = self._error_reply(exc)
-        final = [r if r is not None else Reply(500, errors.to_http(RuntimeError())[1]) for r in replies]
+                answered = {it.index: self._error_reply(exc) for it in items}
+            replies.update(answered)
+        final = [replies.get(i) or self._error_reply(RuntimeError("no reply"), log_fault=False)
+                 for i in range(len(requests))]
         for raw, reply in zip(requests, final):
             endpoint = "explanations" if raw.explain else "predictions"
             metrics.count(REQUESTS, endpoint=endpoint, status=str(reply.status))
-            if reply.status >= 400:
-                metrics.count(ERRORS, error_type=reply.body["error"]["type"])
-            elif endpoint == "explanations":
+            if isinstance(reply.answer, ErrorAnswer):
+                metrics.count(ERRORS, error_type=reply.answer.error.type)
+            elif isinstance(reply.answer, Explanation):
+                stages = reply.answer.timings_ms.stages()
                 for stage in STAGES:
-                    if stage in reply.timings_ms:
-                        metrics.observe(STAGE_LATENCY, reply.timings_ms[stage] / 1000.0, stage=stage)
+                    if stage in stages:
+                        metrics.observe(STAGE_LATENCY, stages[stage] / 1000.0, stage=stage)
         return final
 
-    def _answer(self, items: list[_Item], replies: list[Reply | None], decode_ms: float,
-                metrics: BatchMetrics) -> None:
+    def _answer(self, items: list[_Item], decode_ms: float, metrics: BatchMetrics) -> dict[int, Reply]:
+        """The replies of the valid requests of a batch: batch index -> reply. Rows are
+        positions in ``items`` (and in the classifier's batch)."""
         t0 = time.perf_counter()
         x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
-        groups = self._cladec_groups(items)
         # The reference autoencoders need only the input: with overlap_views they start now,
-        # on the view thread, beside the classifier and the concept view.
-        ref_job = self._start_references(x, groups)
-        bodies: dict[int, tuple[dict[str, Any], dict[str, float]]] = {}
-        cladec_out: dict[int, list[dict[str, Any]]] = {}
-        cladec_ms, cladec_error = 0.0, None
-        try:
+        # on the runner's thread, beside the classifier and the concept view.
+        with self._cladec_runner.begin(x, self._cladec_wishes(items)) as cladec_job:
             out = self.classifier(x)
             probs = softmax(out.logits)
-            shared = {"decode": decode_ms, "classifier": _ms(t0), "batch_size": len(items)}
-            explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
+            classifier_ms = _ms(t0)
             for row in range(len(items)):
                 metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
+            explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
             monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
                          and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
-            concept_batch = None
+            concept_batch, concepts_ms = None, None
             if (explain_rows or monitored) and self.concepts is not None:
                 t1 = time.perf_counter()
                 concept_batch = self.concepts.encode(out.activations)
-                shared["concepts"] = _ms(t1)
+                concepts_ms = _ms(t1)
                 for row in sorted(set(explain_rows) | set(monitored)):
                     for concept, state in concept_batch.evidence(row).items():
                         metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
-            for row, it in enumerate(items):
-                req = it.request
-                k = min(req.top_k or self.settings.top_k, len(self.meta.classes))
-                body: dict[str, Any] = {"predictions": top_predictions(probs[row], self.meta.classes, k)}
-                timings = dict(shared)
-                if isinstance(req, ExplainRequest):
-                    try:
-                        self._explain(req, row, it.pixels, probs[row], concept_batch, out.activations, body, timings)
-                    except Exception as exc:  # noqa: BLE001 - this request only
-                        replies[it.index] = self._error_reply(exc)
-                        continue
-                bodies[row] = body, timings
-            try:
-                cladec_out, cladec_ms = self._finish_cladec(groups, out.activations, x, ref_job)
-            except Exception as exc:  # noqa: BLE001 - fails the requests that wanted ClaDec, not the batch
-                cladec_error = exc
-        finally:  # never leave the reference job running into the next batch
-            if ref_job is not None:
-                wait([ref_job])
-        cladec_rows = {r for rows in groups.values() for r in rows}
-        for row, (body, timings) in bodies.items():
-            if cladec_error is not None and row in cladec_rows:
-                replies[items[row].index] = self._error_reply(cladec_error)
-                continue
-            if row in cladec_out:
-                body["cladec"] = cladec_out[row]
-                timings["cladec"] = cladec_ms  # reported only to the requests that got reconstructions
-            replies[items[row].index] = Reply(200, body, timings)
+            shared = _Shared(decode_ms, classifier_ms, concepts_ms, len(items))
+            views: dict[int, _Explained | Exception] = {}
+            for row in explain_rows:
+                it = items[row]
+                assert isinstance(it.request, ExplainRequest)
+                try:
+                    views[row] = self._explain(it.request, row, it.pixels, probs[row], concept_batch,
+                                               out.activations)
+                except Exception as exc:  # noqa: BLE001 - this request only
+                    views[row] = exc
+            cladec = cladec_job.finish(out.activations)
+        replies: dict[int, Reply] = {}
+        for row, it in enumerate(items):
+            k = min(it.request.top_k or self.settings.top_k, len(self.meta.classes))
+            predictions = Prediction.top(probs[row], self.meta.classes, k)
+            view = views.get(row)
+            if view is None:
+                replies[it.index] = Reply(200, PredictionsAnswer(predictions=predictions))
+            elif isinstance(view, Exception):
+                replies[it.index] = self._error_reply(view)
+            elif cladec.error is not None and row in cladec.wanted:
+                replies[it.index] = self._error_reply(cladec.error)
+            else:
+                replies[it.index] = Reply(200, self._explanation(predictions, view, shared, cladec.images.get(row),
+                                                                 cladec.ms))
+        return replies
 
-    def _cladec_groups(self, items: list[_Item]) -> _Groups:
-        """The rows that want ClaDec images, grouped by (layers, with references)."""
-        groups: _Groups = {}
+    def _cladec_wishes(self, items: list[_Item]) -> dict[int, ClaDecWish]:
+        """Row -> what it asks of ClaDec, for the rows that want ClaDec images."""
+        wishes: dict[int, ClaDecWish] = {}
         if self.cladec is None:
-            return groups
+            return wishes
         for r, it in enumerate(items):
             req = it.request
             if isinstance(req, ExplainRequest) and self._wants(req, "cladec") and req.images:
                 reference = self.settings.cladec_reference if req.reference is None else req.reference
-                groups.setdefault((req.layers, reference), []).append(r)
-        return groups
-
-    def _references(self, x: np.ndarray, groups: _Groups) -> tuple[dict[_GroupKey, dict[str, list[str]]], float]:
-        """RefAE images per group that asks for them, and the milliseconds it took."""
-        assert self.cladec is not None
-        t0 = time.perf_counter()
-        refs = {key: self.cladec.references(x, rows, key[0]) for key, rows in groups.items() if key[1]}
-        return refs, _ms(t0)
-
-    def _start_references(self, x: np.ndarray, groups: _Groups) -> Future | None:
-        """The reference images on the view thread (``overlap_views``); None when none are
-        wanted, or when :meth:`_finish_cladec` is to make them in line."""
-        if not self.settings.overlap_views or not any(ref for _, ref in groups):
-            return None
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
-        return self._pool.submit(self._references, x, groups)
-
-    def _finish_cladec(self, groups: _Groups, activations: dict[str, np.ndarray], x: np.ndarray,
-                       ref_job: Future | None) -> tuple[dict[int, list[dict[str, Any]]], float]:
-        """Decode the rows' activations, attach the reference images (from ``ref_job`` or made
-        here) and return the entries per row with the ClaDec milliseconds (decoders plus
-        references; the references may have run beside the classifier)."""
-        if not groups:
-            return {}, 0.0
-        assert self.cladec is not None
-        t0 = time.perf_counter()
-        out: dict[int, list[dict[str, Any]]] = {}
-        for (layers, _), rows in groups.items():
-            for r, entries in zip(rows, self.cladec.reconstructions(activations, rows, layers)):
-                out[r] = entries
-        decode_ms = _ms(t0)
-        refs, refs_ms = ref_job.result() if ref_job is not None else self._references(x, groups)
-        for (layers, reference), rows in groups.items():
-            if reference:
-                self.cladec.attach_references([out[r] for r in rows], refs[(layers, reference)], layers)
-        return out, round(decode_ms + refs_ms, 3)
+                wishes[r] = ClaDecWish(req.layers, reference)
+        return wishes
 
     def _wants(self, req: Any, view: str) -> bool:
         return isinstance(req, ExplainRequest) and view in (req.views or self.views)
 
     def _explain(self, req: ExplainRequest, row: int, pixels: np.ndarray, probs: np.ndarray,
-                 concept_batch: Any, activations: dict[str, np.ndarray], body: dict[str, Any],
-                 timings: dict[str, float]) -> None:
+                 concept_batch: ConceptBatch | None, activations: dict[str, np.ndarray]) -> _Explained:
+        """The concepts and features views of one image (row of the batch; pixels (H, W, C),
+        probs (K,), activations layer -> (N, ...))."""
         if req.target is None:
             target = int(np.argmax(probs))
         elif isinstance(req.target, str):
             target = self.meta.classes.index(req.target)
         else:
             target = int(req.target)
-        body["target"] = {"index": target, "label": self.meta.classes[target]}
         views = req.views or self.views
+        concepts = features = features_ms = None
         if "concepts" in views and self.concepts is not None:
+            assert concept_batch is not None
             top = min(req.top_concepts or self.settings.top_concepts, self.concepts.num_concepts)
-            body["concepts"] = self.concepts.explain(concept_batch, row, target, top,
-                                                     pixels if req.images else None, timings,
-                                                     heatmap=req.heatmap)
+            concepts = self.concepts.explain(concept_batch, row, target, top, pixels if req.images else None,
+                                             heatmap=req.heatmap)
         if "features" in views and self.features is not None:
             t0 = time.perf_counter()
-            body["features"] = self.features.explain(activations[self.features.layer][row], target)
-            timings["features"] = _ms(t0)
-        body["validity"] = self.validity
-        body["model"] = self.model_info
-        body["timings_ms"] = timings
+            features = self.features.explain(activations[self.features.layer][row], target)
+            features_ms = _ms(t0)
+        return _Explained(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms)
+
+    def _explanation(self, predictions: list[Prediction], view: _Explained, shared: _Shared,
+                     cladec: list[ClaDecImage] | None, cladec_ms: float) -> Explanation:
+        """One explanation body; ``cladec_ms`` is reported only to a row with ClaDec images."""
+        concepts = view.concepts
+        timings = Timings(decode=shared.decode_ms, classifier=shared.classifier_ms, batch_size=shared.batch_size,
+                          concepts=shared.concepts_ms,
+                          causal=concepts.causal_ms if concepts is not None else None,
+                          encode=concepts.encode_ms if concepts is not None else None,
+                          features=view.features_ms,
+                          cladec=cladec_ms if cladec is not None else None)
+        return Explanation(predictions=predictions, target=view.target,
+                           concepts=concepts.concepts if concepts is not None else None,
+                           features=view.features, validity=self.validity, model=self.model_info,
+                           timings_ms=timings, cladec=cladec)
 
     @staticmethod
-    def _error_reply(exc: BaseException) -> Reply:
-        status, body = errors.to_http(exc)
-        if status >= 500:
+    def _error_reply(exc: BaseException, log_fault: bool = True) -> Reply:
+        status, answer = errors.to_answer(exc)
+        if status >= 500 and log_fault:
             log.error("request failed with a server fault", exc_info=exc)
-        return Reply(status, body)
+        return Reply(status, answer)

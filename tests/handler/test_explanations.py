@@ -12,6 +12,7 @@ from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
 from handlers.runtime.concepts import heatmap_palette
+from tests.answer_schema import assert_answer, is_explain
 from tests.handler.mock_context import make_context, prepare_batch, wire_request
 from tests.pgmpy_reference import do_query, load_pgmpy
 from tests.reference import offline_evidence
@@ -30,7 +31,10 @@ FACTORS = {"shape", "texture", "hue", "scale", "rotation", "pos_x", "pos_y", "li
 def run(handler, model_dir, batch):
     ctx = make_context(model_dir)
     bodies = handler.handle(prepare_batch(ctx, batch), ctx)
-    return [(ctx.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
+    out = [(ctx.get_response_status(i)[0], json.loads(b)) for i, b in enumerate(bodies)]
+    for req, (status, body) in zip(batch, out):
+        assert_answer(status, body, is_explain(req))
+    return out
 
 
 def explain(handler, model_dir, png: bytes, **options):

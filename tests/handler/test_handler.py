@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from handlers.runtime.errors import ArtifactError
+from tests.answer_schema import assert_answer, assert_valid, is_explain
 from tests.handler.mock_context import make_context, model_dir_from_bundle, prepare_batch, wire_request
 from tests.reference import reference_probabilities
 
@@ -39,6 +40,7 @@ def run(handler, model_dir, batch):
         status, _ = ctx.get_response_status(i)
         assert ctx.get_response_content_type(i) == "application/json"
         out.append((status, json.loads(body)))
+        assert_answer(status, out[-1][1], is_explain(batch[i]))
     return out
 
 
@@ -128,6 +130,7 @@ def test_wire_response_carries_per_request_status(handler, model_dir, sample_png
     msg = bytes(create_predict_response(bodies, ctx.request_ids, "Prediction success", 200, context=ctx))
     replies = parse_wire_response(msg)
     assert [(r[0], r[1]) for r in replies] == [("req-0", 200), ("req-1", 400)]
+    assert_valid(json.loads(replies[0][2]), "predictions"), assert_valid(json.loads(replies[1][2]), "error")
     assert "predictions" in json.loads(replies[0][2]) and json.loads(replies[1][2])["error"]["type"] == "InvalidImage"
 
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
+from tests.answer_schema import assert_answer, is_explain
 from tests.handler.mock_context import make_context, prepare_batch, wire_request
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -35,6 +36,7 @@ def answer(handler, model_dir, requests):
         status = ctx.get_response_status(i)[0]
         body = json.loads(b)
         assert status == 200 or 400 <= status < 500, (status, body)
+        assert_answer(status, body, is_explain(requests[i]))
         if status != 200:
             assert body["error"]["type"] and body["error"]["message"]
         out.append((status, body))

@@ -10,6 +10,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from handlers.concept_handler import ConceptExplainerHandler
 from handlers.runtime import metrics as M
+from tests.answer_schema import assert_answer, assert_valid, is_explain
 from tests.handler.mock_context import make_context, prepare_batch, wire_request
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,6 +55,8 @@ def test_batch_reports_counts_and_reaches_torchserve_cache(model_dir, sample_png
              wire_request(b"junk", idx=2),
              wire_request(json.dumps({"data": base64.b64encode(sample_pngs[2]).decode()}), "application/json", idx=3)]
     bodies = h.handle(prepare_batch(ctx, batch), ctx)
+    for i, (req, body) in enumerate(zip(batch, bodies)):
+        assert_answer(ctx.get_response_status(i)[0], json.loads(body), is_explain(req))
     updates = ctx.metrics.updates
 
     def total(name, **labels):
@@ -88,3 +91,4 @@ def test_metrics_failure_never_fails_requests(model_dir, sample_pngs):
     h.initialize(ctx)
     bodies = h.handle(prepare_batch(ctx, [wire_request(sample_pngs[0])]), ctx)
     assert ctx.get_response_status(0)[0] == 200 and json.loads(bodies[0])["predictions"]
+    assert_valid(json.loads(bodies[0]), "predictions")

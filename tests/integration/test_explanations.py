@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.answer_schema import assert_valid
 from tests.integration.server import post, workers
 from tests.pgmpy_reference import do_query, load_pgmpy
 from tests.reference import offline_evidence
@@ -24,6 +25,7 @@ def test_batched_explanations_equal_offline_computation(server, tiny_concept_bun
     for png, r in zip(pngs, responses):
         assert r.status_code == 200, r.text
         body = r.json()
+        assert_valid(body, "explanations")
         evidence, predicted = offline_evidence(tiny_concept_bundle, png)
         assert body["target"]["index"] == predicted
         assert len(body["concepts"]) == 8
@@ -41,6 +43,7 @@ def test_explanation_options_and_errors_over_http(server, sample_pngs):
               "application/json", endpoint="explanations", model="tinyx")
     assert ok.status_code == 200
     body = ok.json()
+    assert_valid(body, "explanations")
     assert len(body["concepts"]) == 2 and body["target"]["index"] == 1
     assert "heatmap_png" not in body["concepts"][0]
     for options, etype in [({"target": "nope"}, "UnknownTarget"), ({"top_concepts": -3}, "InvalidOption"),
@@ -48,6 +51,7 @@ def test_explanation_options_and_errors_over_http(server, sample_pngs):
         r = post(server, json.dumps({"data": data, **options}).encode(), "application/json",
                  endpoint="explanations", model="tinyx")
         assert r.status_code == 400 and r.json()["error"]["type"] == etype
+        assert_valid(r.json(), "error")
     assert workers(server, "tinyx") == before
 
 
@@ -55,6 +59,7 @@ def test_all_views_named_concepts_and_small_response(server, sample_pngs, tiny_f
     r = post(server, sample_pngs[0], endpoint="explanations", model="tinyx")
     assert r.status_code == 200
     body = r.json()
+    assert_valid(body, "explanations")
     assert {"predictions", "target", "concepts", "cladec", "features", "model", "timings_ms"} <= set(body)
     assert len(body["cladec"]) == 4 and body["features"]["subset_size"] == 5
     concepts = json.loads((tiny_full_bundle / "concepts.json").read_text())

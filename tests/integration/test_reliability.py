@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from export.client import read_keys
+from tests.answer_schema import assert_answer, assert_valid
 from tests.integration.server import TorchServe, post, workers
 
 pytestmark = pytest.mark.integration
@@ -60,6 +61,7 @@ def malformed_requests(good: bytes, n: int, seed: int = 0) -> list[tuple[bytes, 
 def test_1000_malformed_mixed_with_valid(server, sample_pngs):
     good = sample_pngs[0]
     reference = post(server, good, endpoint="explanations", model="tinyx").json()
+    assert_valid(reference, "explanations")
     before = workers(server, "tinyx")
     bad = malformed_requests(good, 1000)
     jobs = []
@@ -85,6 +87,7 @@ def test_1000_malformed_mixed_with_valid(server, sample_pngs):
             wrong.append((endpoint, ctype, expected, status, content[:200]))
             continue
         doc = json.loads(content)
+        assert_answer(status, doc, endpoint == "explanations")
         if expected == 200:
             if doc["predictions"] != reference["predictions"]:
                 wrong.append(("wrong answer", endpoint))
@@ -111,6 +114,7 @@ def test_sigkilled_worker_is_replaced(lone_server, sample_pngs):
     ts = lone_server
     good = sample_pngs[1]
     expected = post(ts, good).json()
+    assert_valid(expected, "predictions")
     status, desc = ts.client.describe("tiny")
     pid = int(desc[0]["workers"][0]["pid"])
     os.kill(pid, signal.SIGKILL)

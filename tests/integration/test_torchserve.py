@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.answer_schema import assert_valid
 from tests.integration.server import post, workers
 from tests.reference import reference_probabilities
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.integration
 
 
 def assert_matches_reference(body: dict, bundle: Path, png: bytes) -> None:
+    assert_valid(body, "predictions")
     ref = reference_probabilities(bundle, png)
     assert [p["index"] for p in body["predictions"]] == list(np.argsort(-ref, kind="stable")[:5])
     for p in body["predictions"]:
@@ -35,6 +37,7 @@ def test_single_prediction_equals_onnxruntime(server, tiny_bundle, sample_pngs):
     j = post(server, json.dumps({"data": base64.b64encode(sample_pngs[0]).decode(), "top_k": 3}).encode(),
              "application/json")
     assert j.status_code == 200 and j.json()["predictions"] == r.json()["predictions"][:3]
+    assert_valid(j.json(), "predictions")
 
 
 def test_concurrent_requests_are_batched_and_correct(server, tiny_bundle, sample_pngs):
@@ -69,6 +72,7 @@ def test_malformed_requests_get_4xx_json_and_worker_survives(server, tiny_bundle
         assert r.status_code == status, (ctype, r.text)
         if etype:
             err = r.json()["error"]
+            assert_valid(r.json(), "error")
             assert err["type"] == etype and err["message"]
         else:
             assert_matches_reference(r.json(), tiny_bundle, good)
@@ -78,3 +82,4 @@ def test_malformed_requests_get_4xx_json_and_worker_survives(server, tiny_bundle
 def test_explanations_endpoint_answers_501_without_artifacts(server, sample_pngs):
     r = post(server, sample_pngs[0], endpoint="explanations")
     assert r.status_code == 501 and r.json()["error"]["type"] == "ExplanationsUnavailable"
+    assert_valid(r.json(), "error")

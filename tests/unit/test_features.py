@@ -71,7 +71,7 @@ def test_feature_view_contributions():
     rng = np.random.default_rng(3)
     w, b, h = rng.normal(size=(3, 8)), rng.normal(size=3), rng.random(8)
     view = FeatureView("avgpool", [[0, 1, 2], [3, 4], [5, 6, 7]], w, b, {})
-    out = view.explain(h.reshape(8, 1, 1), target=0)
+    out = view.explain(h.reshape(8, 1, 1), target=0).wire()
     assert out["subset_size"] == 3 and out["layer"] == "avgpool"
     contrib = {c["index"]: c["contribution"] for c in out["contributions"]}
     for i in (0, 1, 2):
@@ -106,7 +106,7 @@ def test_feature_view_outside_and_runner_up_by_hand(seed: int):
     full = np.array([_by_hand(w, b, h, subsets, c)["full"] for c in range(c_num)])
     ranked = sorted(range(c_num), key=lambda c: -full[c])
     for target in range(c_num):
-        out = view.explain(h, target)
+        out = view.explain(h, target).wire()
         ref = _by_hand(w, b, h, subsets, target)
         o = out["outside_subset"]
         assert o["features"] == ref["count"] == d - 3
@@ -146,7 +146,7 @@ def test_feature_view_shows_why_the_decomposed_head_flips():
     w = np.array([[1.0, 1.0, 0.0, 0.0, 0.1, 0.1],
                   [0.0, 0.0, 1.5, 1.5, -2.0, -2.0]])
     view = FeatureView("avgpool", [[0, 1], [2, 3]], w, np.zeros(2), {})
-    out = view.explain(h, target=0)
+    out = view.explain(h, target=0).wire()
     assert out["decomposed_agrees"] is False and out["decomposed_prediction"] == 1
     ru = out["runner_up"]
     assert ru["index"] == 1 and ru["label"] is None
@@ -157,7 +157,7 @@ def test_feature_view_shows_why_the_decomposed_head_flips():
     assert out["decomposed_target_logit"] == pytest.approx(2.0)
     assert out["decomposed_target_logit"] < ru["decomposed_logit"] and out["target_logit"] > ru["logit"]
     # target not the full head's top class: the runner-up is the top class
-    assert view.explain(h, target=1)["runner_up"]["index"] == 0
+    assert view.explain(h, target=1).wire()["runner_up"]["index"] == 0
 
 
 def test_feature_view_repeats_the_held_out_agreement():
@@ -165,14 +165,14 @@ def test_feature_view_repeats_the_held_out_agreement():
     report = {"agreement_decomposed_vs_full": 0.75, "test_images": 40,
               "agreement_decomposed_vs_full_by_predicted_class": [0.5, None, 1.0]}
     view = FeatureView("avgpool", [[0], [1], [2]], w, b, report)
-    out = view.explain(np.array([3.0, 1.0, 0.0]), target=2)
+    out = view.explain(np.array([3.0, 1.0, 0.0]), target=2).wire()
     assert out["decomposed_agreement_held_out"] == 0.75 and out["held_out_images"] == 40
     assert out["decomposed_agreement_held_out_class"] == 0.5  # the full head's class (0), not the target's
-    assert view.explain(np.array([0.0, 3.0, 0.0]), target=1)["decomposed_agreement_held_out_class"] is None
-    bare = FeatureView("avgpool", [[0], [1], [2]], w, b, {}).explain(np.ones(3), 0)
+    assert view.explain(np.array([0.0, 3.0, 0.0]), target=1).wire()["decomposed_agreement_held_out_class"] is None
+    bare = FeatureView("avgpool", [[0], [1], [2]], w, b, {}).explain(np.ones(3), 0).wire()
     assert bare["decomposed_agreement_held_out"] is None and bare["decomposed_agreement_held_out_class"] is None
     assert bare["held_out_images"] is None
-    one = FeatureView("avgpool", [[0]], np.ones((1, 2)), np.zeros(1), {}).explain(np.ones(2), 0)
+    one = FeatureView("avgpool", [[0]], np.ones((1, 2)), np.zeros(1), {}).explain(np.ones(2), 0).wire()
     assert one["runner_up"] is None
 
 

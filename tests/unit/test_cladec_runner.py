@@ -1,0 +1,96 @@
+"""ClaDecRunner and ClaDecJob with a stand-in view: grouping, the keyed merge, faults, the thread."""
+from __future__ import annotations
+
+import threading
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish, DecoderEntry
+
+
+class StandInView(ClaDecView):
+    """Sessions replaced by images that name their row and file; records every call."""
+
+    def __init__(self) -> None:
+        entries = [DecoderEntry("layer2", 0.0, "dec2a", "ref2"), DecoderEntry("layer2", 0.1, "dec2b", "ref2"),
+                   DecoderEntry("avgpool", 0.0, "dec9", "ref9")]
+        super().__init__(entries, {}, {}, {})
+        self.calls: list[tuple[str, tuple[int, ...], tuple[str, ...] | None, str]] = []
+
+    def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None):
+        self.calls.append(("references", tuple(rows), layers, threading.current_thread().name))
+        files = dict.fromkeys(e.refae_file for e in self.wanted(layers))
+        return {r: {f: f"{f}@{int(x[r])}".encode() for f in files} for r in reversed(list(rows))}
+
+    def reconstructions(self, activations: dict[str, np.ndarray], rows: Sequence[int],
+                        layers: Sequence[str] | None):
+        self.calls.append(("reconstructions", tuple(rows), layers, threading.current_thread().name))
+        return {r: {e.decoder_file: f"{e.decoder_file}@{int(activations['x'][r])}".encode()
+                    for e in self.wanted(layers)} for r in reversed(list(rows))}
+
+
+WISHES = {0: ClaDecWish(None, True), 2: ClaDecWish(("avgpool",), False), 3: ClaDecWish(None, True),
+          4: ClaDecWish(("layer2",), True)}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_rows_get_their_own_entries_whatever_order_the_view_returns(overlap):
+    view = StandInView()
+    runner = ClaDecRunner(view, overlap)
+    x = np.arange(10, 15)
+    with runner.begin(x, WISHES) as job:
+        outcome = job.finish({"x": np.arange(20, 25)})
+    assert outcome.error is None and outcome.wanted == frozenset(WISHES) and set(outcome.images) == set(WISHES)
+    got = {r: [e.wire() for e in entries] for r, entries in outcome.images.items()}
+    assert got[0] == [  # row 0: all layers, with references
+        {"layer": "layer2", "alpha": 0.0, "reconstruction_png": "ZGVjMmFAMjA=", "reference_png": "cmVmMkAxMA=="},
+        {"layer": "layer2", "alpha": 0.1, "reconstruction_png": "ZGVjMmJAMjA=", "reference_png": "cmVmMkAxMA=="},
+        {"layer": "avgpool", "alpha": 0.0, "reconstruction_png": "ZGVjOUAyMA==", "reference_png": "cmVmOUAxMA=="}]
+    assert [e.reconstruction_png for e in outcome.images[3]] == [b"dec2a@23", b"dec2b@23", b"dec9@23"]
+    assert [e.reference_png for e in outcome.images[3]] == [b"ref2@13", b"ref2@13", b"ref9@13"]
+    assert [(e.layer, e.reconstruction_png, e.reference_png) for e in outcome.images[2]] == [
+        ("avgpool", b"dec9@22", None)]
+    assert [e.reference_png for e in outcome.images[4]] == [b"ref2@14", b"ref2@14"]
+    refs = [c for c in view.calls if c[0] == "references"]
+    assert sorted(c[1] for c in refs) == [(0, 3), (4,)]  # one run per group that wants references
+    assert all(c[3].startswith("cladec-ref") == overlap for c in refs)
+    assert outcome.ms > 0
+    runner.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("broken", ["references", "reconstructions"])
+def test_a_fault_is_carried_to_the_rows_that_wanted_cladec(overlap, broken, monkeypatch):
+    view = StandInView()
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("decoder fell over")
+
+    monkeypatch.setattr(view, broken, fail)
+    runner = ClaDecRunner(view, overlap)
+    with runner.begin(np.arange(5), WISHES) as job:
+        outcome = job.finish({"x": np.arange(5)})
+    assert isinstance(outcome.error, RuntimeError) and outcome.wanted == frozenset(WISHES) and not outcome.images
+    runner.close()
+
+
+def test_no_wishes_no_work_and_close_stops_the_thread():
+    view = StandInView()
+    runner = ClaDecRunner(view, overlap=True)
+    with runner.begin(np.arange(3), {}) as job:
+        assert job.finish({"x": np.arange(3)}).wanted == frozenset()
+    assert view.calls == []
+    before = set(threading.enumerate())
+    with runner.begin(np.arange(3), {1: ClaDecWish(None, True)}) as job:
+        job.finish({"x": np.arange(3)})
+    threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("cladec-ref")}
+    assert threads
+    runner.close()
+    runner.close()  # idempotent
+    assert not any(t.is_alive() for t in threads)
+    view.calls.clear()
+    with runner.begin(np.arange(3), {1: ClaDecWish(None, True)}) as job:  # after close: in line
+        assert job.finish({"x": np.arange(3)}).error is None
+    assert [c[3] for c in view.calls] == [threading.current_thread().name] * 2
