@@ -212,11 +212,12 @@ def ort_vs_torch(classifier_dir: Path, bundle: Path, n: int) -> dict:
     """onnxruntime vs torch eager, batch 1, one thread each, alternating: the classifier with
     the explanation layers' activations, and all concept encoders on those activations."""
     import torch
-    from export.cli import _load_classifier
     from export.concepts import capture
+    from export.pipeline import ModelSource, load_classifier
     from handlers.runtime.classifier import make_session
     torch.set_num_threads(1)
-    model, spec, _, _ = _load_classifier(argparse.Namespace(classifier=classifier_dir))
+    loaded = load_classifier(ModelSource(classifier=classifier_dir))
+    model, spec = loaded.model, loaded.spec
     meta = json.loads((bundle / "metadata.json").read_text())
     providers = ("CPUExecutionProvider",)
     sess = make_session(bundle / meta["classifier"]["file"], providers, 1)
