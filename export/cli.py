@@ -172,6 +172,8 @@ def _add_field(parser: argparse._ActionsContainer, cls: type, f: dataclasses.Fie
             kwargs.update(nargs=meta["nargs"], type=item)
         else:
             kwargs["type"] = _comma_list(item)
+    elif typing.get_origin(tp) is typing.Literal:
+        kwargs.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
     elif tp in _SCALARS:
         kwargs["type"] = _SCALARS[tp]
     else:

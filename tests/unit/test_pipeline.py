@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -84,6 +85,7 @@ class Inner:
 
     new_knob: float = 0.25
     names: tuple[str, ...] = ("a",)
+    mode: Literal["fast", "exact"] = "fast"
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,11 @@ def test_a_new_config_field_becomes_an_option_without_cli_code():
     parser = argparse.ArgumentParser()
     cli.add_config_options(parser, Step)
     assert cli.config_from_args(Step, parser.parse_args(["--out", "x"])) == Step(out=Path("x"))
-    got = cli.config_from_args(Step, parser.parse_args(["--out", "x", "--new-knob", "2", "--names", "b,c"]))
-    assert got == Step(out=Path("x"), inner=Inner(new_knob=2.0, names=("b", "c")))
+    got = cli.config_from_args(Step, parser.parse_args(["--out", "x", "--new-knob", "2", "--names", "b,c",
+                                                        "--mode", "exact"]))
+    assert got == Step(out=Path("x"), inner=Inner(new_knob=2.0, names=("b", "c"), mode="exact"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--out", "x", "--mode", "slow"])
     assert "(default: 0.25)" in parser.format_help()
 
 
