@@ -58,28 +58,28 @@ test-integration: venv
 
 ## Against the running demo server (make demo): 2 minutes of 8 clients; latency side by side.
 soak: venv
-	$(PY) bench/soak.py --model $(MODEL) --image $(SAMPLE) --seconds 120 --clients 8
+	$(PY) -m bench.soak --model $(MODEL) --image $(SAMPLE) --seconds 120 --clients 8
 
 latency: venv
-	$(PY) bench/latency.py --model $(MODEL) --image $(SAMPLE) --requests 200
+	$(PY) -m bench.latency --model $(MODEL) --image $(SAMPLE) --requests 200
 
-## Benchmarks (bench/run.py): the demo model and a ResNet-18-sized model at 224 px (built by
+## Benchmarks (python -m bench.run): the demo model and a ResNet-18-sized model at 224 px (built by
 ## bench/build_model.py on first use, 7 to 10 minutes), each against a real TorchServe.
 BUNDLE := build/$(MODEL)/bundle/manifest.json
 $(BUNDLE):
 	$(MAKE) build
 
 bench: venv $(BUNDLE)
-	$(PY) bench/run.py --bundle build/$(MODEL)/bundle --classifier build/$(MODEL)/classifier --data data/$(MODEL)
+	$(PY) -m bench.run --bundle build/$(MODEL)/bundle --classifier build/$(MODEL)/classifier --data data/$(MODEL)
 
 ## Tiny request counts, the demo size only: checks the harness, not a figure.
 bench-smoke: venv $(BUNDLE)
-	$(PY) bench/run.py --bundle build/$(MODEL)/bundle --classifier build/$(MODEL)/classifier --data data/$(MODEL) \
+	$(PY) -m bench.run --bundle build/$(MODEL)/bundle --classifier build/$(MODEL)/classifier --data data/$(MODEL) \
 		--smoke --no-large --out build/bench/smoke
 
 ## Cost of concept monitoring on /predictions: the demo archive with monitor_fraction 0 vs 1.
 monitor-overhead: venv
-	$(PY) bench/monitor_overhead.py --bundle build/shapes/bundle --image $(SAMPLE)
+	$(PY) -m bench.monitor_overhead --bundle build/shapes/bundle --image $(SAMPLE)
 
 ## The whole offline pipeline on real images the project did not render: scikit-learn's
 ## handwritten digits (1,347 training, 450 held-out scans at 32 px). Prints each step's

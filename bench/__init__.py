@@ -1,1 +1,1 @@
-"""Benchmark scripts; run each as ``python bench/NAME.py`` (see the Makefile)."""
+"""Benchmark scripts; run each from the repository root as ``python -m bench.NAME`` (see the Makefile)."""

@@ -8,7 +8,7 @@ top-5 probabilities. The model is ``classifier.json`` + ``weights.safetensors`` 
 of ``concept-explainer train``) archived beside this file; preprocessing is the project's
 own (decode, resize, normalise), so both servers see the same tensors.
 
-Bench only (captum is the ``bench`` extra); the archive is built by ``bench/run.py``. One
+Bench only (captum is the ``bench`` extra); the archive is built by ``bench.run``. One
 class per module, as TorchServe's loader requires.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compiled causal model vs pgmpy for the full per-request table (all concepts x all states).
 
-    python bench/causal_speed.py --bundle build/shapes/bundle [--requests 20]
+    python -m bench.causal_speed --bundle build/shapes/bundle [--requests 20]
 
 Evidence sets are drawn by ancestral sampling from the network itself. For each one the
 three implementations run back to back (compiled, pgmpy CausalInference, pgmpy do + VE),
@@ -14,19 +14,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from export.concepts import to_pgmpy  # noqa: E402
-from handlers.runtime.causal import CompiledCausalModel  # noqa: E402
+from export.concepts import to_pgmpy
+from handlers.runtime.causal import CompiledCausalModel
 
 
 def sample_evidence(model: CompiledCausalModel, rng: np.random.Generator) -> dict[str, int]:

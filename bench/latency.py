@@ -1,6 +1,6 @@
 """Latency of /predictions and /explanations on a running TorchServe, measured side by side.
 
-    python bench/latency.py --model shapes --image data/shapes/test/star/016000.png [--requests 200]
+    python -m bench.latency --model shapes --image data/shapes/test/star/016000.png [--requests 200]
 
 Sequential requests (concurrency 1), alternating the two endpoints so both see the same
 machine state; reports p50/p99 in ms, the ratio of p50s and response sizes, and writes JSON.
@@ -12,16 +12,11 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.stats import percentile  # noqa: E402
-from export.client import TorchServeClient  # noqa: E402
+from bench.stats import percentile
+from export.client import TorchServeClient
 
 
 def main() -> None:

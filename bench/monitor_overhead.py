@@ -1,6 +1,6 @@
 """Overhead of concept monitoring on /predictions, measured side by side.
 
-    python bench/monitor_overhead.py --bundle build/shapes/bundle --image data/shapes/test/star/016000.png
+    python -m bench.monitor_overhead --bundle build/shapes/bundle --image data/shapes/test/star/016000.png
 
 Archives the bundle twice (``monitor_fraction`` 0 and 1), serves both from one TorchServe on
 free loopback ports, and alternates sequential /predictions requests between them; reports
@@ -13,19 +13,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from bench.stats import percentile  # noqa: E402
-from export.archive import DEFAULT_MODEL_CONFIG, build_mar  # noqa: E402
-from tests.integration.server import TorchServe, post  # noqa: E402
+from bench.server import TorchServe, post
+from bench.stats import percentile
+from export.archive import DEFAULT_MODEL_CONFIG, build_mar
 
 
 def main() -> None:

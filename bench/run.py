@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -35,14 +34,10 @@ from typing import Any, Callable
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.stats import summary  # noqa: E402
-from export.archive import archive_folder, build_mar, write_bundle  # noqa: E402
-from handlers.runtime.bundle import ModelMetadata  # noqa: E402
-from tests.integration.server import TorchServe, post  # noqa: E402
+from bench.server import TorchServe, post
+from bench.stats import summary
+from export.archive import archive_folder, build_mar, write_bundle
+from handlers.runtime.bundle import ModelMetadata
 
 STAGES = ("decode", "classifier", "concepts", "causal", "encode", "cladec", "features")
 
@@ -71,7 +66,7 @@ def captum_mar(classifier_dir: Path, name: str, store: Path) -> Path:
         stage.mkdir()
         for f in ("classifier.json", "weights.safetensors"):
             shutil.copy2(classifier_dir / f, stage / f)
-        return archive_folder(stage, REPO / "bench" / "captum_handler.py", name, "bench", store)
+        return archive_folder(stage, Path(__file__).with_name("captum_handler.py"), name, "bench", store)
 
 
 # -- measurements against the server ----------------------------------------------------------
@@ -212,11 +207,12 @@ def ort_vs_torch(classifier_dir: Path, bundle: Path, n: int) -> dict:
     """onnxruntime vs torch eager, batch 1, one thread each, alternating: the classifier with
     the explanation layers' activations, and all concept encoders on those activations."""
     import torch
-    from export.cli import _load_classifier
     from export.concepts import capture
+    from export.pipeline import ModelSource, load_classifier
     from handlers.runtime.classifier import make_session
     torch.set_num_threads(1)
-    model, spec, _, _ = _load_classifier(argparse.Namespace(classifier=classifier_dir))
+    loaded = load_classifier(ModelSource(classifier=classifier_dir))
+    model, spec = loaded.model, loaded.spec
     meta = json.loads((bundle / "metadata.json").read_text())
     providers = ("CPUExecutionProvider",)
     sess = make_session(bundle / meta["classifier"]["file"], providers, 1)
@@ -360,7 +356,7 @@ def main() -> None:
     ap.add_argument("--image", help="the PNG sent in every request (default: the first test image under --data)")
     ap.add_argument("--data", default="data/shapes", help="the demo model's image folder")
     ap.add_argument("--large", default="build/bench/resnet18_224",
-                    help="folder of the second model size (built by bench/build_model.py when missing)")
+                    help="folder of the second model size (built by bench.build_model when missing)")
     ap.add_argument("--no-large", action="store_true", help="the demo size only")
     ap.add_argument("--smoke", action="store_true", help="tiny request counts (seconds, not minutes)")
     ap.add_argument("--out", default="bench/results")

@@ -1,6 +1,6 @@
 """Bounded load test on loopback: concurrent clients on /explanations and /predictions.
 
-    python bench/soak.py --model shapes --image data/shapes/test/star/016000.png [--seconds 120 --clients 8]
+    python -m bench.soak --model shapes --image data/shapes/test/star/016000.png [--seconds 120 --clients 8]
 
 Stops by itself after ``--seconds`` or ``--max-requests``. Reports requests, errors, p50/p99
 per endpoint, worker restarts (management API) and the worker's resident memory, sampled
@@ -13,7 +13,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,12 +20,8 @@ from typing import Any
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench.stats import percentile  # noqa: E402
-from export.client import TorchServeClient  # noqa: E402
+from bench.stats import percentile
+from export.client import TorchServeClient
 
 
 def worker_state(client: TorchServeClient, model: str) -> list[tuple[str, int, str]]:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import handlers
 from handlers.runtime.bundle import METADATA, ModelMetadata, verify_bundle, write_manifest
@@ -88,7 +88,3 @@ def archive_folder(stage: str | Path, handler: str | Path, name: str, version: s
     if proc.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return store / f"{name}.mar"
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())

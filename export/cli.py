@@ -13,327 +13,264 @@
 
 Bring your own model: ``export --model-file net.py --model-class Net --weights w.safetensors
 --data my_images/`` (classes and input size from the data, or ``--classes``/``--size``).
+
+Each step's options are the fields of its config in :mod:`export.pipeline` (nested configs
+flattened: ``--k`` of ``concepts`` is ``ConceptsStep.concepts.k``); a field added to a config
+becomes an option without code here.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
+import types
+import typing
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from handlers.runtime.bundle import ModelMetadata
-from handlers.runtime.imaging import InputSpec
+from export.errors import PipelineError
 
-CLASSIFIER_WEIGHTS = "weights.safetensors"
-CLASSIFIER_INFO = "classifier.json"
+#: Help of the methods' config fields, whose classes live in the methods' modules. A field
+#: without an entry still gets an option (helped by its class and name, with its default).
+CONFIG_HELP: dict[str, dict[str, str]] = {
+    "TrainConfig": {
+        "epochs": "training epochs",
+        "batch_size": "batch size",
+        "lr": "peak learning rate of the one-cycle schedule (AdamW)",
+        "weight_decay": "AdamW weight decay",
+        "seed": "seed of initialisation and batch order",
+        "max_steps": "stop after this many optimiser steps (default: none, every epoch runs)",
+    },
+    "ConceptConfig": {
+        "layers": "comma-separated concept layers",
+        "k": "concepts per layer",
+        "states": "states per concept",
+        "epochs": "autoencoder training epochs",
+        "batch_size": "autoencoder batch size",
+        "lr": "autoencoder learning rate",
+        "deep_weight": "weight of the loss on the classifier's output from reconstructed activations",
+        "deep_warmup_epochs": "epochs over which that deep loss weight ramps up linearly from 0",
+        "hidden_multiplier": "autoencoder hidden width as a multiple of the layer's channels",
+        "sparsity_weight": "weight of the codes' sparsity loss",
+        "tv_weight": "weight of the codes' total-variation loss",
+        "train_images": "training images the autoencoders train on",
+        "min_steps": "least autoencoder training steps; small data sets get more epochs",
+        "max_indegree": "parents per concept from the previous layer",
+        "outcome_max_indegree": "parents of Y from the last layer",
+        "intervention_images": "training images put through every single-concept intervention",
+        "backoff": "weight of the logistic table against configuration counts",
+        "l2": "L2 weight of the logistic tables",
+        "min_influence": "least mean |change| (in stds) of a child for an edge",
+        "reacting_threshold": "mean |change of P(prediction)| that makes a concept reacting",
+        "validity_images": "held-out images of the causal validity measurement",
+        "seed": "seed of sampling and training",
+    },
+    "ClaDecConfig": {
+        "layers": "comma-separated layers",
+        "alphas": "comma-separated alphas (weight of the classification loss)",
+        "epochs": "decoder and reference autoencoder training epochs",
+        "batch_size": "batch size",
+        "lr": "learning rate",
+        "train_images": "training images the decoders train on",
+        "eval_images": "held-out images of the evaluation",
+        "fresh_classifier_epochs": "epochs of the fresh classifiers trained on reconstructions (0 skips them)",
+        "seed": "seed of sampling and training",
+    },
+    "FeatureConfig": {
+        "layer": "penultimate layer",
+        "head": "final nn.Linear module",
+        "k": "subset size (>= 1) or L1-mass share (0 < k < 1)",
+        "selectivity_share": "L1-mass share of the selectivity measure",
+        "selectivity_layers": "comma-separated layers whose selectivity is measured",
+        "finetune_epochs": "epochs of the decomposed head's fine-tuning (reported only; 0 skips it)",
+        "seed": "seed of the fine-tuning",
+    },
+}
+
+#: The steps' subcommands and their one-line help, in the order ``--help`` lists them.
+STEP_HELP: dict[str, str] = {
+    "render": "render the controlled-factor demo data set",
+    "digits": "write scikit-learn's real handwritten digits as an image folder "
+              "(a small real data set for checks; needs scikit-learn)",
+    "train": "train a project architecture on an image folder",
+    "export": "export a classifier to ONNX and write the artifact bundle",
+    "concepts": "concept autoencoders + causal Bayesian network (method 1)",
+    "cladec": "ClaDec decoders + reference autoencoders (method 2)",
+    "features": "class-specific penultimate features (method 3)",
+    "analyze": "GCMI layer analysis against factors.csv; names concepts (method 4)",
+    "archive": "build model_store/NAME.mar from a bundle",
+    "build-demo": "render, train, export, add every method's artifacts and archive the demo model",
+}
 
 
-def cmd_render(args: argparse.Namespace) -> dict:
-    from export.data.renderer import render_dataset
-    t0 = time.perf_counter()
-    out = render_dataset(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size,
-                         seed=args.seed, workers=args.workers)
-    info = {"out": str(out), "images": args.n_train + args.n_test, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"rendered {info['images']} images into {out} in {info['seconds']} s")
-    return info
+# -- options from dataclass fields ------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(_show(v) for v in value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
-def cmd_digits(args: argparse.Namespace) -> dict:
-    from export.data.digits import write_digits_folder
-    out = write_digits_folder(args.out, size=args.size, seed=args.seed)
-    print(f"wrote scikit-learn's 1,797 handwritten digits ({args.size} px) into {out}/train and {out}/test")
-    return {"out": str(out)}
+def with_default(text: str, default: Any) -> str:
+    """``text`` plus ``(default: ...)`` unless it already states its default."""
+    if "default" in text.lower():
+        return text
+    return f"{text} (default: {'none' if default is None else _show(default)})"
 
 
-def cmd_train(args: argparse.Namespace) -> dict:
-    import torch
-    from export.data.loader import infer_input_spec, load_image_folder
-    from export.models import build_model, save_weights
-    from export.train import TrainConfig, train_classifier
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    spec = infer_input_spec(args.data, size=args.size)
-    train = load_image_folder(args.data, spec, "train", limit=args.limit)
-    test = load_image_folder(args.data, spec, "test", limit=args.limit and max(args.limit // 4, 1))
-    model = build_model(args.arch, len(train.classes), spec.channels)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_steps=args.max_steps)
-    result = train_classifier(model, train, test, spec, cfg)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / CLASSIFIER_WEIGHTS)
-    info = {"architecture": args.arch, "classes": list(train.classes), "input": spec.to_json(),
-            "training": {"epochs": args.epochs, "steps": result.steps, "train_images": len(train),
-                         "test_images": len(test), "test_accuracy": round(result.test_accuracy, 4),
-                         "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
-                         "history": result.history}}
-    (out / CLASSIFIER_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    print(f"trained {args.arch}: held-out accuracy {result.test_accuracy:.4f} "
-          f"in {result.seconds:.0f} s ({result.steps} steps, {torch.get_num_threads()} threads)")
-    return info
+def _comma_list(item: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    def parse(text: str) -> tuple[Any, ...]:
+        return tuple(item(v.strip()) for v in text.split(",") if v.strip())
+    parse.__name__ = f"comma-separated {item.__name__}"
+    return parse
 
 
-def _load_classifier(args: argparse.Namespace):
-    """(model, spec, classes, info) from a ``train`` output folder or a user's model file."""
-    model, spec, classes, info, _ = _load_classifier_and_factory(args)
-    return model, spec, classes, info
+_SCALARS: dict[Any, Callable[[str], Any]] = {int: int, float: float, str: str, Path: Path}
 
 
-def _load_classifier_and_factory(args: argparse.Namespace):
-    """Like :func:`_load_classifier`, plus a factory for a freshly initialised copy."""
-    from export.data.loader import infer_input_spec, scan_image_folder
-    from export.models import build_model, load_user_model, load_weights
-    if args.classifier:
-        info = json.loads((Path(args.classifier) / CLASSIFIER_INFO).read_text())
-        spec = InputSpec.from_json(info["input"])
-        def factory():
-            return build_model(info["architecture"], len(info["classes"]), spec.channels)
-        model = factory()
-        load_weights(model, Path(args.classifier) / CLASSIFIER_WEIGHTS)
-        return model.eval(), spec, tuple(info["classes"]), info, factory
-    if not (args.model_file and args.model_class and args.weights):
-        raise SystemExit("export needs --classifier DIR, or --model-file, --model-class and --weights")
-    if args.data:
-        classes, _ = scan_image_folder(args.data)
-        spec = infer_input_spec(args.data, size=args.size, channels=args.channels)
+def _without_none(tp: Any) -> Any:
+    """``X | None`` -> ``X``; anything else unchanged."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return tp
+
+
+def _is_config(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _add_field(parser: argparse._ActionsContainer, cls: type, f: dataclasses.Field, tp: Any) -> None:
+    """One option for one field: ``--field-name`` (or ``metadata["flag"]``), typed from the
+    annotation, defaulting to the field's default, required when the field has none."""
+    meta = f.metadata
+    tp = _without_none(tp)
+    default = _default(f)
+    text = meta.get("help") or CONFIG_HELP.get(cls.__name__, {}).get(f.name) or f"{cls.__name__}.{f.name}"
+    kwargs: dict[str, Any] = {"dest": f.name}
+    if tp is bool:
+        if default is True and "flag" not in meta:
+            raise TypeError(f"{cls.__name__}.{f.name} defaults to True: give metadata['flag'] (a --no-... option)")
+        kwargs["action"] = "store_false" if default is True else "store_true"
+    elif typing.get_origin(tp) is tuple:
+        item = _SCALARS.get(typing.get_args(tp)[0])
+        if item is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp}")
+        if "nargs" in meta:
+            kwargs.update(nargs=meta["nargs"], type=item)
+        else:
+            kwargs["type"] = _comma_list(item)
+    elif typing.get_origin(tp) is typing.Literal:
+        kwargs.update(type=type(typing.get_args(tp)[0]), choices=typing.get_args(tp))
+    elif tp in _SCALARS:
+        kwargs["type"] = _SCALARS[tp]
     else:
-        if not (args.classes and args.size):
-            raise SystemExit("without --data, give --classes and --size (and --channels, --mean, --std)")
-        classes = tuple(c.strip() for c in args.classes.split(","))
-        ch = args.channels or 3
-        spec = InputSpec(args.size, args.size, ch, tuple(args.mean or [0.5] * ch), tuple(args.std or [0.25] * ch))
-    if args.classes:
-        classes = tuple(c.strip() for c in args.classes.split(","))
-    def user_factory():
-        return load_user_model(args.model_file, args.model_class)
-    model = user_factory()
-    load_weights(model, args.weights)
-    return model.eval(), spec, classes, {"model_file": str(args.model_file), "model_class": args.model_class}, user_factory
+        raise TypeError(f"{cls.__name__}.{f.name}: no command-line form for {tp}")
+    if "choices" in meta:
+        kwargs["choices"] = meta["choices"]
+    if default is dataclasses.MISSING:
+        kwargs["required"] = True
+        text += " (required)"
+    else:
+        kwargs["default"] = default
+        text = with_default(text, default)
+    kwargs["help"] = text.replace("%", "%%")
+    parser.add_argument(meta.get("flag", "--" + f.name.replace("_", "-")), **kwargs)
 
 
-def cmd_export(args: argparse.Namespace) -> dict:
-    from export.archive import write_bundle
-    from export.onnx_export import INPUT_NAME, LOGITS_NAME, default_layers, export_classifier, parity
-    model, spec, classes, info = _load_classifier(args)
-    layers = args.layers.split(",") if args.layers else default_layers(model)
-    report: dict = {}
-
-    def fill(tmp: Path) -> ModelMetadata:
-        infos = export_classifier(model, spec, layers, tmp / "classifier.onnx")
-        report["parity_max_abs_diff"] = parity(model, tmp / "classifier.onnx", spec, layers)
-        if report["parity_max_abs_diff"] > 1e-4:
-            raise RuntimeError(f"onnxruntime disagrees with torch by {report['parity_max_abs_diff']:.2e}")
-        extra = {"source": {k: v for k, v in info.items() if k != "input"}}
-        return ModelMetadata(args.name, args.version, tuple(classes), spec, "classifier.onnx",
-                             INPUT_NAME, LOGITS_NAME, tuple(infos), extra)
-
-    out = write_bundle(args.out, fill)
-    print(f"bundle written to {out}; layers {layers}; torch/onnxruntime max abs diff "
-          f"{report['parity_max_abs_diff']:.2e}")
-    return {"bundle": str(out), "layers": layers, **report}
+def add_config_options(parser: argparse.ArgumentParser, cls: type,
+                       group: argparse._ActionsContainer | None = None) -> None:
+    """Add an option per field of dataclass ``cls``; a nested config's fields become options
+    too, in an argument group named after the field and its class."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if _is_config(tp):
+            add_config_options(parser, tp, parser.add_argument_group(f"{f.name} ({tp.__name__})"))
+        else:
+            _add_field(group or parser, cls, f, tp)
 
 
-def _overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> dict:
-    """The config fields the user set on the command line."""
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The config of class ``cls`` from options added by :func:`add_config_options`."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if _is_config(hints[f.name]):
+            values[f.name] = config_from_args(hints[f.name], args)
+        else:
+            value = getattr(args, f.name)
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
 
 
-def _extend_bundle(args: argparse.Namespace, meta: ModelMetadata, layers: tuple[str, ...], key: str,
-                   filename: str, build) -> dict:
-    """Check that ``layers`` are classifier outputs, load the train and test splits, and write a
-    new bundle (atomically, from the old one) with ``build(train, test, tmp_dir)``'s artifacts,
-    recorded in metadata under ``key``. Returns build's report."""
-    import dataclasses
-    from export.archive import write_bundle
-    from export.data.loader import load_image_folder
-    names = {l.name for l in meta.layers}
-    missing = [l for l in layers if l not in names]
-    if missing:
-        raise SystemExit(f"layers {missing} are not outputs of the exported classifier; it has {sorted(names)}")
-    train = load_image_folder(args.data, meta.input, "train", limit=args.limit)
-    test = load_image_folder(args.data, meta.input, "test", limit=args.test_limit)
-    report: dict = {}
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser whose options are added on first use: a step's options come from
+    config classes whose modules import torch, which ``--help`` and ``query`` do not need."""
 
-    def fill(tmp: Path) -> ModelMetadata:
-        report.update(build(train, test, tmp))
-        return dataclasses.replace(meta, extra={**meta.extra, key: filename})
+    def __init__(self, *args: Any, populate: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._populate = populate
 
-    write_bundle(args.bundle, fill, base=args.bundle)
-    return report
+    def populate(self) -> "_LazyParser":
+        """Add the options now (once)."""
+        if self._populate is not None:
+            fill, self._populate = self._populate, None
+            fill(self)
+        return self
 
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self.populate()
+        return super().parse_known_args(args, namespace)
 
-def cmd_concepts(args: argparse.Namespace) -> dict:
-    """Method 1: concept autoencoders, Bayesian network and validity report, added to a bundle."""
-    import dataclasses
-    from export.concepts import ConceptConfig, build_concepts, format_report
-    from handlers.runtime.bundle import load_bundle
-    meta = load_bundle(args.bundle).metadata
-    model, _, _, _ = _load_classifier(args)
-    overrides = _overrides(args, ("k", "states", "epochs", "train_images", "validity_images", "max_indegree",
-                                  "outcome_max_indegree", "intervention_images", "backoff", "min_steps", "seed"))
-    if args.layers:
-        overrides["layers"] = tuple(args.layers.split(","))
-    cfg = dataclasses.replace(ConceptConfig(), **overrides)
-    outputs = {l.name: l.output for l in meta.layers}
-    report = _extend_bundle(args, meta, cfg.layers, "concepts", "concepts.json",
-                            lambda train, test, tmp: build_concepts(model, meta.input, train, test, outputs, tmp, cfg))
-    print(format_report(report))
-    print(f"concept artifacts added to {args.bundle} in {report['seconds']} s")
-    return report
+    def format_usage(self) -> str:
+        self.populate()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.populate()
+        return super().format_help()
 
 
-def cmd_cladec(args: argparse.Namespace) -> dict:
-    """Method 2: ClaDec decoders and reference autoencoders with their evaluation, added to a bundle."""
-    import dataclasses
-    from export.cladec import ClaDecConfig, build_cladec, format_report
-    from handlers.runtime.bundle import load_bundle
-    meta = load_bundle(args.bundle).metadata
-    model, _, _, _, factory = _load_classifier_and_factory(args)
-    overrides = _overrides(args, ("epochs", "train_images", "eval_images", "fresh_classifier_epochs", "seed"))
-    if args.layers:
-        overrides["layers"] = tuple(args.layers.split(","))
-    if args.alphas:
-        overrides["alphas"] = tuple(float(a) for a in args.alphas.split(","))
-    cfg = dataclasses.replace(ClaDecConfig(), **overrides)
-    report = _extend_bundle(args, meta, cfg.layers, "cladec", "cladec.json",
-                            lambda train, test, tmp: build_cladec(model, factory, meta.input, train, test, tmp, cfg))
-    print(format_report(report))
-    print(f"ClaDec artifacts added to {args.bundle} in {report['seconds']} s")
-    return report
+def _step_options(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def populate(parser: argparse.ArgumentParser) -> None:
+        from export.pipeline import STEPS
+        cls, run = STEPS[name]
+        add_config_options(parser, cls)
+        parser.set_defaults(func=lambda args: run(config_from_args(cls, args)))
+    return populate
 
 
-def cmd_features(args: argparse.Namespace) -> dict:
-    """Method 3: class-specific penultimate features and selectivity, added to a bundle."""
-    import dataclasses
-    from export.features import FeatureConfig, build_features, format_report
-    from handlers.runtime.bundle import load_bundle
-    meta = load_bundle(args.bundle).metadata
-    model, _, _, _ = _load_classifier(args)
-    overrides = _overrides(args, ("layer", "head", "k", "selectivity_share", "finetune_epochs"))
-    if args.selectivity_layers:
-        overrides["selectivity_layers"] = tuple(args.selectivity_layers.split(","))
-    cfg = dataclasses.replace(FeatureConfig(), **overrides)
-    report = _extend_bundle(args, meta, (cfg.layer,), "features", "features.json",
-                            lambda train, test, tmp: build_features(model, meta.input, train, test, tmp, cfg))
-    print(format_report(report))
-    return report
-
-
-def cmd_analyze(args: argparse.Namespace) -> dict:
-    """Method 4: GCMI between layers and the data's generative factors; names the concepts."""
-    import dataclasses
-    from export.analysis.layers import analyse, format_report, save
-    from export.archive import write_bundle
-    from export.data.loader import load_image_folder
-    from handlers.runtime.bundle import load_bundle
-    from handlers.runtime.classifier import make_session
-    from handlers.runtime.concepts import ConceptSpec
-    bundle = load_bundle(args.bundle)
-    meta = bundle.metadata
-    model, _, _, _ = _load_classifier(args)
-    ds = load_image_folder(args.data, meta.input, args.split, limit=args.images)
-    kinds_file = Path(args.data) / "factors.json"
-    kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
-    encoders = {}
-    spec_c = None
-    if "concepts" in meta.extra and not args.no_names:
-        spec_c = ConceptSpec.from_file(bundle.path(meta.extra["concepts"]))
-        encoders = {l.layer: make_session(bundle.path(l.encoder_file), ("CPUExecutionProvider",), 0)
-                    for l in spec_c.layers}
-    layers = tuple(args.layers.split(",")) if args.layers else ("stem", "layer1", "layer2", "layer3")
-    result = analyse(model, ds, meta.input, layers, kinds, pca_dims=args.pca_dims, pose_factor=args.pose_factor,
-                     concept_encoders=encoders)
-    out = save(result, args.out)
-    print(format_report(result))
-    print(f"analysis of {len(ds)} images in {result['seconds']} s -> {out / 'layer_analysis.json'}, "
-          f"{out / 'layer_analysis.png'}")
-    if spec_c is not None and "concept_names" in result:
-        names = result["concept_names"]
-
-        def fill(tmp: Path) -> ModelMetadata:
-            layers_named = tuple(dataclasses.replace(
-                l, names=tuple(e["name"] for e in names[l.layer]),
-                name_bits=tuple(e["bits"] for e in names[l.layer])) for l in spec_c.layers)
-            dataclasses.replace(spec_c, layers=layers_named).save(tmp / meta.extra["concepts"])
-            return meta
-
-        write_bundle(args.bundle, fill, base=args.bundle)
-        print(f"concept names written into {args.bundle}/{meta.extra['concepts']}")
-    return result
-
-
-def cmd_archive(args: argparse.Namespace) -> dict:
-    from export.archive import build_mar
-    from export.concepts import failed_checks
-    from handlers.runtime.bundle import load_bundle
-    bundle = load_bundle(args.bundle)  # refuse to archive a corrupted bundle
-    failed = []
-    if "concepts" in bundle.metadata.extra:
-        report = json.loads(bundle.path(bundle.metadata.extra["concepts"]).read_text()).get("report", {})
-        failed = failed_checks(report)
-    if failed:
-        lines = "; ".join(f"{c['name']} = {c['measured']} (target {c['target']})" for c in failed)
-        if not getattr(args, "accept_failed_checks", False):
-            raise SystemExit(f"refusing to archive {args.bundle}: concept validity checks failed: {lines}. "
-                             "Improve the bundle, or pass --accept-failed-checks to archive it anyway "
-                             "(answers then carry the failed checks in their validity block).")
-        print(f"archiving despite failed concept validity checks (--accept-failed-checks): {lines}")
-    mar = build_mar(args.bundle, args.name or bundle.metadata.name, args.version or bundle.metadata.version,
-                    args.model_store, args.model_config)
-    print(f"archived {mar} ({mar.stat().st_size / 1e6:.2f} MB, bundle sha256 {bundle.sha256[:12]})")
-    return {"mar": str(mar), "failed_checks": [c["name"] for c in failed]}
-
-
-def cmd_build_demo(args: argparse.Namespace) -> dict:
-    t0 = time.perf_counter()
-    data, build = Path(args.data), Path(args.build)
-    report: dict = {}
-    if not (data / "factors.csv").is_file() or args.force:
-        report["render"] = cmd_render(argparse.Namespace(out=data, n_train=args.n_train, n_test=args.n_test,
-                                                         size=64, seed=args.seed, workers=None))
-    if not (build / "classifier" / CLASSIFIER_INFO).is_file() or args.force:
-        report["train"] = cmd_train(argparse.Namespace(
-            data=data, out=build / "classifier", arch="demo_resnet", size=None, limit=None,
-            epochs=args.epochs, batch_size=128, lr=4e-3, seed=args.seed, max_steps=None, threads=None))
-    report["export"] = cmd_export(argparse.Namespace(
-        classifier=build / "classifier", model_file=None, model_class=None, weights=None, data=None,
-        classes=None, size=None, channels=None, mean=None, std=None, layers=None,
-        out=build / "bundle", name=args.name, version=args.version))
-    report["concepts"] = cmd_concepts(argparse.Namespace(
-        bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, limit=None,
-        test_limit=None, k=None, states=None, epochs=None, train_images=None, validity_images=None,
-        max_indegree=None, outcome_max_indegree=None, intervention_images=None, backoff=None, seed=None))
-    report["cladec"] = cmd_cladec(argparse.Namespace(
-        bundle=build / "bundle", classifier=build / "classifier", data=data, layers=None, alphas=None,
-        limit=None, test_limit=None, epochs=None, train_images=None, eval_images=None,
-        fresh_classifier_epochs=None, seed=None))
-    report["features"] = cmd_features(argparse.Namespace(
-        bundle=build / "bundle", classifier=build / "classifier", data=data, layer=None, head=None, k=None,
-        selectivity_share=None, selectivity_layers=None, finetune_epochs=None, limit=None, test_limit=None))
-    if (data / "factors.csv").is_file():
-        report["analysis"] = {k: v for k, v in cmd_analyze(argparse.Namespace(
-            bundle=build / "bundle", classifier=build / "classifier", data=data, split="train", images=5000,
-            layers=None, pca_dims=4, pose_factor="pos_x", no_names=False, out=build / "analysis")).items()
-            if k != "concept_names"}
-    report["archive"] = cmd_archive(argparse.Namespace(bundle=build / "bundle", name=args.name,
-                                                       version=args.version, model_store=args.model_store,
-                                                       model_config=None,
-                                                       accept_failed_checks=args.accept_failed_checks))
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    (build / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"demo build finished in {report['seconds']} s; report in {build / 'build-report.json'}")
-    return report
-
+# -- client commands (a running TorchServe) ---------------------------------------------------
 
 def cmd_query(args: argparse.Namespace) -> dict:
+    """Send one image to a running TorchServe and print the answer."""
     from export.client import TorchServeClient
     client = TorchServeClient(args.url, key_file=args.key_file)
     client.wait_ready(args.model, timeout=args.timeout)
     status, body = client.post_image(args.endpoint, args.model, Path(args.image).read_bytes())
     print(json.dumps(body, indent=2))
     if status != 200:
-        raise SystemExit(f"HTTP {status}")
+        raise PipelineError(f"HTTP {status}")
     return body
 
 
@@ -360,7 +297,7 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
         raw = f.read_bytes()
         status, body = client.post_image("explanations", args.model, raw)
         if status != 200:
-            raise SystemExit(f"{f}: HTTP {status}: {body}")
+            raise PipelineError(f"{f}: HTTP {status}: {body}")
         size = len(json.dumps(body, separators=(",", ":")))
         if first is None:
             first = (f, body, size)
@@ -410,176 +347,56 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     return {"explanation_bytes": size}
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    """How a step finds the classifier: a `train` folder, or the user's own module and weights."""
-    p.add_argument("--classifier", help="output folder of `train`")
-    p.add_argument("--model-file", help="your own model: a Python file defining an nn.Module")
-    p.add_argument("--model-class")
-    p.add_argument("--weights", help="safetensors, or a state dict .pt (loaded with weights_only=True)")
-    p.add_argument("--classes", help="comma-separated class names")
-    p.add_argument("--size", type=int)
-    p.add_argument("--channels", type=int, choices=(1, 3))
-    p.add_argument("--mean", type=float, nargs="+")
-    p.add_argument("--std", type=float, nargs="+")
+def _option(p: argparse.ArgumentParser, flag: str, default: Any, text: str, **kwargs: Any) -> None:
+    """An option of a client command, its default written once (and stated in its help)."""
+    p.add_argument(flag, default=default, help=with_default(text, default), **kwargs)
+
+
+def _query_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--image", required=True, help="image file sent (required)")
+    _option(q, "--model", "shapes", "registered model name")
+    _option(q, "--endpoint", "predictions", "inference API", choices=("predictions", "explanations"))
+    _server_options(q)
+    q.set_defaults(func=cmd_query)
+
+
+def _demo_report_options(dr: argparse.ArgumentParser) -> None:
+    _option(dr, "--model", "shapes", "registered model name")
+    _option(dr, "--data", "data/shapes", "image folder whose test split is explained (one image per class)")
+    _option(dr, "--images", 4, "images explained", type=int)
+    _option(dr, "--out", "build/shapes/demo", "folder for explanation.json and cladec_grid.png")
+    _server_options(dr)
+    dr.set_defaults(func=cmd_demo_report)
+
+
+def _server_options(p: argparse.ArgumentParser) -> None:
+    _option(p, "--url", "http://127.0.0.1:8080", "TorchServe inference address")
+    _option(p, "--key-file", "key_file.json", "TorchServe's token file (token authorisation)")
+    _option(p, "--timeout", 120, "seconds to wait for the model to be ready", type=float)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``concept-explainer`` parser: a subcommand per pipeline step, plus ``query`` and
+    ``demo-report`` against a running TorchServe."""
     p = argparse.ArgumentParser(prog="concept-explainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    r = sub.add_parser("render", help="render the controlled-factor demo data set")
-    r.add_argument("--out", default="data/shapes")
-    r.add_argument("--n-train", type=int, default=16000)
-    r.add_argument("--n-test", type=int, default=4000)
-    r.add_argument("--size", type=int, default=64)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--workers", type=int, default=None)
-    r.set_defaults(func=cmd_render)
-
-    dg = sub.add_parser("digits", help="write scikit-learn's real handwritten digits as an image folder "
-                                       "(a small real data set for checks; needs scikit-learn)")
-    dg.add_argument("--out", default="data/digits", help="output folder (default data/digits)")
-    dg.add_argument("--size", type=int, default=32, help="image size in px (default 32)")
-    dg.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default 0)")
-    dg.set_defaults(func=cmd_digits)
-
-    t = sub.add_parser("train", help="train a project architecture on an image folder")
-    t.add_argument("--data", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--arch", default="demo_resnet")
-    t.add_argument("--size", type=int, default=None, help="input size (default: the data's)")
-    t.add_argument("--epochs", type=int, default=8)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=4e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--limit", type=int, default=None, help="use at most this many training images")
-    t.add_argument("--max-steps", type=int, default=None)
-    t.add_argument("--threads", type=int, default=None)
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("export", help="export a classifier to ONNX and write the artifact bundle")
-    _add_model_args(e)
-    e.add_argument("--data", help="image folder, to read classes and input size from")
-    e.add_argument("--layers", help="comma-separated module names to expose (default: layer1..N, avgpool)")
-    e.add_argument("--out", required=True)
-    e.add_argument("--name", default="shapes")
-    e.add_argument("--version", default="1.0")
-    e.set_defaults(func=cmd_export)
-
-    c = sub.add_parser("concepts", help="concept autoencoders + causal Bayesian network (method 1)")
-    c.add_argument("--bundle", required=True, help="bundle written by `export` (updated atomically)")
-    c.add_argument("--data", required=True, help="image folder the classifier was trained on")
-    _add_model_args(c)
-    c.add_argument("--layers", help="comma-separated concept layers (default layer1,layer2,layer3)")
-    c.add_argument("--k", type=int, help="concepts per layer (default 8)")
-    c.add_argument("--states", type=int, help="states per concept (default 3)")
-    c.add_argument("--epochs", type=int)
-    c.add_argument("--train-images", type=int)
-    c.add_argument("--min-steps", type=int,
-                   help="least autoencoder training steps; small data sets get more epochs (default 180)")
-    c.add_argument("--validity-images", type=int)
-    c.add_argument("--max-indegree", type=int, help="parents per concept from the previous layer (default 3)")
-    c.add_argument("--outcome-max-indegree", type=int, help="parents of Y from the last layer (default 8)")
-    c.add_argument("--intervention-images", type=int,
-                   help="training images put through every single-concept intervention (default 1200)")
-    c.add_argument("--backoff", type=float,
-                   help="weight of the logistic table against configuration counts (default 5)")
-    c.add_argument("--seed", type=int)
-    c.add_argument("--limit", type=int, help="training images loaded (default all)")
-    c.add_argument("--test-limit", type=int, help="held-out images loaded (default all)")
-    c.set_defaults(func=cmd_concepts)
-
-    cd = sub.add_parser("cladec", help="ClaDec decoders + reference autoencoders (method 2)")
-    cd.add_argument("--bundle", required=True, help="bundle written by `export` (updated atomically)")
-    cd.add_argument("--data", required=True)
-    _add_model_args(cd)
-    cd.add_argument("--layers", help="comma-separated layers (default layer2,avgpool)")
-    cd.add_argument("--alphas", help="comma-separated alphas (default 0,0.001)")
-    cd.add_argument("--epochs", type=int)
-    cd.add_argument("--train-images", type=int)
-    cd.add_argument("--eval-images", type=int)
-    cd.add_argument("--fresh-classifier-epochs", type=int)
-    cd.add_argument("--seed", type=int)
-    cd.add_argument("--limit", type=int)
-    cd.add_argument("--test-limit", type=int)
-    cd.set_defaults(func=cmd_cladec)
-
-    f = sub.add_parser("features", help="class-specific penultimate features (method 3)")
-    f.add_argument("--bundle", required=True)
-    f.add_argument("--data", required=True)
-    _add_model_args(f)
-    f.add_argument("--layer", help="penultimate layer (default avgpool)")
-    f.add_argument("--head", help="final nn.Linear module (default fc)")
-    f.add_argument("--k", type=float, help="subset size (>= 1) or L1-mass share (0 < k < 1); default 5")
-    f.add_argument("--selectivity-share", type=float)
-    f.add_argument("--selectivity-layers")
-    f.add_argument("--finetune-epochs", type=int)
-    f.add_argument("--limit", type=int)
-    f.add_argument("--test-limit", type=int)
-    f.set_defaults(func=cmd_features)
-
-    an = sub.add_parser("analyze", help="GCMI layer analysis against factors.csv; names concepts (method 4)")
-    an.add_argument("--bundle", required=True)
-    an.add_argument("--data", required=True, help="image folder with factors.csv (and optionally factors.json)")
-    _add_model_args(an)
-    an.add_argument("--split", default="train")
-    an.add_argument("--images", type=int, default=5000)
-    an.add_argument("--layers", help="comma-separated modules (default stem,layer1,layer2,layer3)")
-    an.add_argument("--pca-dims", type=int, default=4)
-    an.add_argument("--pose-factor", default="pos_x")
-    an.add_argument("--no-names", action="store_true", help="do not write concept names into the bundle")
-    an.add_argument("--out", default="build/shapes/analysis")
-    an.set_defaults(func=cmd_analyze)
-
-    a = sub.add_parser("archive", help="build model_store/NAME.mar from a bundle")
-    a.add_argument("--bundle", required=True)
-    a.add_argument("--name")
-    a.add_argument("--version")
-    a.add_argument("--model-store", default="model_store")
-    a.add_argument("--model-config", help="model-config.yaml (default: export/model-config.yaml)")
-    a.add_argument("--accept-failed-checks", action="store_true",
-                   help="archive even if the bundle's concept validity checks failed (default: refuse)")
-    a.set_defaults(func=cmd_archive)
-
-    d = sub.add_parser("build-demo", help="render, train, export and archive the demo model")
-    d.add_argument("--data", default="data/shapes")
-    d.add_argument("--build", default="build/shapes")
-    d.add_argument("--model-store", default="model_store")
-    d.add_argument("--name", default="shapes")
-    d.add_argument("--version", default="1.0")
-    d.add_argument("--n-train", type=int, default=16000)
-    d.add_argument("--n-test", type=int, default=4000)
-    d.add_argument("--epochs", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--force", action="store_true", help="redo data and training even if present")
-    d.add_argument("--accept-failed-checks", action="store_true",
-                   help="archive the demo even if its concept validity checks failed (default: refuse)")
-    d.set_defaults(func=cmd_build_demo)
-
-    q = sub.add_parser("query", help="send an image to a running TorchServe")
-    q.add_argument("--image", required=True)
-    q.add_argument("--model", default="shapes")
-    q.add_argument("--endpoint", default="predictions", choices=("predictions", "explanations"))
-    q.add_argument("--url", default="http://127.0.0.1:8080")
-    q.add_argument("--key-file", default="key_file.json")
-    q.add_argument("--timeout", type=float, default=120)
-    q.set_defaults(func=cmd_query)
-    dr = sub.add_parser("demo-report", help="explain a few test images through a running TorchServe")
-    dr.add_argument("--model", default="shapes")
-    dr.add_argument("--data", default="data/shapes")
-    dr.add_argument("--images", type=int, default=4)
-    dr.add_argument("--out", default="build/shapes/demo")
-    dr.add_argument("--url", default="http://127.0.0.1:8080")
-    dr.add_argument("--key-file", default="key_file.json")
-    dr.add_argument("--timeout", type=float, default=120)
-    dr.set_defaults(func=cmd_demo_report)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_LazyParser)
+    for name, text in STEP_HELP.items():
+        sub.add_parser(name, help=text, description=text, populate=_step_options(name))
+    sub.add_parser("query", help="send an image to a running TorchServe", populate=_query_options)
+    sub.add_parser("demo-report", help="explain a few test images through a running TorchServe",
+                   populate=_demo_report_options)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Returns 0, or 1 when a step cannot run (its message goes to stderr)."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except PipelineError as err:
+        print(f"concept-explainer {args.command}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from export.concepts import pooled_activations
 from export.data.loader import ImageDataset
+from handlers.runtime.features import FORMAT, decomposed_head, subset_mask
 from handlers.runtime.imaging import InputSpec
 
 
@@ -78,10 +79,7 @@ def class_subsets(h: np.ndarray, labels: np.ndarray, num_classes: int, k: float)
 
 def decomposed_logits(h: np.ndarray, weight: np.ndarray, bias: np.ndarray, subsets: Sequence[Sequence[int]]) -> np.ndarray:
     """``logit_c = sum_{i in S_c} W[c, i] h_i + b_c``: h (N, D) -> (N, C)."""
-    mask = np.zeros_like(weight)
-    for c, s in enumerate(subsets):
-        mask[c, list(s)] = 1.0
-    return h @ (weight * mask).T + bias
+    return h @ decomposed_head(weight, subsets).T + bias
 
 
 def agreement_by_predicted_class(full: np.ndarray, decomposed: np.ndarray) -> list[float | None]:
@@ -103,9 +101,7 @@ def _finetune(h: np.ndarray, y: np.ndarray, weight: np.ndarray, bias: np.ndarray
               seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fine-tune the decomposed head (subset weights and biases only) with cross-entropy."""
     torch.manual_seed(seed)
-    mask = torch.zeros(weight.shape)
-    for c, s in enumerate(subsets):
-        mask[c, list(s)] = 1
+    mask = torch.from_numpy(subset_mask(subsets, weight.shape).astype(np.float32))
     w = torch.tensor(weight, dtype=torch.float32, requires_grad=True)
     b = torch.tensor(bias, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=1e-3)
@@ -162,7 +158,7 @@ def build_features(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
         w2, b2 = _finetune(h_tr, train.labels, weight, bias, subsets, cfg.finetune_epochs, cfg.seed)
         report["accuracy_decomposed_finetuned"] = float(((h_te @ w2.T + b2).argmax(1) == test.labels).mean())
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    doc = {"format": "features/1", "layer": cfg.layer, "head": cfg.head, "subsets": subsets,
+    doc = {"format": FORMAT, "layer": cfg.layer, "head": cfg.head, "subsets": subsets,
            "weight": weight.tolist(), "bias": bias.tolist(), "report": report}
     (out / "features.json").write_text(json.dumps(doc) + "\n")
     return report

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -35,7 +36,8 @@ class WithActivations(nn.Module):
     """Wraps a classifier: forward returns ``(logits, act_1, ..., act_L)``.
 
     Activations are captured with forward hooks on the named submodules, so any eager
-    ``nn.Module`` works without changes to its code.
+    ``nn.Module`` works without changes to its code. The hooks stay on ``model`` until
+    :meth:`remove_hooks`; :func:`with_activations` removes them when its block ends.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
@@ -59,6 +61,38 @@ class WithActivations(nn.Module):
         logits = self.model(x)
         return (logits, *[self._acts[l] for l in self.layers])
 
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks from the wrapped model (it is then as it was before)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._acts.clear()
+
+
+@contextmanager
+def with_activations(model: nn.Module, layers: Sequence[str]) -> Iterator[WithActivations]:
+    """:class:`WithActivations` for the duration of the block; its hooks are removed on exit."""
+    wrapped = WithActivations(model, layers).eval()
+    try:
+        yield wrapped
+    finally:
+        wrapped.remove_hooks()
+
+
+@contextmanager
+def onnx_export_quiet() -> Iterator[None]:
+    """Silence the exporter's warnings and INFO/WARNING logs for the block; the ``torch.onnx``
+    logger's level and the warning filters are restored on exit."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
+
 
 def output_name(layer: str) -> str:
     return "act_" + layer.replace(".", "_")
@@ -67,37 +101,35 @@ def output_name(layer: str) -> str:
 def export_classifier(model: nn.Module, spec: InputSpec, layers: Sequence[str], path: str | Path) -> list[LayerInfo]:
     """Write ``path`` (one self-contained ONNX file, dynamic batch) and describe its layer outputs."""
     model = model.eval()
-    wrapped = WithActivations(model, layers).eval()
     x = torch.zeros(2, spec.channels, spec.height, spec.width)
-    with torch.no_grad():
-        outs = wrapped(x)
     names = [LOGITS_NAME, *[output_name(l) for l in layers]]
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(wrapped, (x,), str(path), dynamo=True, external_data=False,
-                          input_names=[INPUT_NAME], output_names=names,
-                          dynamic_shapes={"x": {0: batch}}, verbose=False)
+    with with_activations(model, layers) as wrapped:
+        with torch.no_grad():
+            outs = wrapped(x)
+        with onnx_export_quiet():
+            torch.onnx.export(wrapped, (x,), str(path), dynamo=True, external_data=False,
+                              input_names=[INPUT_NAME], output_names=names,
+                              dynamic_shapes={"x": {0: batch}}, verbose=False)
     return [LayerInfo(l, output_name(l), tuple(int(s) for s in o.shape[1:])) for l, o in zip(layers, outs[1:])]
 
 
 def parity(model: nn.Module, path: str | Path, spec: InputSpec, layers: Sequence[str],
            batch_sizes: Sequence[int] = (1, 8), seed: int = 0) -> float:
     """Max abs difference between torch and onnxruntime over logits and activations."""
-    wrapped = WithActivations(model.eval(), layers).eval()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
-    for b in batch_sizes:
-        x = torch.randn(b, spec.channels, spec.height, spec.width, generator=gen)
-        with torch.no_grad():
-            ref = [t.numpy() for t in wrapped(x)]
-        got = session.run(None, {INPUT_NAME: x.numpy()})
-        for r, g in zip(ref, got):
-            if r.shape != g.shape:
-                raise AssertionError(f"shape mismatch {r.shape} vs {g.shape} at batch {b}")
-            worst = max(worst, float(np.abs(r - g).max()))
+    with with_activations(model.eval(), layers) as wrapped:
+        for b in batch_sizes:
+            x = torch.randn(b, spec.channels, spec.height, spec.width, generator=gen)
+            with torch.no_grad():
+                ref = [t.numpy() for t in wrapped(x)]
+            got = session.run(None, {INPUT_NAME: x.numpy()})
+            for r, g in zip(ref, got):
+                if r.shape != g.shape:
+                    raise AssertionError(f"shape mismatch {r.shape} vs {g.shape} at batch {b}")
+                worst = max(worst, float(np.abs(r - g).max()))
     return worst
 
 
@@ -106,9 +138,7 @@ def export_module(module: nn.Module, example: torch.Tensor, path: str | Path, in
     """Export a one-input, one-output module (dynamic batch) as one self-contained ONNX file."""
     module = module.eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with onnx_export_quiet():
         torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
                           input_names=[input_name], output_names=[output_name],
                           dynamic_shapes=({0: batch},), verbose=False)

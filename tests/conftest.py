@@ -6,12 +6,15 @@ serving reproduces the exported network exactly, not that the network is accurat
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
-from export import cli
+from export import pipeline
+from export.cladec import ClaDecConfig
+from export.concepts import ConceptConfig
+from export.pipeline import ModelSource
+from export.train import TrainConfig
 
 TINY_SIZE = 32
 
@@ -26,18 +29,16 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_classifier(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("build") / "classifier"
-    cli.cmd_train(argparse.Namespace(data=tiny_data, out=out, arch="demo_resnet", size=None, limit=None,
-                                     epochs=1, batch_size=64, lr=4e-3, seed=0, max_steps=3, threads=None))
+    pipeline.train(pipeline.TrainStep(data=tiny_data, out=out, arch="demo_resnet",
+                                      training=TrainConfig(epochs=1, batch_size=64, lr=4e-3, seed=0, max_steps=3)))
     return out
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_classifier: Path) -> Path:
     out = tiny_classifier.parent / "bundle"
-    cli.cmd_export(argparse.Namespace(
-        classifier=tiny_classifier, model_file=None, model_class=None, weights=None, data=None,
-        classes=None, size=None, channels=None, mean=None, std=None, layers=None,
-        out=out, name="tiny", version="0.1"))
+    pipeline.export_bundle(pipeline.ExportStep(out=out, model=ModelSource(classifier=tiny_classifier),
+                                               name="tiny", version="0.1"))
     return out
 
 
@@ -47,10 +48,11 @@ def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Pat
     import shutil
     out = tiny_bundle.parent / "bundle_concepts"
     shutil.copytree(tiny_bundle, out)
-    cli.cmd_concepts(argparse.Namespace(
-        bundle=out, classifier=tiny_classifier, data=tiny_data, layers=None, limit=None, test_limit=None,
-        k=4, states=3, epochs=1, train_images=200, validity_images=20, max_indegree=2,
-        outcome_max_indegree=2, intervention_images=60, backoff=None, min_steps=0, seed=0))
+    pipeline.add_concepts(pipeline.ConceptsStep(
+        bundle=out, data=tiny_data, model=ModelSource(classifier=tiny_classifier),
+        concepts=ConceptConfig(k=4, states=3, epochs=1, train_images=200, validity_images=20, max_indegree=2,
+                               outcome_max_indegree=2, intervention_images=60, min_steps=0,
+                               seed=0)))
     return out
 
 
@@ -61,15 +63,14 @@ def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data
     import shutil
     out = tiny_concept_bundle.parent / "bundle_full"
     shutil.copytree(tiny_concept_bundle, out)
-    cli.cmd_cladec(argparse.Namespace(
-        bundle=out, classifier=tiny_classifier, data=tiny_data, layers=None, alphas="0,0.001", limit=None,
-        test_limit=None, epochs=1, train_images=200, eval_images=50, fresh_classifier_epochs=1, seed=0))
-    cli.cmd_features(argparse.Namespace(
-        bundle=out, classifier=tiny_classifier, data=tiny_data, layer=None, head=None, k=None,
-        selectivity_share=None, selectivity_layers=None, finetune_epochs=None, limit=None, test_limit=None))
-    cli.cmd_analyze(argparse.Namespace(
-        bundle=out, classifier=tiny_classifier, data=tiny_data, split="train", images=300, layers=None,
-        pca_dims=3, pose_factor="pos_x", no_names=False, out=out.parent / "analysis"))
+    model = ModelSource(classifier=tiny_classifier)
+    pipeline.add_cladec(pipeline.ClaDecStep(
+        bundle=out, data=tiny_data, model=model,
+        cladec=ClaDecConfig(alphas=(0.0, 0.001), epochs=1, train_images=200, eval_images=50,
+                            fresh_classifier_epochs=1, seed=0)))
+    pipeline.add_features(pipeline.FeaturesStep(bundle=out, data=tiny_data, model=model))
+    pipeline.analyze(pipeline.AnalyzeStep(bundle=out, data=tiny_data, model=model, images=300, pca_dims=3,
+                                          out=out.parent / "analysis"))
     return out
 
 
@@ -77,9 +78,8 @@ def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data
 def tiny_mar(tiny_bundle: Path) -> Path:
     """The classifier-only archive (predictions; explanations answer 501)."""
     store = tiny_bundle.parent / "model_store"
-    cli.cmd_archive(argparse.Namespace(bundle=tiny_bundle, name="tiny", version="0.1",
-                                       model_store=store, model_config=None,
-                                       accept_failed_checks=True))  # a 3-step model fails the targets
+    pipeline.archive(pipeline.ArchiveStep(bundle=tiny_bundle, name="tiny", version="0.1", model_store=store,
+                                          accept_failed_checks=True))  # a 3-step model fails the targets
     return store / "tiny.mar"
 
 
@@ -87,9 +87,8 @@ def tiny_mar(tiny_bundle: Path) -> Path:
 def tiny_explainer_mar(tiny_full_bundle: Path) -> Path:
     """The archive with every explanation artifact built so far."""
     store = tiny_full_bundle.parent / "model_store_explain"
-    cli.cmd_archive(argparse.Namespace(bundle=tiny_full_bundle, name="tinyx", version="0.1",
-                                       model_store=store, model_config=None,
-                                       accept_failed_checks=True))  # a 3-step model fails the targets
+    pipeline.archive(pipeline.ArchiveStep(bundle=tiny_full_bundle, name="tinyx", version="0.1", model_store=store,
+                                          accept_failed_checks=True))  # a 3-step model fails the targets
     return store / "tinyx.mar"
 
 

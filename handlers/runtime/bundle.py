@@ -130,12 +130,6 @@ class ModelMetadata:
     layers: tuple[LayerInfo, ...]
     extra: dict[str, Any]
 
-    def class_index(self, label: str) -> int | None:
-        try:
-            return self.classes.index(label)
-        except ValueError:
-            return None
-
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "name": self.name, "version": self.version,

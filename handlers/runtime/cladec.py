@@ -43,12 +43,10 @@ def to_uint8_images(x: np.ndarray) -> np.ndarray:
 class ClaDecView:
     """ClaDec decoders and RefAEs as onnxruntime sessions."""
 
-    def __init__(self, entries: Sequence[DecoderEntry], decoders: dict[str, Any], refaes: dict[str, Any],
-                 report: dict[str, Any]) -> None:
+    def __init__(self, entries: Sequence[DecoderEntry], decoders: dict[str, Any], refaes: dict[str, Any]) -> None:
         self.entries = tuple(entries)
         self.decoders = decoders
         self.refaes = refaes
-        self.report = report
         self.layers = tuple(dict.fromkeys(e.layer for e in entries))
 
     @classmethod
@@ -64,7 +62,7 @@ class ClaDecView:
                 raise ArtifactError(f"ClaDec layer {e.layer} is not an output of the classifier graph")
         decoders = {e.decoder_file: make_session(bundle.path(e.decoder_file), providers, threads) for e in entries}
         refaes = {e.refae_file: make_session(bundle.path(e.refae_file), providers, threads) for e in entries}
-        return cls(entries, decoders, refaes, doc.get("report", {}))
+        return cls(entries, decoders, refaes)
 
     def wanted(self, layers: Sequence[str] | None) -> list[DecoderEntry]:
         """The entries for ``layers`` (None: all), in archive order."""

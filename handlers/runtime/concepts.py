@@ -9,7 +9,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -108,15 +108,6 @@ class ConceptSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> "ConceptSpec":
         return cls.from_json(json.loads(Path(path).read_text()))
-
-
-def evidence_for(spec: ConceptSpec, states_by_layer: Sequence[np.ndarray], row: int) -> dict[str, int]:
-    """Evidence dict {concept id: state} for one image from per-layer (N, K) state arrays."""
-    ev: dict[str, int] = {}
-    for layer, states in zip(spec.layers, states_by_layer):
-        for c in range(layer.k):
-            ev[concept_id(layer.layer, c)] = int(states[row, c])
-    return ev
 
 
 # -- heatmaps -------------------------------------------------------------------------------

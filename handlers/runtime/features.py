@@ -29,6 +29,21 @@ def _optional_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
+def subset_mask(subsets: Sequence[Sequence[int]], shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean (C, D) mask of the decomposed head: row c is True exactly at the features of S_c."""
+    mask = np.zeros(shape, dtype=bool)
+    for c, s in enumerate(subsets):
+        mask[c, np.asarray(s, dtype=np.int64)] = True
+    return mask
+
+
+def decomposed_head(weight: np.ndarray, subsets: Sequence[Sequence[int]]) -> np.ndarray:
+    """The decomposed head's weights: ``W`` (C, D) with every weight outside its class's subset
+    set to 0, so ``decomposed logit_c = (W_masked @ h)_c + b_c``. Export and serving both use it."""
+    weight = np.asarray(weight)
+    return weight * subset_mask(subsets, weight.shape)
+
+
 class FeatureView:
     """Per-class feature subsets ``S_c`` and the classifier head ``W`` (C, D), ``b`` (C,).
 
@@ -45,11 +60,8 @@ class FeatureView:
         self.bias = np.asarray(bias, dtype=np.float64)
         self.report = report
         self.classes = tuple(classes) if classes is not None else None
-        mask = np.zeros_like(self.weight)
-        for c, s in enumerate(self.subsets):
-            mask[c, s] = 1.0
-        self.mask = mask.astype(bool)
-        self.masked = self.weight * mask
+        self.mask = subset_mask(self.subsets, self.weight.shape)
+        self.masked = decomposed_head(self.weight, self.subsets)
         per_class = report.get("agreement_decomposed_vs_full_by_predicted_class")
         self._agreement_by_class: list[float | None] | None = (
             list(per_class) if isinstance(per_class, list) and len(per_class) == self.weight.shape[0] else None)

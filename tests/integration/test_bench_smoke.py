@@ -20,7 +20,7 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
     large = tmp_path / "large"
     build(large, arch="resnet18_like", size=32, n_train=60, n_test=20, ae_images=40)
     image = sorted((tiny_data / "test").glob("*/*.png"))[0]
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--bundle", str(tiny_full_bundle),
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--bundle", str(tiny_full_bundle),
                            "--classifier", str(tiny_classifier), "--image", str(image), "--large", str(large),
                            "--smoke", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=400, cwd=REPO)

@@ -7,7 +7,6 @@ dashboard's concept-drift (PSI) query against a PSI computed here.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from export import cli
+from export.pipeline import ArchiveStep, archive
 from tests.integration.server import REPO, TorchServe, free_port, post
 
 pytestmark = pytest.mark.integration
@@ -50,8 +49,8 @@ def monitored_server(tiny_full_bundle: Path, tmp_path_factory):
     cfg["handler"]["monitor_fraction"] = 1.0
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
     store = tmp / "store"
-    cli.cmd_archive(argparse.Namespace(bundle=tiny_full_bundle, name="tinym", version="0.1", model_store=store,
-                                       model_config=tmp / "model-config.yaml", accept_failed_checks=True))
+    archive(ArchiveStep(bundle=tiny_full_bundle, name="tinym", version="0.1", model_store=store,
+                        model_config=tmp / "model-config.yaml", accept_failed_checks=True))
     with TorchServe(tmp / "ts", store, {"tinym": "tinym.mar"}) as ts:
         yield ts
 

@@ -108,16 +108,13 @@ def test_concept_report_has_checks_and_interventional_rows(tiny_concept_bundle: 
 
 
 def test_archive_refuses_a_bundle_that_fails_its_checks(tiny_concept_bundle: Path, tmp_path: Path):
-    import argparse
-
-    from export import cli
     from export.concepts import failed_checks
+    from export.pipeline import ArchiveStep, FailedChecksError, archive
     report = json.loads((tiny_concept_bundle / "concepts.json").read_text())["report"]
     failed = failed_checks(report)
     assert failed, "a 3-step tiny model should not meet the validity targets"
-    args = argparse.Namespace(bundle=tiny_concept_bundle, name="t", version="0.1", model_store=tmp_path,
-                              model_config=None, accept_failed_checks=False)
-    with pytest.raises(SystemExit) as err:
-        cli.cmd_archive(args)
+    step = ArchiveStep(bundle=tiny_concept_bundle, name="t", version="0.1", model_store=tmp_path)
+    with pytest.raises(FailedChecksError) as err:
+        archive(step)
     assert failed[0]["name"] in str(err.value) and "--accept-failed-checks" in str(err.value)
     assert not (tmp_path / "t.mar").exists()

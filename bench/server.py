@@ -1,0 +1,120 @@
+"""Start and stop a real TorchServe on free loopback ports (for the benchmarks and the integration
+tests), configured from the repository's ``config.properties`` and ``metrics.yaml``."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from export.client import TorchServeClient, read_keys
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_from_shipped(workdir: Path, model_store: Path, **overrides: str) -> tuple[Path, dict[str, int]]:
+    """The shipped config.properties with fresh loopback ports and the given model store."""
+    ports = {"inference": free_port(), "management": free_port(), "metrics": free_port()}
+    text = (REPO / "config.properties").read_text()
+    for name, port in ports.items():
+        text = re.sub(rf"^{name}_address=.*$", f"{name}_address=http://127.0.0.1:{port}", text, flags=re.M)
+    text = re.sub(r"^model_store=.*$", f"model_store={model_store}", text, flags=re.M)
+    overrides = {"grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port()),
+                 "metrics_config": str(REPO / "metrics.yaml"), **overrides}
+    for key, value in overrides.items():
+        if re.search(rf"^{key}=", text, flags=re.M):
+            text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+        else:
+            text += f"\n{key}={value}\n"
+    path = workdir / "config.properties"
+    path.write_text(text)
+    return path, ports
+
+
+class TorchServe:
+    """``with TorchServe(workdir, store, {"tiny": "tiny.mar"}) as ts: ts.client.post_image(...)``"""
+
+    def __init__(self, workdir: Path, model_store: Path, models: dict[str, str], timeout: float = 120,
+                 **config: str) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_store = Path(model_store)
+        self.models = models
+        self.timeout = timeout
+        self.config_path, self.ports = config_from_shipped(self.workdir, self.model_store, **config)
+        self.proc: subprocess.Popen | None = None
+        self.client = TorchServeClient(f"http://127.0.0.1:{self.ports['inference']}",
+                                       f"http://127.0.0.1:{self.ports['management']}",
+                                       key_file=self.workdir / "key_file.json")
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+
+    def log(self, name: str = "model_log.log") -> str:
+        path = self.workdir / "logs" / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, wait: bool = True) -> "TorchServe":
+        """Start the server; with ``wait``, block until every model has a READY worker."""
+        torchserve = Path(sys.executable).parent / "torchserve"
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        # A private TMPDIR gives this server its own pid file, so it starts beside a running demo server.
+        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), TMPDIR=str(tmp),
+                   METRICS_LOCATION=str(self.workdir / "logs"), TS_CONFIG_FILE=str(self.config_path))
+        cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
+               "--model-store", str(self.model_store),
+               "--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=open(self.workdir / "ts.out", "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while not (self.workdir / "key_file.json").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"TorchServe did not start:\n{(self.workdir / 'ts.out').read_text()[-3000:]}")
+            time.sleep(0.2)
+        if wait:
+            for name in self.models:
+                self.client.wait_ready(name, timeout=max(deadline - time.monotonic(), 1))
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint: str = "predictions",
+         model: str = "tiny", auth: bool = True, timeout: float = 60) -> requests.Response:
+    """POST ``body`` to ``endpoint/model`` of ``ts`` (with the inference token unless ``auth`` is false)."""
+    headers = {"Content-Type": content_type}
+    if auth:
+        headers["Authorization"] = f"Bearer {read_keys(ts.workdir / 'key_file.json')['inference']}"
+    return requests.post(f"{ts.client.url}/{endpoint}/{model}", data=body, headers=headers, timeout=timeout)

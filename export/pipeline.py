@@ -1,0 +1,530 @@
+"""The offline pipeline as plain functions, each over one typed, frozen config.
+
+    from export.pipeline import ExportStep, ModelSource, export_bundle
+    export_bundle(ExportStep(out=Path("build/x/bundle"), model=ModelSource(classifier=Path("build/x/classifier"))))
+
+One function per step: :func:`render`, :func:`digits`, :func:`train`, :func:`export_bundle`,
+:func:`add_concepts`, :func:`add_cladec`, :func:`add_features`, :func:`analyze`,
+:func:`archive` and :func:`build_demo`. Each takes its ``*Step`` config, prints a short
+progress line or report, and returns its report as a dict. Steps that read the classifier
+share one :class:`ModelSource`; the methods' own settings are the configs of their modules
+(:class:`export.concepts.ConceptConfig`, :class:`export.cladec.ClaDecConfig`,
+:class:`export.features.FeatureConfig`, :class:`export.train.TrainConfig`), nested as they are.
+
+Every default is written once, on a dataclass field; the ``concept-explainer`` CLI
+(:mod:`export.cli`) builds its options, their help and their defaults from these fields
+(``metadata["help"]`` is the option's help text; ``metadata["flag"]``, ``["nargs"]`` and
+``["choices"]`` adjust how the option is spelled). A step that cannot run raises
+:class:`PipelineError`; the CLI prints its message and exits with status 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from export.cladec import ClaDecConfig
+from export.concepts import ConceptConfig
+from export.data.loader import ImageDataset
+from export.errors import FailedChecksError, PipelineError, describe_checks
+from export.features import FeatureConfig
+from export.train import TrainConfig
+from handlers.runtime.bundle import ModelMetadata
+from handlers.runtime.imaging import InputSpec
+
+CLASSIFIER_WEIGHTS = "weights.safetensors"
+CLASSIFIER_INFO = "classifier.json"
+#: Largest |torch - onnxruntime| difference an exported classifier may show.
+PARITY_TOLERANCE = 1e-4
+#: Preprocessing of a user's model when neither the data nor the options give it.
+DEFAULT_CHANNELS = 3
+DEFAULT_MEAN = 0.5
+DEFAULT_STD = 0.25
+
+
+def _help(text: str, **cli: Any) -> dict[str, Any]:
+    """Field metadata for the CLI: the option's help text and optional spelling (``flag``,
+    ``nargs``, ``choices``)."""
+    return {"help": text, **cli}
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (so a default is written once)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            raise ValueError(f"{cls.__name__}.{name} has no default")
+    raise ValueError(f"{cls.__name__} has no field {name!r}")
+
+
+# -- the classifier ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a step finds the classifier: the output folder of :func:`train`, or the user's own
+    module file, class and weights with their preprocessing."""
+
+    classifier: Path | None = field(default=None, metadata=_help(
+        "output folder of `train` (default: none; else give --model-file, --model-class and --weights)"))
+    model_file: Path | None = field(default=None, metadata=_help(
+        "your own model: a Python file defining an nn.Module (default: none)"))
+    model_class: str | None = field(default=None, metadata=_help(
+        "name of the nn.Module class in --model-file (default: none)"))
+    weights: Path | None = field(default=None, metadata=_help(
+        "weights of your model: safetensors, or a state dict .pt loaded with weights_only=True (default: none)"))
+    classes: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma-separated class names of your model (default: the data's class folders)"))
+    size: int | None = field(default=None, metadata=_help(
+        "input size in px of your model (default: the data's image size)"))
+    channels: int | None = field(default=None, metadata=_help(
+        f"input channels of your model (default: the data's, or {DEFAULT_CHANNELS} without data)", choices=(1, 3)))
+    mean: tuple[float, ...] | None = field(default=None, metadata=_help(
+        f"per-channel normalisation mean (default: the data's, or {DEFAULT_MEAN} per channel without data)",
+        nargs="+"))
+    std: tuple[float, ...] | None = field(default=None, metadata=_help(
+        f"per-channel normalisation std (default: the data's, or {DEFAULT_STD} per channel without data)",
+        nargs="+"))
+
+
+@dataclass(frozen=True)
+class LoadedClassifier:
+    """A classifier in eval mode with its input spec, class labels, provenance (``info``: the
+    ``classifier.json`` of a trained folder, or the user's model file and class) and a
+    factory for a freshly initialised copy of the same architecture."""
+
+    model: nn.Module
+    spec: InputSpec
+    classes: tuple[str, ...]
+    info: dict[str, Any]
+    factory: Callable[[], nn.Module]
+
+
+def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClassifier:
+    """Load the classifier ``source`` names. ``data`` (an image folder) gives a user model's
+    classes and input spec unless ``source`` sets them."""
+    from export.data.loader import infer_input_spec, scan_image_folder
+    from export.models import build_model, load_user_model, load_weights
+    if source.classifier is not None:
+        folder = Path(source.classifier)
+        info = json.loads((folder / CLASSIFIER_INFO).read_text())
+        spec = InputSpec.from_json(info["input"])
+
+        def factory() -> nn.Module:
+            return build_model(info["architecture"], len(info["classes"]), spec.channels)
+
+        model = factory()
+        load_weights(model, folder / CLASSIFIER_WEIGHTS)
+        return LoadedClassifier(model.eval(), spec, tuple(info["classes"]), info, factory)
+    if not (source.model_file and source.model_class and source.weights):
+        raise PipelineError("the classifier is missing: give --classifier DIR, or --model-file, --model-class "
+                            "and --weights (ModelSource.classifier, or model_file, model_class and weights)")
+    if data is not None:
+        classes, _ = scan_image_folder(data)
+        spec = infer_input_spec(data, size=source.size, channels=source.channels)
+    else:
+        if not (source.classes and source.size):
+            raise PipelineError("without --data, give --classes and --size (and --channels, --mean, --std)")
+        classes = source.classes
+        ch = source.channels or DEFAULT_CHANNELS
+        spec = InputSpec(source.size, source.size, ch, tuple(source.mean or (DEFAULT_MEAN,) * ch),
+                         tuple(source.std or (DEFAULT_STD,) * ch))
+    if source.classes:
+        classes = source.classes
+
+    def user_factory() -> nn.Module:
+        return load_user_model(source.model_file, source.model_class)
+
+    model = user_factory()
+    load_weights(model, source.weights)
+    info = {"model_file": str(source.model_file), "model_class": source.model_class}
+    return LoadedClassifier(model.eval(), spec, tuple(classes), info, user_factory)
+
+
+# -- data -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RenderStep:
+    """Render the controlled-factor demo data set (an image folder plus ``factors.csv``)."""
+
+    out: Path = field(default=Path("data/shapes"), metadata=_help("output folder"))
+    n_train: int = field(default=16000, metadata=_help("training images"))
+    n_test: int = field(default=4000, metadata=_help("held-out images"))
+    size: int = field(default=64, metadata=_help("image size in px"))
+    seed: int = field(default=0, metadata=_help("seed of the rendered factors"))
+    workers: int | None = field(default=None, metadata=_help("rendering processes (default: one per CPU core)"))
+
+
+def render(step: RenderStep) -> dict[str, Any]:
+    """Render the demo data set into ``step.out``."""
+    from export.data.renderer import render_dataset
+    t0 = time.perf_counter()
+    out = render_dataset(step.out, n_train=step.n_train, n_test=step.n_test, size=step.size, seed=step.seed,
+                         workers=step.workers)
+    info = {"out": str(out), "images": step.n_train + step.n_test, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"rendered {info['images']} images into {out} in {info['seconds']} s")
+    return info
+
+
+@dataclass(frozen=True)
+class DigitsStep:
+    """Write scikit-learn's real handwritten digits as an image folder."""
+
+    out: Path = field(default=Path("data/digits"), metadata=_help("output folder"))
+    size: int = field(default=32, metadata=_help("image size in px"))
+    seed: int = field(default=0, metadata=_help("seed of the train/test split"))
+
+
+def digits(step: DigitsStep) -> dict[str, Any]:
+    """Write the 1,797 digits into ``step.out/train`` and ``step.out/test`` (needs scikit-learn)."""
+    from export.data.digits import write_digits_folder
+    out = write_digits_folder(step.out, size=step.size, seed=step.seed)
+    print(f"wrote scikit-learn's 1,797 handwritten digits ({step.size} px) into {out}/train and {out}/test")
+    return {"out": str(out)}
+
+
+# -- training and export ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainStep:
+    """Train a project architecture on an image folder."""
+
+    data: Path = field(metadata=_help("image folder (class sub-folders, optional train/test split)"))
+    out: Path = field(metadata=_help("output folder for weights.safetensors and classifier.json"))
+    arch: str = field(default="demo_resnet", metadata=_help("architecture: demo_resnet or resnet18_like"))
+    size: int | None = field(default=None, metadata=_help("input size in px (default: the data's)"))
+    limit: int | None = field(default=None, metadata=_help(
+        "use at most this many training images, and a quarter as many held-out ones (default: all)"))
+    threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: torch's choice)"))
+    training: TrainConfig = field(default_factory=TrainConfig)
+
+
+def train(step: TrainStep) -> dict[str, Any]:
+    """Train, save the weights (safetensors) and ``classifier.json``; returns that info."""
+    import torch
+    from export.data.loader import infer_input_spec, load_image_folder
+    from export.models import build_model, save_weights
+    from export.train import train_classifier
+    if step.threads:
+        torch.set_num_threads(step.threads)
+    spec = infer_input_spec(step.data, size=step.size)
+    train_ds = load_image_folder(step.data, spec, "train", limit=step.limit)
+    test_ds = load_image_folder(step.data, spec, "test", limit=step.limit and max(step.limit // 4, 1))
+    model = build_model(step.arch, len(train_ds.classes), spec.channels)
+    result = train_classifier(model, train_ds, test_ds, spec, step.training)
+    out = Path(step.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(model, out / CLASSIFIER_WEIGHTS)
+    info = {"architecture": step.arch, "classes": list(train_ds.classes), "input": spec.to_json(),
+            "training": {"epochs": step.training.epochs, "steps": result.steps, "train_images": len(train_ds),
+                         "test_images": len(test_ds), "test_accuracy": round(result.test_accuracy, 4),
+                         "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
+                         "history": result.history}}
+    (out / CLASSIFIER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"trained {step.arch}: held-out accuracy {result.test_accuracy:.4f} "
+          f"in {result.seconds:.0f} s ({result.steps} steps, {torch.get_num_threads()} threads)")
+    return info
+
+
+@dataclass(frozen=True)
+class ExportStep:
+    """Export a classifier to ONNX and write a new artifact bundle."""
+
+    out: Path = field(metadata=_help("bundle folder to write (replaced atomically)"))
+    model: ModelSource = field(default_factory=ModelSource)
+    data: Path | None = field(default=None, metadata=_help(
+        "image folder to read a user model's classes and input size from (default: none)"))
+    layers: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma-separated module names whose activations the ONNX graph outputs "
+        "(default: layer1..N and avgpool when present, else every top-level child but the last)"))
+    name: str = field(default="shapes", metadata=_help("model name recorded in the bundle"))
+    version: str = field(default="1.0", metadata=_help("model version recorded in the bundle"))
+
+
+def export_bundle(step: ExportStep) -> dict[str, Any]:
+    """Export the classifier, check torch/onnxruntime parity, write the bundle at ``step.out``."""
+    from export.archive import write_bundle
+    from export.onnx_export import INPUT_NAME, LOGITS_NAME, default_layers, export_classifier, parity
+    loaded = load_classifier(step.model, step.data)
+    layers = list(step.layers) if step.layers else default_layers(loaded.model)
+    report: dict[str, Any] = {}
+
+    def fill(tmp: Path) -> ModelMetadata:
+        infos = export_classifier(loaded.model, loaded.spec, layers, tmp / "classifier.onnx")
+        report["parity_max_abs_diff"] = parity(loaded.model, tmp / "classifier.onnx", loaded.spec, layers)
+        if report["parity_max_abs_diff"] > PARITY_TOLERANCE:
+            raise PipelineError(f"onnxruntime disagrees with torch by {report['parity_max_abs_diff']:.2e}")
+        extra = {"source": {k: v for k, v in loaded.info.items() if k != "input"}}
+        return ModelMetadata(step.name, step.version, loaded.classes, loaded.spec, "classifier.onnx",
+                             INPUT_NAME, LOGITS_NAME, tuple(infos), extra)
+
+    out = write_bundle(step.out, fill)
+    print(f"bundle written to {out}; layers {layers}; torch/onnxruntime max abs diff "
+          f"{report['parity_max_abs_diff']:.2e}")
+    return {"bundle": str(out), "layers": layers, **report}
+
+
+# -- steps that add artifacts to a bundle -----------------------------------------------------
+
+@dataclass(frozen=True)
+class BundleStep:
+    """What every step that adds artifacts to an exported bundle needs."""
+
+    bundle: Path = field(metadata=_help("bundle written by `export` (updated atomically)"))
+    data: Path = field(metadata=_help("image folder the classifier was trained on"))
+    model: ModelSource = field(default_factory=ModelSource)
+    limit: int | None = field(default=None, metadata=_help("training images loaded (default: all)"))
+    test_limit: int | None = field(default=None, metadata=_help("held-out images loaded (default: all)"))
+
+
+def _add_to_bundle(step: BundleStep, meta: ModelMetadata, layers: tuple[str, ...], key: str, filename: str,
+                   build: Callable[[ImageDataset, ImageDataset, Path], dict[str, Any]]) -> dict[str, Any]:
+    """Check that ``layers`` are classifier outputs, load the train and test splits, and write a
+    new bundle (atomically, from the old one) with ``build(train, test, tmp_dir)``'s artifacts,
+    recorded in metadata under ``key``. Returns build's report."""
+    from export.archive import write_bundle
+    from export.data.loader import load_image_folder
+    names = {l.name for l in meta.layers}
+    missing = [l for l in layers if l not in names]
+    if missing:
+        raise PipelineError(f"layers {missing} are not outputs of the exported classifier; it has {sorted(names)}")
+    train_ds = load_image_folder(step.data, meta.input, "train", limit=step.limit)
+    test_ds = load_image_folder(step.data, meta.input, "test", limit=step.test_limit)
+    report: dict[str, Any] = {}
+
+    def fill(tmp: Path) -> ModelMetadata:
+        report.update(build(train_ds, test_ds, tmp))
+        return dataclasses.replace(meta, extra={**meta.extra, key: filename})
+
+    write_bundle(step.bundle, fill, base=step.bundle)
+    return report
+
+
+@dataclass(frozen=True)
+class ConceptsStep(BundleStep):
+    """Method 1: concept autoencoders, causal Bayesian network and validity report."""
+
+    concepts: ConceptConfig = field(default_factory=ConceptConfig)
+
+
+def add_concepts(step: ConceptsStep) -> dict[str, Any]:
+    """Add method 1's artifacts (``concepts.json`` and friends) to ``step.bundle``."""
+    from export.concepts import build_concepts, format_report
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(step.bundle).metadata
+    model = load_classifier(step.model, step.data).model
+    outputs = {l.name: l.output for l in meta.layers}
+    report = _add_to_bundle(step, meta, step.concepts.layers, "concepts", "concepts.json",
+                            lambda tr, te, tmp: build_concepts(model, meta.input, tr, te, outputs, tmp, step.concepts))
+    print(format_report(report))
+    print(f"concept artifacts added to {step.bundle} in {report['seconds']} s")
+    return report
+
+
+@dataclass(frozen=True)
+class ClaDecStep(BundleStep):
+    """Method 2: ClaDec decoders and reference autoencoders with their evaluation."""
+
+    cladec: ClaDecConfig = field(default_factory=ClaDecConfig)
+
+
+def add_cladec(step: ClaDecStep) -> dict[str, Any]:
+    """Add method 2's artifacts (``cladec.json``, decoders, RefAEs) to ``step.bundle``."""
+    from export.cladec import build_cladec, format_report
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(step.bundle).metadata
+    loaded = load_classifier(step.model, step.data)
+    report = _add_to_bundle(step, meta, step.cladec.layers, "cladec", "cladec.json",
+                            lambda tr, te, tmp: build_cladec(loaded.model, loaded.factory, meta.input, tr, te, tmp,
+                                                             step.cladec))
+    print(format_report(report))
+    print(f"ClaDec artifacts added to {step.bundle} in {report['seconds']} s")
+    return report
+
+
+@dataclass(frozen=True)
+class FeaturesStep(BundleStep):
+    """Method 3: class-specific penultimate features and selectivity."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+
+def add_features(step: FeaturesStep) -> dict[str, Any]:
+    """Add method 3's artifact (``features.json``) to ``step.bundle``."""
+    from export.features import build_features, format_report
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(step.bundle).metadata
+    model = load_classifier(step.model, step.data).model
+    report = _add_to_bundle(step, meta, (step.features.layer,), "features", "features.json",
+                            lambda tr, te, tmp: build_features(model, meta.input, tr, te, tmp, step.features))
+    print(format_report(report))
+    return report
+
+
+@dataclass(frozen=True)
+class AnalyzeStep:
+    """Method 4: GCMI between layers and the data's generative factors; names the concepts."""
+
+    bundle: Path = field(metadata=_help("bundle written by `export` (concept names are written into it)"))
+    data: Path = field(metadata=_help("image folder with factors.csv (and optionally factors.json)"))
+    model: ModelSource = field(default_factory=ModelSource)
+    split: str = field(default="train", metadata=_help("split of the data analysed", choices=("train", "test")))
+    images: int = field(default=5000, metadata=_help("images analysed (at most)"))
+    layers: tuple[str, ...] = field(default=("stem", "layer1", "layer2", "layer3"),
+                                    metadata=_help("comma-separated modules analysed"))
+    pca_dims: int = field(default=4, metadata=_help("PCA dimensions of a layer's pooled activations"))
+    pose_factor: str = field(default="pos_x", metadata=_help("factor the pose-invariance figure is measured on"))
+    name_concepts: bool = field(default=True, metadata=_help(
+        "do not write concept names into the bundle (default: names are written when it has concepts)",
+        flag="--no-names"))
+    out: Path = field(default=Path("build/shapes/analysis"), metadata=_help(
+        "folder for layer_analysis.json and layer_analysis.png"))
+
+
+def analyze(step: AnalyzeStep) -> dict[str, Any]:
+    """Analyse the layers; with concepts in the bundle, name them and write the names into it."""
+    from export.analysis.layers import analyse, format_report, save
+    from export.archive import write_bundle
+    from export.data.loader import load_image_folder
+    from handlers.runtime.bundle import load_bundle
+    from handlers.runtime.classifier import make_session
+    from handlers.runtime.concepts import ConceptSpec
+    bundle = load_bundle(step.bundle)
+    meta = bundle.metadata
+    model = load_classifier(step.model, step.data).model
+    ds = load_image_folder(step.data, meta.input, step.split, limit=step.images)
+    kinds_file = Path(step.data) / "factors.json"
+    kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
+    encoders = {}
+    spec_c = None
+    if "concepts" in meta.extra and step.name_concepts:
+        spec_c = ConceptSpec.from_file(bundle.path(meta.extra["concepts"]))
+        encoders = {l.layer: make_session(bundle.path(l.encoder_file), ("CPUExecutionProvider",), 0)
+                    for l in spec_c.layers}
+    result = analyse(model, ds, meta.input, step.layers, kinds, pca_dims=step.pca_dims,
+                     pose_factor=step.pose_factor, concept_encoders=encoders)
+    out = save(result, step.out)
+    print(format_report(result))
+    print(f"analysis of {len(ds)} images in {result['seconds']} s -> {out / 'layer_analysis.json'}, "
+          f"{out / 'layer_analysis.png'}")
+    if spec_c is not None and "concept_names" in result:
+        names = result["concept_names"]
+
+        def fill(tmp: Path) -> ModelMetadata:
+            layers_named = tuple(dataclasses.replace(
+                l, names=tuple(e["name"] for e in names[l.layer]),
+                name_bits=tuple(e["bits"] for e in names[l.layer])) for l in spec_c.layers)
+            dataclasses.replace(spec_c, layers=layers_named).save(tmp / meta.extra["concepts"])
+            return meta
+
+        write_bundle(step.bundle, fill, base=step.bundle)
+        print(f"concept names written into {step.bundle}/{meta.extra['concepts']}")
+    return result
+
+
+# -- archive and the demo build ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchiveStep:
+    """Build ``model_store/NAME.mar`` from a bundle."""
+
+    bundle: Path = field(metadata=_help("bundle to archive (verified first)"))
+    name: str | None = field(default=None, metadata=_help("model name (default: the bundle's)"))
+    version: str | None = field(default=None, metadata=_help("model version (default: the bundle's)"))
+    model_store: Path = field(default=Path("model_store"), metadata=_help("folder the .mar is written into"))
+    model_config: Path | None = field(default=None, metadata=_help(
+        "TorchServe model-config.yaml archived with the model (default: export/model-config.yaml)"))
+    accept_failed_checks: bool = field(default=False, metadata=_help(
+        "archive even if the bundle's concept validity checks failed (default: refuse)"))
+
+
+def archive(step: ArchiveStep) -> dict[str, Any]:
+    """Verify the bundle, refuse it if its concept checks failed (unless accepted), archive it."""
+    from export.archive import build_mar
+    from export.concepts import failed_checks
+    from handlers.runtime.bundle import load_bundle
+    bundle = load_bundle(step.bundle)  # refuse to archive a corrupted bundle
+    failed: list[dict[str, Any]] = []
+    if "concepts" in bundle.metadata.extra:
+        report = json.loads(bundle.path(bundle.metadata.extra["concepts"]).read_text()).get("report", {})
+        failed = failed_checks(report)
+    if failed:
+        if not step.accept_failed_checks:
+            raise FailedChecksError(Path(step.bundle), failed)
+        print(f"archiving despite failed concept validity checks (--accept-failed-checks): {describe_checks(failed)}")
+    mar = build_mar(step.bundle, step.name or bundle.metadata.name, step.version or bundle.metadata.version,
+                    step.model_store, step.model_config)
+    print(f"archived {mar} ({mar.stat().st_size / 1e6:.2f} MB, bundle sha256 {bundle.sha256[:12]})")
+    return {"mar": str(mar), "failed_checks": [c["name"] for c in failed]}
+
+
+@dataclass(frozen=True)
+class BuildDemoStep:
+    """Render, train, export, add every method's artifacts, analyse and archive the demo model."""
+
+    data: Path = field(default=default_of(RenderStep, "out"), metadata=_help("demo image folder"))
+    build: Path = field(default=Path("build/shapes"), metadata=_help(
+        "build folder (classifier/, bundle/, analysis/, build-report.json)"))
+    model_store: Path = field(default=default_of(ArchiveStep, "model_store"),
+                              metadata=_help("folder the .mar is written into"))
+    name: str = field(default=default_of(ExportStep, "name"), metadata=_help("model name"))
+    version: str = field(default=default_of(ExportStep, "version"), metadata=_help("model version"))
+    n_train: int = field(default=default_of(RenderStep, "n_train"), metadata=_help("training images rendered"))
+    n_test: int = field(default=default_of(RenderStep, "n_test"), metadata=_help("held-out images rendered"))
+    epochs: int = field(default=default_of(TrainConfig, "epochs"), metadata=_help("classifier training epochs"))
+    seed: int = field(default=default_of(RenderStep, "seed"), metadata=_help("seed of rendering and training"))
+    force: bool = field(default=False, metadata=_help(
+        "redo data and training even if present (default: reuse them)"))
+    accept_failed_checks: bool = field(default=False, metadata=_help(
+        "archive the demo even if its concept validity checks failed (default: refuse)"))
+
+
+def build_demo(step: BuildDemoStep) -> dict[str, Any]:
+    """Every step with its defaults; data and classifier are reused when present unless
+    ``step.force``. Writes and returns the build report (``build/build-report.json``)."""
+    t0 = time.perf_counter()
+    data, build = Path(step.data), Path(step.build)
+    source = ModelSource(classifier=build / "classifier")
+    bundle = build / "bundle"
+    report: dict[str, Any] = {}
+    if not (data / "factors.csv").is_file() or step.force:
+        report["render"] = render(RenderStep(out=data, n_train=step.n_train, n_test=step.n_test, seed=step.seed))
+    if not (build / "classifier" / CLASSIFIER_INFO).is_file() or step.force:
+        report["train"] = train(TrainStep(data=data, out=build / "classifier",
+                                          training=TrainConfig(epochs=step.epochs, seed=step.seed)))
+    report["export"] = export_bundle(ExportStep(out=bundle, model=source, name=step.name, version=step.version))
+    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=source))
+    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source))
+    report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=source))
+    if (data / "factors.csv").is_file():
+        analysis = analyze(AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis"))
+        report["analysis"] = {k: v for k, v in analysis.items() if k != "concept_names"}
+    report["archive"] = archive(ArchiveStep(bundle=bundle, name=step.name, version=step.version,
+                                            model_store=step.model_store,
+                                            accept_failed_checks=step.accept_failed_checks))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (build / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"demo build finished in {report['seconds']} s; report in {build / 'build-report.json'}")
+    return report
+
+
+#: Every step: its config class and function, by CLI subcommand name.
+STEPS: Mapping[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
+    "render": (RenderStep, render),
+    "digits": (DigitsStep, digits),
+    "train": (TrainStep, train),
+    "export": (ExportStep, export_bundle),
+    "concepts": (ConceptsStep, add_concepts),
+    "cladec": (ClaDecStep, add_cladec),
+    "features": (FeaturesStep, add_features),
+    "analyze": (AnalyzeStep, analyze),
+    "archive": (ArchiveStep, archive),
+    "build-demo": (BuildDemoStep, build_demo),
+}
