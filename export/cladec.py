@@ -57,6 +57,7 @@ from tqdm import tqdm
 from export.concepts import capture
 from export.data.loader import ImageDataset
 from export.train import TrainConfig, batches, one_cycle, predict_logits
+from handlers.runtime.cladec import FORMAT as CLADEC_FORMAT
 from handlers.runtime.imaging import InputSpec, normalize
 
 ModelFactory = Callable[[], nn.Module]
@@ -596,7 +597,7 @@ def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec,
               "evaluation": evaluation, "sweep": sweep, "refae": refaes, "baselines": baselines,
               "onnx_parity_max_abs_diff": parity,
               "train_images": len(tr), "eval_images": len(te), "seconds": round(time.perf_counter() - t_all, 1)}
-    (out / "cladec.json").write_text(json.dumps({"format": "cladec/1", "decoders": entries, "report": report},
+    (out / "cladec.json").write_text(json.dumps({"format": CLADEC_FORMAT, "decoders": entries, "report": report},
                                                 indent=1) + "\n")
     return report
 
