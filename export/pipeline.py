@@ -486,8 +486,10 @@ class BuildDemoStep:
         "archive the demo even if its concept validity checks failed (default: refuse)"))
 
 
-def build_demo(step: BuildDemoStep) -> dict[str, Any]:
-    """Every step with its defaults; data and classifier are reused when present unless
+def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, cladec: ClaDecConfig | None = None
+               ) -> dict[str, Any]:
+    """Every step with its defaults (``concepts`` / ``cladec``: other method configs, e.g.
+    small budgets in tests); data and classifier are reused when present unless
     ``step.force``. Writes and returns the build report (``build/build-report.json``)."""
     t0 = time.perf_counter()
     data, build = Path(step.data), Path(step.build)
@@ -500,8 +502,9 @@ def build_demo(step: BuildDemoStep) -> dict[str, Any]:
         report["train"] = train(TrainStep(data=data, out=build / "classifier",
                                           training=TrainConfig(epochs=step.epochs, seed=step.seed)))
     report["export"] = export_bundle(ExportStep(out=bundle, model=source, name=step.name, version=step.version))
-    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=source))
-    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source))
+    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=source,
+                                                   concepts=concepts or ConceptConfig()))
+    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source, cladec=cladec or ClaDecConfig()))
     report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=source))
     if (data / "factors.csv").is_file():
         analysis = analyze(AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis"))

@@ -66,8 +66,9 @@ def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data
     model = ModelSource(classifier=tiny_classifier)
     pipeline.add_cladec(pipeline.ClaDecStep(
         bundle=out, data=tiny_data, model=model,
-        cladec=ClaDecConfig(alphas=(0.0, 0.001), epochs=1, train_images=200, eval_images=50,
-                            fresh_classifier_epochs=1, seed=0)))
+        cladec=ClaDecConfig(alphas=(0.0, 0.001), sweep_alphas=(0.0, 0.001), epochs=1, min_steps=0,
+                            train_images=200, eval_images=50, fresh_classifier_epochs=1,
+                            fresh_classifier_images=200, seed=0)))
     pipeline.add_features(pipeline.FeaturesStep(bundle=out, data=tiny_data, model=model))
     pipeline.analyze(pipeline.AnalyzeStep(bundle=out, data=tiny_data, model=model, images=300, pca_dims=3,
                                           out=out.parent / "analysis"))

@@ -9,7 +9,9 @@ import pytest
 
 from export import cli
 from export.concepts import failed_checks
-from export.pipeline import PARITY_TOLERANCE
+from export.cladec import ClaDecConfig
+from export.concepts import ConceptConfig
+from export.pipeline import PARITY_TOLERANCE, BuildDemoStep, build_demo
 
 
 @pytest.mark.slow
@@ -17,9 +19,13 @@ def test_build_demo_produces_a_complete_archive(tmp_path):
     data, build, store = tmp_path / "data", tmp_path / "build", tmp_path / "store"
     # A one-epoch model may miss the concept validity targets: accept them here, and check below
     # that the report names exactly the failed checks and that a plain archive refuses them.
-    assert cli.main(["build-demo", "--data", str(data), "--build", str(build), "--model-store", str(store),
-                     "--n-train", "200", "--n-test", "80", "--epochs", "1", "--name", "mini",
-                     "--accept-failed-checks"]) == 0
+    step = BuildDemoStep(data=data, build=build, model_store=store, n_train=200, n_test=80, epochs=1, name="mini",
+                         accept_failed_checks=True)
+    small_concepts = ConceptConfig(k=4, epochs=1, train_images=200, validity_images=20, intervention_images=40,
+                                   min_steps=0)
+    small_cladec = ClaDecConfig(alphas=(0.0,), sweep_alphas=(0.0,), epochs=1, min_steps=0, train_images=200,
+                                eval_images=40, fresh_classifier_epochs=1, fresh_classifier_images=200)
+    build_demo(step, concepts=small_concepts, cladec=small_cladec)
     report = json.loads((build / "build-report.json").read_text())
     assert {"render", "train", "export", "concepts", "cladec", "features", "analysis", "archive"} <= set(report)
 
