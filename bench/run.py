@@ -28,8 +28,9 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -195,6 +196,7 @@ def torch_encoder(onnx_file: Path):
     import onnx
     import torch
     from onnx import numpy_helper
+
     from export.concepts import ConceptAutoencoder
     weights = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in onnx.load(str(onnx_file)).graph.initializer}
     hidden, channels = weights["0.weight"].shape[:2]
@@ -207,6 +209,7 @@ def ort_vs_torch(classifier_dir: Path, bundle: Path, n: int) -> dict:
     """onnxruntime vs torch eager, batch 1, one thread each, alternating: the classifier with
     the explanation layers' activations, and all concept encoders on those activations."""
     import torch
+
     from export.concepts import capture
     from export.pipeline import ModelSource, load_classifier
     from handlers.runtime.classifier import make_session

@@ -67,7 +67,7 @@ class TorchServe:
         path = self.workdir / "logs" / name
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self, wait: bool = True) -> "TorchServe":
+    def start(self, wait: bool = True) -> TorchServe:
         """Start the server; with ``wait``, block until every model has a READY worker."""
         torchserve = Path(sys.executable).parent / "torchserve"
         tmp = self.workdir / "tmp"
@@ -104,7 +104,7 @@ class TorchServe:
             self.proc.wait(timeout=10)
         self.proc = None
 
-    def __enter__(self) -> "TorchServe":
+    def __enter__(self) -> TorchServe:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -6,8 +6,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import handlers
 from handlers.runtime.bundle import METADATA, ModelMetadata, verify_bundle, write_manifest

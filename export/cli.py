@@ -26,8 +26,9 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from export.errors import PipelineError
 
@@ -230,7 +231,7 @@ class _LazyParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._populate = populate
 
-    def populate(self) -> "_LazyParser":
+    def populate(self) -> _LazyParser:
         """Add the options now (once)."""
         if self._populate is not None:
             fill, self._populate = self._populate, None
@@ -279,7 +280,9 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     full JSON and a PNG grid of the ClaDec triplets (input, RefAE, ClaDec per layer)."""
     import base64
     import io
+
     from PIL import Image, ImageDraw
+
     from export.client import TorchServeClient
     client = TorchServeClient(args.url, key_file=args.key_file)
     client.wait_ready(args.model, timeout=args.timeout)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -209,6 +210,7 @@ class TrainStep:
 def train(step: TrainStep) -> dict[str, Any]:
     """Train, save the weights (safetensors) and ``classifier.json``; returns that info."""
     import torch
+
     from export.data.loader import infer_input_spec, load_image_folder
     from export.models import build_model, save_weights
     from export.train import train_classifier

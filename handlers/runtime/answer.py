@@ -20,12 +20,20 @@ import argparse
 import base64
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
-from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, SerializerFunctionWrapHandler, WithJsonSchema,
-                      model_serializer)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SerializerFunctionWrapHandler,
+    WithJsonSchema,
+    model_serializer,
+)
 from pydantic.json_schema import GenerateJsonSchema, SkipJsonSchema
 from pydantic_core import PydanticUndefined
 
@@ -118,7 +126,7 @@ class Prediction(Answer):
     probability: Round6 = on_wire(minimum=0, maximum=1)
 
     @classmethod
-    def top(cls, probabilities: np.ndarray, classes: Sequence[str], k: int) -> list["Prediction"]:
+    def top(cls, probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[Prediction]:
         """probabilities: (K,) -> the k most probable classes, highest first (ties: lower index first)."""
         p = np.asarray(probabilities, dtype=np.float64)
         order = np.argsort(-p, kind="stable")[:k]

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import InputSpec
@@ -141,7 +142,7 @@ class ModelMetadata:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ModelMetadata":
+    def from_json(cls, d: dict[str, Any]) -> ModelMetadata:
         known = {"format_version", "name", "version", "classes", "input", "classifier", "layers"}
         try:
             return cls(

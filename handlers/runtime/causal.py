@@ -19,9 +19,10 @@ keeping ``X``'s state as a free axis, so one contraction gives the whole
 from __future__ import annotations
 
 import json
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -91,7 +92,7 @@ class CompiledCausalModel:
     # -- construction ----------------------------------------------------------------------
 
     @classmethod
-    def from_pgmpy(cls, model: Any, outcome: str = "Y") -> "CompiledCausalModel":
+    def from_pgmpy(cls, model: Any, outcome: str = "Y") -> CompiledCausalModel:
         """From a fitted ``pgmpy`` ``DiscreteBayesianNetwork`` (CPDs attached)."""
         cpts = []
         for node in model.nodes():
@@ -112,7 +113,7 @@ class CompiledCausalModel:
              "cpd": self.cpts[n].table.reshape(self.cpts[n].card, -1).tolist()} for n in self.order]}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "CompiledCausalModel":
+    def from_json(cls, data: Mapping[str, Any]) -> CompiledCausalModel:
         if data.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} document (format={data.get('format')!r})")
         cards = {n["name"]: len(n["states"]) for n in data["nodes"]}
@@ -125,7 +126,7 @@ class CompiledCausalModel:
         Path(path).write_text(json.dumps(self.to_json()) + "\n")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "CompiledCausalModel":
+    def from_file(cls, path: str | Path) -> CompiledCausalModel:
         return cls.from_json(json.loads(Path(path).read_text()))
 
     def _topological_order(self) -> list[str]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import time
 import weakref
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class ClaDecView:
         self.layers = tuple(dict.fromkeys(e.layer for e in entries))
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> "ClaDecView":
+    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> ClaDecView:
         doc = json.loads(bundle.path(file).read_text())
         if doc.get("format") != FORMAT:
             raise ArtifactError(f"{file} is not a {FORMAT} document")
@@ -187,7 +188,7 @@ class ClaDecJob:
             return ClaDecOutcome(wanted, error=exc)
         return ClaDecOutcome(wanted, images, decode_ms + refs_ms)
 
-    def __enter__(self) -> "ClaDecJob":
+    def __enter__(self) -> ClaDecJob:
         return self
 
     def __exit__(self, *exc: object) -> None:

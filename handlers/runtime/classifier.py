@@ -1,9 +1,9 @@
 """The classifier as one onnxruntime graph: logits plus the activations of explanation layers."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort

@@ -88,7 +88,7 @@ class ConceptSpec:
                            for l in self.layers]}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ConceptSpec":
+    def from_json(cls, d: dict[str, Any]) -> ConceptSpec:
         if d.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} document")
         layers = []
@@ -106,7 +106,7 @@ class ConceptSpec:
         Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ConceptSpec":
+    def from_file(cls, path: str | Path) -> ConceptSpec:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 

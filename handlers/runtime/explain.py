@@ -3,8 +3,9 @@ discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -12,8 +13,15 @@ from handlers.runtime.answer import Concept, Intervention
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.classifier import make_session
-from handlers.runtime.concepts import (ConceptSpec, concept_id, discretise, heatmap_levels, heatmap_overlay, heatmap_palette,
-                                       pooled_values)
+from handlers.runtime.concepts import (
+    ConceptSpec,
+    concept_id,
+    discretise,
+    heatmap_levels,
+    heatmap_overlay,
+    heatmap_palette,
+    pooled_values,
+)
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_indexed_png, encode_png
 
@@ -55,7 +63,7 @@ class ConceptExplainer:
         self.num_concepts = len(ids)
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> "ConceptExplainer":
+    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> ConceptExplainer:
         spec = ConceptSpec.from_file(bundle.path(file))
         network = CompiledCausalModel.from_file(bundle.path(spec.network_file))
         if network.outcome != spec.outcome:

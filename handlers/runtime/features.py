@@ -14,7 +14,8 @@ negative sums, so a reader sees which class lost the evidence that kept it down.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class FeatureView:
             list(per_class) if isinstance(per_class, list) and len(per_class) == self.weight.shape[0] else None)
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str) -> "FeatureView":
+    def load(cls, bundle: Bundle, file: str) -> FeatureView:
         doc = json.loads(bundle.path(file).read_text())
         if doc.get("format") != FORMAT:
             raise ArtifactError(f"{file} is not a {FORMAT} document")

@@ -57,7 +57,7 @@ class InputSpec:
                 "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "InputSpec":
+    def from_json(cls, d: dict) -> InputSpec:
         return cls(int(d["height"]), int(d["width"]), int(d["channels"]),
                    tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
 

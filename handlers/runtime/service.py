@@ -10,15 +10,25 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from handlers.runtime import errors
-from handlers.runtime.answer import (ClaDecImage, ErrorAnswer, Explanation, Features, ModelInfo, Prediction,
-                                     PredictionsAnswer, Target, Timings)
+from handlers.runtime.answer import (
+    ClaDecImage,
+    ErrorAnswer,
+    Explanation,
+    Features,
+    ModelInfo,
+    Prediction,
+    PredictionsAnswer,
+    Target,
+    Timings,
+)
 from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
@@ -26,7 +36,15 @@ from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.explain import ConceptBatch, ConceptExplainer, ConceptsView
 from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
-from handlers.runtime.metrics import CONCEPT_STATE, ERRORS, PREDICTED_CLASS, REQUESTS, STAGE_LATENCY, STAGES, BatchMetrics
+from handlers.runtime.metrics import (
+    CONCEPT_STATE,
+    ERRORS,
+    PREDICTED_CLASS,
+    REQUESTS,
+    STAGE_LATENCY,
+    STAGES,
+    BatchMetrics,
+)
 from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict
 from handlers.runtime.settings import HandlerSettings
 from handlers.runtime.validity import bundle_validity
@@ -138,7 +156,7 @@ class ExplainerService:
         self._cladec_runner.close()
 
     @classmethod
-    def load(cls, model_dir: str | Path, settings: HandlerSettings) -> "ExplainerService":
+    def load(cls, model_dir: str | Path, settings: HandlerSettings) -> ExplainerService:
         """Verify and load the bundle under ``model_dir / settings.bundle_dir``.
 
         Raises:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from handlers.runtime.imaging import _SIGNATURES
 
@@ -183,7 +184,7 @@ class HandlerSettings:
                                 f"got {self.monitor_fraction}")
 
     @classmethod
-    def from_mapping(cls, section: Mapping[str, Any] | None) -> "HandlerSettings":
+    def from_mapping(cls, section: Mapping[str, Any] | None) -> HandlerSettings:
         """Build from the ``handler:`` mapping; unknown keys and bad values are rejected loudly."""
         if section is None:
             section = {}

@@ -2,7 +2,8 @@
 to trust it. Read once at load from the reports the offline steps wrote into the bundle."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from handlers.runtime.answer import ConceptValidity, FeaturesValidity, Validity
 
