@@ -45,7 +45,9 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
                                seed=seed)))
     report["cladec"] = pipeline.add_cladec(pipeline.ClaDecStep(
         bundle=bundle, data=data, model=model,
-        cladec=ClaDecConfig(epochs=1, train_images=ae_images, eval_images=20, fresh_classifier_epochs=0, seed=seed)))
+        # a timing model: only the served decoders, no alpha sweep
+        cladec=ClaDecConfig(epochs=1, train_images=ae_images, eval_images=20, fresh_classifier_epochs=0,
+                            sweep_alphas=(), seed=seed)))
     report["features"] = pipeline.add_features(pipeline.FeaturesStep(
         bundle=bundle, data=data, model=model, features=FeatureConfig(finetune_epochs=0)))
     report["seconds"] = round(time.perf_counter() - t0, 1)
