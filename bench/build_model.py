@@ -41,13 +41,13 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
                                                                   version="bench"))
     report["concepts"] = pipeline.add_concepts(pipeline.ConceptsStep(
         bundle=bundle, data=data, model=model,
-        concepts=ConceptConfig(epochs=1, train_images=ae_images, validity_images=20, intervention_images=40,
-                               seed=seed)))
+        concepts=ConceptConfig(epochs=1, min_steps=0, train_images=ae_images, validity_images=20,
+                               intervention_images=40, seed=seed)))
     report["cladec"] = pipeline.add_cladec(pipeline.ClaDecStep(
         bundle=bundle, data=data, model=model,
         # a timing model: only the served decoders, no alpha sweep
-        cladec=ClaDecConfig(epochs=1, train_images=ae_images, eval_images=20, fresh_classifier_epochs=0,
-                            sweep_alphas=(), seed=seed)))
+        cladec=ClaDecConfig(epochs=1, min_steps=0, train_images=ae_images, eval_images=20,
+                            fresh_classifier_epochs=0, sweep_alphas=(), seed=seed)))
     report["features"] = pipeline.add_features(pipeline.FeaturesStep(
         bundle=bundle, data=data, model=model, features=FeatureConfig(finetune_epochs=0)))
     report["seconds"] = round(time.perf_counter() - t0, 1)
