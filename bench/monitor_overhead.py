@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/monitor_overhead.json")
     args = ap.parse_args()
     image = Path(args.image).read_bytes()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         store = tmp / "store"
         for name, fraction in (("m0", 0.0), ("m1", 1.0)):
             cfg = yaml.safe_load(DEFAULT_MODEL_CONFIG.read_text())

@@ -108,11 +108,18 @@ def alternate(calls: dict[str, Callable[[], Any]], n: int, concurrency: int = 1,
 
 def endpoint_comparison(ts: TorchServe, model: str, image: bytes, n: int, concurrency: int) -> dict:
     """/predictions vs /explanations of one model, alternating, at the given concurrency."""
-    calls = {e: (lambda e=e: post(ts, image, endpoint=e, model=model)) for e in ("predictions", "explanations")}
+    def image_call(e: str) -> Callable[[], Any]:
+        def call() -> Any:
+            return post(ts, image, endpoint=e, model=model)
+        return call
+
+    calls: dict[str, Callable[[], Any]] = {e: image_call(e) for e in ("predictions", "explanations")}
     if concurrency == 1:  # the same explanation without ClaDec's reference images ("reference": false)
         lean = json.dumps({"data": base64.b64encode(image).decode(), "reference": False}).encode()
-        calls["explanations_without_reference"] = lambda: post(ts, lean, "application/json", endpoint="explanations",
-                                                                model=model)
+
+        def lean_call() -> Any:
+            return post(ts, lean, "application/json", endpoint="explanations", model=model)
+        calls["explanations_without_reference"] = lean_call
     for call in calls.values():  # warm-up
         call()
     lat, last, wall = alternate(calls, n, concurrency, block=1 if concurrency == 1 else 5 * concurrency)
@@ -298,12 +305,22 @@ def markdown(r: dict) -> str:
 
     for c in ("concurrency_1", "concurrency_8"):
         k = c[-1]
-        row(f"/predictions p50 / p99, concurrency {k}",
-            lambda s, c=c: f"{s[c]['predictions']['p50_ms']} / {s[c]['predictions']['p99_ms']} ms")
-        row(f"/explanations p50 / p99, concurrency {k}",
-            lambda s, c=c: f"{s[c]['explanations']['p50_ms']} / {s[c]['explanations']['p99_ms']} ms")
-        row(f"**explanations / predictions p50**, concurrency {k}",
-            lambda s, c=c: f"**{s[c]['ratio_p50']}x**{_mark(s[c]['ratio_p50'] <= 1.5)}", "≤ 1.5x")
+
+        def predictions_latency(s: dict, c: str = c) -> str:
+            return f"{s[c]['predictions']['p50_ms']} / {s[c]['predictions']['p99_ms']} ms"
+
+        def explanations_latency(s: dict, c: str = c) -> str:
+            return f"{s[c]['explanations']['p50_ms']} / {s[c]['explanations']['p99_ms']} ms"
+
+        def latency_ratio(s: dict, c: str = c) -> str:
+            return f"**{s[c]['ratio_p50']}x**{_mark(s[c]['ratio_p50'] <= 1.5)}"
+
+        def throughput(s: dict, c: str = c) -> str:
+            return f"{s[c]['predictions']['throughput_rps']} / {s[c]['explanations']['throughput_rps']} req/s"
+
+        row(f"/predictions p50 / p99, concurrency {k}", predictions_latency)
+        row(f"/explanations p50 / p99, concurrency {k}", explanations_latency)
+        row(f"**explanations / predictions p50**, concurrency {k}", latency_ratio, "≤ 1.5x")
         if c == "concurrency_1":
             row("... without ClaDec reference images (`\"reference\": false`): p50, ratio, bytes",
                 lambda s: f"{s[c]['explanations_without_reference']['p50_ms']} ms, "
@@ -311,8 +328,7 @@ def markdown(r: dict) -> str:
                           f"{s[c]['explanations_without_reference']['response_bytes']:,} B "
                           f"(Captum IG / this: {round(s['captum']['captum_ig']['response_bytes'] / s[c]['explanations_without_reference']['response_bytes'], 1)}x)",
                 "")
-        row(f"throughput predictions / explanations, concurrency {k}",
-            lambda s, c=c: f"{s[c]['predictions']['throughput_rps']} / {s[c]['explanations']['throughput_rps']} req/s")
+        row(f"throughput predictions / explanations, concurrency {k}", throughput)
     row("explanation stages in the worker (median ms)",
         lambda s: ", ".join(f"{k} {v}" for k, v in s["explanation_stages_ms"].items()))
     row("Captum IG (n_steps=15) /explanations p50 / p99",
@@ -339,9 +355,11 @@ def markdown(r: dict) -> str:
                   f"{s['onnxruntime_vs_torch']['concept_encoders']['onnxruntime']['p50_ms']} ms "
                   f"({s['onnxruntime_vs_torch']['concept_encoders']['speedup']}x)")
     for key, label in (("worker_peak_rss_mb", "concurrency 1"), ("worker_peak_rss_mb_concurrency_8", "concurrency 8")):
-        row(f"worker peak RSS, predictions-only archive vs explanations, {label}",
-            lambda s, key=key: f"{s[key]['predictions_only']} vs {s[key]['explanations']} MB "
-                               f"({s[key]['ratio']}x){_mark(s[key]['ratio'] <= 1.5)}", "≤ 1.5x")
+        def peak_rss(s: dict, key: str = key) -> str:
+            return (f"{s[key]['predictions_only']} vs {s[key]['explanations']} MB "
+                    f"({s[key]['ratio']}x){_mark(s[key]['ratio'] <= 1.5)}")
+
+        row(f"worker peak RSS, predictions-only archive vs explanations, {label}", peak_rss, "≤ 1.5x")
     row("build: all artifacts (s)", lambda s: f"{s['build_seconds']} s")
     notes = [f"Measured {r['date']} on {r['machine']} with `{r['command']}`"
              f"{' (smoke counts: not figures)' if r['smoke'] else ''}."]

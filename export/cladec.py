@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -126,6 +126,9 @@ class Decoder(nn.Module):
     the input size, ReLU between, sigmoid output, no batch norm (the reference code's shape).
     """
 
+    act_mean: torch.Tensor
+    act_std: torch.Tensor
+
     def __init__(self, act_shape: Sequence[int], out_channels: int, out_size: int, width: int | None = None) -> None:
         super().__init__()
         self.vector = len(act_shape) == 1 or tuple(act_shape[1:]) == (1, 1)
@@ -177,7 +180,9 @@ class Decoder(nn.Module):
         """Start the output at ``mean_pixel`` (one value in (0, 1) per channel): the last
         layer's bias becomes its logit, so training starts at the constant-image baseline."""
         p = torch.tensor([min(max(float(v), 1e-3), 1 - 1e-3) for v in mean_pixel])
-        self.output_layer.bias.copy_(torch.log(p / (1 - p)))
+        bias = self.output_layer.bias
+        assert isinstance(bias, torch.Tensor)  # a Conv2d / ConvTranspose2d built with a bias
+        bias.copy_(torch.log(p / (1 - p)))
 
     def standardise(self, a: torch.Tensor) -> torch.Tensor:
         """Raw activations -> the standardised entry input ((N, D) for vectors)."""
@@ -216,7 +221,7 @@ class RefAE(nn.Module):
         self.encoder = copy.deepcopy(classifier)
         for m in self.encoder.modules():
             if hasattr(m, "reset_parameters") and m is not self.encoder:
-                m.reset_parameters()
+                cast(Any, m).reset_parameters()
         for p in self.encoder.parameters():
             p.requires_grad_(True)
         self.layer = layer
@@ -268,6 +273,7 @@ def cladec_loss(rec: torch.Tensor, target: torch.Tensor, alpha: float, classifie
     mse = F.mse_loss(rec, target)
     if alpha <= 0 or classifier is None:
         return mse
+    assert spec is not None and labels is not None, "the classification term needs spec and labels"
     ce = F.cross_entropy(classifier(renormalize(rec, spec)), labels)
     return (1 - alpha) * mse + alpha * ce
 
@@ -327,7 +333,8 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
     sched = one_cycle(opt, cfg.lr, steps, 0.2)
     module.train()
     t0 = time.perf_counter()
-    step, recent = 0, []
+    step = 0
+    recent: list[float] = []
     with tqdm(total=steps, desc=desc, disable=not progress, unit="step") as bar:
         while step < steps:
             order = rng.permutation(len(ds))
@@ -391,8 +398,9 @@ def train_refae(ref: RefAE, ds: ImageDataset, spec: InputSpec, cfg: ClaDecConfig
     before = [p.detach().clone() for p in ref.encoder.parameters()]
     log = _fit(ref, None, ds, spec, cfg, 0.0, None, f"RefAE {ref.layer}", progress)
     after = [p.detach() for p in ref.encoder.parameters()]
-    log.encoder_change = float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before)))
-                               / torch.sqrt(sum((b ** 2).sum() for b in before)))
+    change_sq = cast(torch.Tensor, sum(((a - b) ** 2).sum() for a, b in zip(after, before)))
+    norm_sq = cast(torch.Tensor, sum((b ** 2).sum() for b in before))
+    log.encoder_change = float(torch.sqrt(change_sq) / torch.sqrt(norm_sq))
     for p in ref.parameters():
         p.requires_grad_(False)
     return log
@@ -526,13 +534,15 @@ def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec,
             return None
         if module is None:
             return fresh_classifier(model_factory, tr.pixels, tr.labels, te.pixels, te.labels, spec, cfg, tr.classes)
+        assert inputs_tr is not None and rec_te is not None  # every call with a module passes both
         return fresh_classifier(model_factory, to_pixels(reconstruct(module, inputs_tr)), tr.labels, to_pixels(rec_te),
                                 te.labels, spec, cfg, tr.classes)
 
     constant = to_unit(tr.pixels).mean(0, keepdim=True)
-    baselines = {"mse_constant_image": float(F.mse_loss(constant.expand_as(x_te_unit), x_te_unit)),
-                 "classifier_accuracy_on_real": classifier_accuracy(model, x_te_unit, te.labels, spec),
-                 "fresh_classifier_on_real": _fresh_dict(fresh(None, None, None))}
+    baselines: dict[str, Any] = {
+        "mse_constant_image": float(F.mse_loss(constant.expand_as(x_te_unit), x_te_unit)),
+        "classifier_accuracy_on_real": classifier_accuracy(model, x_te_unit, te.labels, spec),
+        "fresh_classifier_on_real": _fresh_dict(fresh(None, None, None))}
     ceiling = baselines["fresh_classifier_on_real"]
     sweep_alphas = sorted(set(cfg.alphas) | set(cfg.sweep_alphas))
     entries, evaluation, sweep, refaes, parity = [], [], [], [], {}
@@ -566,11 +576,12 @@ def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec,
                                      steps - (steps // 2 if base is not None else 0), base)
             cla_te = reconstruct(dec, acts_te)
             fr = fresh(dec, acts_tr, cla_te)
-            row = {"layer": layer, "alpha": alpha, "served": served, "mse": float(F.mse_loss(cla_te, x_te_unit)),
-                   "classifier_accuracy": classifier_accuracy(model, cla_te, te.labels, spec),
-                   "fresh_classifier_accuracy": _fresh_acc(fr), "fresh_classifier": _fresh_dict(fr),
-                   "steps": log.steps + (base_log.steps if base_log else 0), "own_steps": log.steps,
-                   "train_seconds": log.seconds, "shared_start_seconds": base_log.seconds if base_log else 0.0}
+            row: dict[str, Any] = {
+                "layer": layer, "alpha": alpha, "served": served, "mse": float(F.mse_loss(cla_te, x_te_unit)),
+                "classifier_accuracy": classifier_accuracy(model, cla_te, te.labels, spec),
+                "fresh_classifier_accuracy": _fresh_acc(fr), "fresh_classifier": _fresh_dict(fr),
+                "steps": log.steps + (base_log.steps if base_log else 0), "own_steps": log.steps,
+                "train_seconds": log.seconds, "shared_start_seconds": base_log.seconds if base_log else 0.0}
             sweep.append(row)
             if not served:
                 continue

@@ -26,7 +26,7 @@ import json
 import sys
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,10 +238,9 @@ class _LazyParser(argparse.ArgumentParser):
             fill(self)
         return self
 
-    def parse_known_args(self, args: Sequence[str] | None = None,
-                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
         self.populate()
-        return super().parse_known_args(args, namespace)
+        return super().parse_known_args(*args, **kwargs)
 
     def format_usage(self) -> str:
         self.populate()
@@ -311,6 +310,8 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
             cells.append((f"ClaDec {e['layer']} a={e['alpha']:g}",
                           Image.open(io.BytesIO(base64.b64decode(e["reconstruction_png"])))))
         rows.append(cells)
+    if first is None:
+        raise PipelineError(f"no test images to explain under {Path(args.data, 'test')} (--images {args.images})")
     (out / "explanation.json").write_text(json.dumps(first[1], indent=1) + "\n")
     scale, label_h = 2, 16
     w, h = rows[0][0][1].size
@@ -321,7 +322,7 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
         draw.text((j * cw + 2, 2), label, fill="black")
     for i, cells in enumerate(rows):
         for j, (_, img) in enumerate(cells):
-            grid.paste(img.resize((w * scale, h * scale), Image.NEAREST), (j * cw, label_h + i * h * scale))
+            grid.paste(img.resize((w * scale, h * scale), Image.Resampling.NEAREST), (j * cw, label_h + i * h * scale))
     grid.save(out / "cladec_grid.png")
     f, body, size = first
     print(f"explanation of {f} ({size / 1024:.1f} KiB of JSON):")

@@ -208,7 +208,8 @@ def encode_dataset(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Ima
                    progress: bool = True) -> Encoded:
     """Logits and pooled concept values; with ``agreement``, also the top-1 agreement of the
     network with each autoencoder spliced in (docs/methods.md, check "agreement")."""
-    logits_all, values = [], {l: [] for l in layers}
+    logits_all: list[np.ndarray] = []
+    values: dict[str, list[np.ndarray]] = {l: [] for l in layers}
     agree = {l: 0 for l in layers}
     for x, _ in tqdm(batches(ds, spec, batch_size), total=-(-len(ds) // batch_size), desc="encode",
                      disable=not progress, unit="batch"):
@@ -375,10 +376,10 @@ def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.n
     parents: dict[str, list[str]] = {}
     y_parents = choose_parents(reacting[last], cfg.outcome_max_indegree, 0.0)
     connected = set(y_parents)
-    for c in np.flatnonzero(reacting[last] >= cfg.reacting_threshold):
-        if int(c) not in connected:
-            y_parents.append(int(c))
-            connected.add(int(c))
+    for c_np in np.flatnonzero(reacting[last] >= cfg.reacting_threshold):
+        if int(c_np) not in connected:
+            y_parents.append(int(c_np))
+            connected.add(int(c_np))
     parents[OUTCOME] = [ids[layers[last]][c] for c in sorted(y_parents)]
     added_for_paths = []
     for i in range(last - 1, -1, -1):
@@ -387,8 +388,8 @@ def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.n
         chosen = {ch: choose_parents(infl[:, ch], cfg.max_indegree, cfg.min_influence)
                   for ch in range(infl.shape[1])}
         has_path = {p: any(p in chosen[ch] for ch in connected) for p in range(infl.shape[0])}
-        for p in np.flatnonzero(reacting[i] >= cfg.reacting_threshold):
-            p = int(p)
+        for p_np in np.flatnonzero(reacting[i] >= cfg.reacting_threshold):
+            p = int(p_np)
             if not has_path[p] and connected:
                 best = max(connected, key=lambda ch: infl[p, ch])
                 chosen[best].append(p)
@@ -423,9 +424,9 @@ def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.n
         par, chi = rows_of(j), child_rows(j)
         col = {cid: k for k, cid in enumerate(ids[layers[j]])}
         for ch, cid in enumerate(ids[layers[j + 1]]):
-            ps = parents[cid]
-            fit = fit_table(par[:, [col[p] for p in ps]], chi[:, ch], [s] * len(ps), s, cfg.backoff, cfg.l2)
-            cpts.append(CPT(cid, tuple(range(s)), tuple(ps), fit.table))
+            pnames = parents[cid]
+            fit = fit_table(par[:, [col[p] for p in pnames]], chi[:, ch], [s] * len(pnames), s, cfg.backoff, cfg.l2)
+            cpts.append(CPT(cid, tuple(range(s)), tuple(pnames), fit.table))
             support[cid] = fit.support
     par = np.concatenate([observed[layers[last]]] +
                          [iv.states[i][last].reshape(-1, iv.states[i][last].shape[-1]) for i in range(last + 1)])

@@ -127,6 +127,7 @@ def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClas
     if not (source.model_file and source.model_class and source.weights):
         raise PipelineError("the classifier is missing: give --classifier DIR, or --model-file, --model-class "
                             "and --weights (ModelSource.classifier, or model_file, model_class and weights)")
+    model_file, model_class = source.model_file, source.model_class  # both set, checked just above
     if data is not None:
         classes, _ = scan_image_folder(data)
         spec = infer_input_spec(data, size=source.size, channels=source.channels)
@@ -141,7 +142,7 @@ def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClas
         classes = source.classes
 
     def user_factory() -> nn.Module:
-        return load_user_model(source.model_file, source.model_class)
+        return load_user_model(model_file, model_class)
 
     model = user_factory()
     load_weights(model, source.weights)

@@ -35,6 +35,7 @@ Gaussian-copula class-conditional classifier. For any classifier ``q``,
 from __future__ import annotations
 
 import math
+from typing import Any, cast, overload
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -148,7 +149,7 @@ def _as_labels(y: ArrayLike, Ym: int | None, name: str = "y") -> tuple[IntArray,
 
 def _cholesky(cov: FloatArray, what: str) -> FloatArray:
     try:
-        return np.linalg.cholesky(cov)
+        return cast(FloatArray, np.linalg.cholesky(cov))
     except np.linalg.LinAlgError:
         raise ValueError(f"covariance of {what} is not positive definite "
                          "(constant or linearly dependent variables?)") from None
@@ -156,7 +157,11 @@ def _cholesky(cov: FloatArray, what: str) -> FloatArray:
 
 # --------------------------------------------------------------------------- core maths
 
-def _bias(n_samples: int | FloatArray, n_dims: int) -> float | FloatArray:
+@overload
+def _bias(n_samples: int, n_dims: int) -> float: ...
+@overload
+def _bias(n_samples: NDArray[np.integer[Any]] | FloatArray, n_dims: int) -> FloatArray: ...
+def _bias(n_samples: int | NDArray[np.integer[Any]] | FloatArray, n_dims: int) -> float | FloatArray:
     """Bias of the Gaussian entropy estimate (nats): ``d(ln2 - ln(N-1))/2 + sum psi((N-i)/2)/2``.
 
     ``n_samples`` may be an array (one correction per entry).

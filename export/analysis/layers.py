@@ -212,13 +212,13 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
             values = z.max(axis=(2, 3)).T.astype(np.float64)  # (K, N): the concept variables
             live = values.std(axis=1) > 1e-8 * (np.abs(values).max(axis=1) + 1e-12)
             per_factor = {f.name: mi_per_channel(values[live], f) for f in factors} if live.any() else {}
-            entries = []
+            entries: list[dict[str, Any]] = []
             for c, j in enumerate(np.cumsum(live) - 1):  # j: the row among the live ones
                 if not live[c]:
                     entries.append({"channel": c, "name": None, "bits": None, "all_bits": {}})
                     continue
                 bits = {name: round(float(v[j]), 4) for name, v in per_factor.items()}
-                best = max(bits, key=bits.get)
+                best = max(bits, key=bits.__getitem__)
                 entries.append({"channel": c, "name": best, "bits": bits[best], "all_bits": bits})
             names[l] = entries
         result["concept_names"] = names

@@ -23,7 +23,7 @@ def digits_arrays(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # scikit-learn is a dev/test dependency only
     d = load_digits()
     grids = (np.asarray(d.images, dtype=np.float64) / 16.0 * 255.0).round().astype(np.uint8)
-    images = np.stack([np.asarray(Image.fromarray(g, mode="L").resize((size, size), Image.BICUBIC))
+    images = np.stack([np.asarray(Image.fromarray(g, mode="L").resize((size, size), Image.Resampling.BICUBIC))
                        for g in grids])
     return images, np.asarray(d.target, dtype=np.int64)
 

@@ -296,7 +296,7 @@ def _box_sum(a: np.ndarray, s: int, dtype: type) -> np.ndarray:
     """
     rows, cols = a.shape
     v = a.reshape(rows, cols // s, s)
-    h = v[:, :, 0].astype(dtype)
+    h: np.ndarray = v[:, :, 0].astype(dtype)
     for i in range(1, s):
         h += v[:, :, i]
     w = h.reshape(rows // s, s, cols // s)

@@ -99,7 +99,7 @@ class Answer(BaseModel):
 
     # No return annotation: pydantic would take it as the schema of the serialised model.
     @model_serializer(mode="wrap", when_used="unless-none")
-    def _leave_out_absent(self, serialize: SerializerFunctionWrapHandler):  # type: ignore[no-untyped-def]
+    def _leave_out_absent(self, serialize: SerializerFunctionWrapHandler):
         body = serialize(self)
         for name in self._omitted_fields:
             if body.get(name, PydanticUndefined) is None:

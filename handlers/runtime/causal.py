@@ -163,17 +163,20 @@ class CompiledCausalModel:
         letters = {n: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i, n in enumerate([x, *members])}
         if len(letters) > 52:
             raise ValueError(f"concept {x} has {len(members)} descendants; at most 51 are supported")
-        factors, terms, shapes = [], [], []
+        factors: list[tuple[str, tuple[tuple[str, str], ...]]] = []
+        terms: list[str] = []
+        shapes: list[list[int]] = []
         for n in members:
-            spec, sub, shape = [], letters[n], [self.cpts[n].card]
+            axes: list[tuple[str, str]] = []
+            sub, shape = letters[n], [self.cpts[n].card]
             for p in self.cpts[n].parents:
                 if p == x or p in de:
-                    spec.append(("keep", p))
+                    axes.append(("keep", p))
                     sub += letters[p]
                     shape.append(self.cpts[p].card)
                 else:
-                    spec.append(("obs", p))
-            factors.append((n, tuple(spec)))
+                    axes.append(("obs", p))
+            factors.append((n, tuple(axes)))
             terms.append(sub)
             shapes.append(shape)
         subscripts = ",".join(terms) + "->" + letters[x] + letters[self.outcome]

@@ -30,7 +30,7 @@ def _optional_float(v: Any) -> float | None:
     return None if v is None else float(v)
 
 
-def subset_mask(subsets: Sequence[Sequence[int]], shape: tuple[int, ...]) -> np.ndarray:
+def subset_mask(subsets: Sequence[Sequence[int] | np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
     """Boolean (C, D) mask of the decomposed head: row c is True exactly at the features of S_c."""
     mask = np.zeros(shape, dtype=bool)
     for c, s in enumerate(subsets):
@@ -38,7 +38,7 @@ def subset_mask(subsets: Sequence[Sequence[int]], shape: tuple[int, ...]) -> np.
     return mask
 
 
-def decomposed_head(weight: np.ndarray, subsets: Sequence[Sequence[int]]) -> np.ndarray:
+def decomposed_head(weight: np.ndarray, subsets: Sequence[Sequence[int] | np.ndarray]) -> np.ndarray:
     """The decomposed head's weights: ``W`` (C, D) with every weight outside its class's subset
     set to 0, so ``decomposed logit_c = (W_masked @ h)_c + b_c``. Export and serving both use it."""
     weight = np.asarray(weight)

@@ -131,7 +131,7 @@ def to_pixels(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """
     image = _to_mode(image, spec.channels)
     if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), Image.BILINEAR)
+        image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     arr = np.asarray(image, dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]

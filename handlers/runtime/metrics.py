@@ -7,7 +7,6 @@ costs one update per label set, not one per request.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 REQUESTS = "concept_explainer_requests_total"
@@ -44,11 +43,12 @@ class BatchMetrics:
     """Collects one batch's observations and turns them into aggregated samples."""
 
     def __init__(self) -> None:
-        self.counts: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+        self.counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.observations: list[Sample] = []
 
     def count(self, name: str, value: float = 1, **labels: str) -> None:
-        self.counts[(name, tuple(sorted(labels.items())))] += value
+        key = (name, tuple(sorted(labels.items())))
+        self.counts[key] = self.counts.get(key, 0) + value
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self.observations.append(Sample(name, float(value), tuple(sorted(labels.items()))))

@@ -268,7 +268,7 @@ class ExplainerService:
             probs = softmax(out.logits)
             classifier_ms = _ms(t0)
             for row in range(len(items)):
-                metrics.count(PREDICTED_CLASS, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
+                metrics.count(PREDICTED_CLASS, 1, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
             explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
             monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
                          and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
