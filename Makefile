@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data clean
+.PHONY: venv demo build serve query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
 
 venv: $(VENV)/.installed
 
@@ -41,8 +41,13 @@ stop:
 
 ## The whole test suite (unit, handler with a mock context, integration against a real TorchServe
 ## and a real Prometheus: installed with apt-get where missing and possible, else its test skips).
-test: venv prometheus
+test: venv prometheus lint
 	$(PY) -m pytest -q
+
+## Lint (ruff) and types (mypy) over handlers/, export/ and bench/, configured in pyproject.toml.
+lint: venv
+	$(PY) -m ruff check handlers export bench
+	$(PY) -m mypy
 
 prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { \
