@@ -23,7 +23,7 @@ from tqdm import tqdm
 from export.data.loader import ImageDataset
 from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
-from handlers.runtime.concepts import concept_id, discretise, fit_edges, pooled_values
+from handlers.runtime.concepts import concept_id, discretise, evidence_row, fit_edges, pooled_values
 from handlers.runtime.imaging import InputSpec, normalize
 
 log = logging.getLogger(__name__)
@@ -470,8 +470,7 @@ def causal_validity(iv: Interventions, bn: CompiledCausalModel, cfg: ConceptConf
     layers = list(iv.layers)
     n = len(iv.y_observed)
     target = iv.y_observed
-    evidence = [{concept_id(l, c): int(iv.observed[l][i, c]) for l in layers for c in range(iv.observed[l].shape[1])}
-                for i in range(n)]
+    evidence = [evidence_row(iv.observed, i) for i in range(n)]
     work = [(li, l, c) for li, l in enumerate(layers) for c in range(iv.observed[l].shape[1])]
     bn_effect = np.zeros((n, len(work)))
     measured = np.zeros((n, len(work)))
@@ -551,7 +550,7 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     y_test = enc_test.logits.argmax(1)
     hits = 0
     for i in range(len(test)):
-        ev = {concept_id(l, c): int(st_test[l][i, c]) for l in cfg.layers for c in range(cfg.k)}
+        ev = evidence_row(st_test, i)
         hits += int(compiled.outcome_posterior(ev).argmax() == y_test[i])
     fidelity = hits / len(test)
     n_val = min(cfg.validity_images, len(test))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ FORMAT = "concepts/1"
 
 def concept_id(layer: str, channel: int) -> str:
     return f"{layer}/c{channel}"
+
+
+def evidence_row(states: Mapping[str, np.ndarray], row: int) -> dict[str, int]:
+    """The evidence of one image: {concept id: state} from per-layer states (layer -> (N, K))."""
+    return {concept_id(l, c): int(s[row, c]) for l, s in states.items() for c in range(s.shape[1])}
 
 
 def pooled_values(codes: np.ndarray) -> np.ndarray:

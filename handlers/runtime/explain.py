@@ -15,8 +15,8 @@ from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.classifier import make_session
 from handlers.runtime.concepts import (
     ConceptSpec,
-    concept_id,
     discretise,
+    evidence_row,
     heatmap_levels,
     heatmap_overlay,
     heatmap_palette,
@@ -45,7 +45,7 @@ class ConceptBatch:
     states: dict[str, np.ndarray]
 
     def evidence(self, row: int) -> dict[str, int]:
-        return {concept_id(l, c): int(s[row, c]) for l, s in self.states.items() for c in range(s.shape[1])}
+        return evidence_row(self.states, row)
 
 
 class ConceptExplainer:
