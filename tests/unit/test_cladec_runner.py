@@ -16,7 +16,7 @@ class StandInView(ClaDecView):
     def __init__(self) -> None:
         entries = [DecoderEntry("layer2", 0.0, "dec2a", "ref2"), DecoderEntry("layer2", 0.1, "dec2b", "ref2"),
                    DecoderEntry("avgpool", 0.0, "dec9", "ref9")]
-        super().__init__(entries, {}, {}, {})
+        super().__init__(entries, {}, {})
         self.calls: list[tuple[str, tuple[int, ...], tuple[str, ...] | None, str]] = []
 
     def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None):
