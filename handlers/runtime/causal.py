@@ -68,6 +68,11 @@ class CompiledCausalModel:
     #: Largest precomputed lookup table per concept, in float64 entries (2 MB); larger ones
     #: cost more load time than they save (measured on the demo network).
     MAX_LOOKUP_ENTRIES = 250_000
+    #: Most floating-point operations spent on tabulating one concept in a single einsum;
+    #: costlier tables are filled one observed combination at a time (at most
+    #: ``MAX_LOOKUP_COMBINATIONS``) or not at all (the plan is contracted per request).
+    MAX_TABULATION_FLOPS = 2e7
+    MAX_LOOKUP_COMBINATIONS = 256
 
     def __init__(self, cpts: Sequence[CPT], outcome: str) -> None:
         self.cpts: dict[str, CPT] = {c.node: c for c in cpts}
@@ -206,12 +211,19 @@ class CompiledCausalModel:
                 table = np.broadcast_to(table[..., None, :], table.shape[:-1] + (sx, sy))
         else:
             table = self._contract_all(plan, obs)
+            if table is None:
+                if combos > self.MAX_LOOKUP_COMBINATIONS:
+                    return plan
+                table = np.empty((*cards, sx, sy))
+                for combo in np.ndindex(*cards):
+                    table[combo] = self._contract(plan, dict(zip(obs, combo, strict=True)))
         return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
 
-    def _contract_all(self, plan: _Plan, obs: Sequence[str]) -> np.ndarray:
+    def _contract_all(self, plan: _Plan, obs: Sequence[str]) -> np.ndarray | None:
         """The plan's answers for every combination of the observed variables ``obs`` at once:
         (card(obs_1), ..., card(obs_k), states of X, states of Y), by one einsum whose
-        observed axes stay free instead of being sliced."""
+        observed axes stay free instead of being sliced; None when that contraction would
+        cost more than ``MAX_TABULATION_FLOPS`` (free axes can blow up the intermediates)."""
         names = [plan.concept, *obs, *(n for n, _ in plan.factors)]
         names = list(dict.fromkeys(names))
         if len(names) > 52:
@@ -223,7 +235,10 @@ class CompiledCausalModel:
             ops.append(self.cpts[node].table)
         out = "".join(letter[p] for p in obs) + letter[plan.concept] + letter[self.outcome]
         subscripts = ",".join(terms) + "->" + out
-        path, _ = np.einsum_path(subscripts, *ops, optimize="greedy")
+        path, info = np.einsum_path(subscripts, *ops, optimize="greedy")
+        flops = float(info.split("Optimized FLOP count:")[1].split()[0])
+        if flops > self.MAX_TABULATION_FLOPS:
+            return None
         return np.einsum(subscripts, *ops, optimize=path)
 
     def _sliced(self, node: str, spec: tuple[tuple[str, str], ...], index: Mapping[str, int]) -> np.ndarray:
