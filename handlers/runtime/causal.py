@@ -210,13 +210,15 @@ class CompiledCausalModel:
                 table = np.transpose(moved, [axes.index(p) for p in obs] + [len(axes)])
                 table = np.broadcast_to(table[..., None, :], table.shape[:-1] + (sx, sy))
         else:
-            table = self._contract_all(plan, obs)
-            if table is None:
-                if combos > self.MAX_LOOKUP_COMBINATIONS:
-                    return plan
+            at_once = self._contract_all(plan, obs)
+            if at_once is not None:
+                table = at_once
+            elif combos <= self.MAX_LOOKUP_COMBINATIONS:
                 table = np.empty((*cards, sx, sy))
                 for combo in np.ndindex(*cards):
                     table[combo] = self._contract(plan, dict(zip(obs, combo, strict=True)))
+            else:
+                return plan
         return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
 
     def _contract_all(self, plan: _Plan, obs: Sequence[str]) -> np.ndarray | None:
