@@ -400,18 +400,11 @@ def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.n
     for cid in ids[layers[0]]:
         parents[cid] = []
     # rows: observational + interventional, per layer pair
-    def rows_of(j: int) -> np.ndarray:
-        """States of layer j over every row that has layer j+1 (or Y) recorded: (M, K_j)."""
-        parts = [observed[layers[j]]]
-        for i in range(j + 1):
-            parts.append(iv.states[i][j].reshape(-1, iv.states[i][j].shape[-1]))
-        return np.concatenate(parts).astype(np.int64)
-
-    def child_rows(j: int) -> np.ndarray:
-        """States of layer j+1 in the same rows as :func:`rows_of` (j)."""
-        parts = [observed[layers[j + 1]]]
-        for i in range(j + 1):
-            parts.append(iv.states[i][j + 1].reshape(-1, iv.states[i][j + 1].shape[-1]))
+    def rows(k: int, upto: int) -> np.ndarray:
+        """States of layer k (M, K_k) over the observational rows, then the rows of every
+        intervention at layers 0..upto (each of those rows records layer k, for k >= upto)."""
+        parts = [observed[layers[k]]] + [iv.states[i][k].reshape(-1, iv.states[i][k].shape[-1])
+                                         for i in range(upto + 1)]
         return np.concatenate(parts).astype(np.int64)
 
     cpts, support = [], {}
@@ -421,15 +414,14 @@ def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.n
         cpts.append(CPT(cid, tuple(range(s)), (), fit.table))
         support[cid] = fit.support
     for j in range(last):
-        par, chi = rows_of(j), child_rows(j)
+        par, chi = rows(j, j), rows(j + 1, j)
         col = {cid: k for k, cid in enumerate(ids[layers[j]])}
         for ch, cid in enumerate(ids[layers[j + 1]]):
             pnames = parents[cid]
             fit = fit_table(par[:, [col[p] for p in pnames]], chi[:, ch], [s] * len(pnames), s, cfg.backoff, cfg.l2)
             cpts.append(CPT(cid, tuple(range(s)), tuple(pnames), fit.table))
             support[cid] = fit.support
-    par = np.concatenate([observed[layers[last]]] +
-                         [iv.states[i][last].reshape(-1, iv.states[i][last].shape[-1]) for i in range(last + 1)])
+    par = rows(last, last)
     yy = np.concatenate([y] + [iv.y[i].reshape(-1) for i in range(last + 1)])
     col = {cid: k for k, cid in enumerate(ids[layers[last]])}
     fit = fit_table(par[:, [col[p] for p in parents[OUTCOME]]], yy, [s] * len(parents[OUTCOME]), num_classes,
