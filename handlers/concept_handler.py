@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 from handlers.runtime import metrics as metrics_mod
+from handlers.runtime import protocols
 from handlers.runtime import service as service_mod
 from handlers.runtime import settings as settings_mod
 
@@ -48,21 +49,31 @@ class ConceptExplainerHandler:
         self.initialized = True
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes]:
-        """One JSON body per request, with per-request status and content type set."""
+        """One JSON body per request, with per-request status and content type set.
+
+        A request may be a KServe v1/v2 envelope of several images: every envelope's
+        instances join one service batch, and each envelope is answered in its protocol."""
         assert self.service is not None, "handler used before initialize()"
-        requests = [self._raw_request(i, row, context) for i, row in enumerate(data or [])]
+        settings = self.service.settings
+        envelopes = [protocols.open_envelope(self._raw_request(i, row, context),
+                                             max_bytes=settings.max_request_bytes,
+                                             max_instances=settings.max_instances)
+                     for i, row in enumerate(data or [])]
         batch_metrics = metrics_mod.BatchMetrics()
-        replies = self.service.handle_batch(requests, batch_metrics)
+        replies = self.service.handle_batch([raw for env in envelopes for raw in env.instances], batch_metrics)
         failed = sum(r.status >= 400 for r in replies)
         log.info("handled batch n=%d ok=%d failed=%d", len(replies), len(replies) - failed, failed)
         bodies = []
-        for i, (req, reply) in enumerate(zip(requests, replies)):
-            context.set_response_status(reply.status, "", idx=i)
+        start = 0
+        for i, env in enumerate(envelopes):
+            own = replies[start:start + len(env.instances)]
+            start += len(env.instances)
+            wire = protocols.close_envelope(env, own, self.service.model_info)
+            context.set_response_status(wire.status, "", idx=i)
             context.set_response_content_type(i, "application/json")
-            body = reply.wire_json()
-            batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(body),
-                                endpoint="explanations" if req.explain else "predictions")
-            bodies.append(body)
+            batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(wire.body),
+                                endpoint="explanations" if env.explain else "predictions")
+            bodies.append(wire.body)
         self._emit(context, batch_metrics.samples())
         return bodies
 

@@ -13,7 +13,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "docs" / "schema"
-KINDS = ("predictions", "explanations", "error")
+KINDS = ("predictions", "explanations", "error", "v1-predictions", "v1-explanations", "v2", "protocol-error")
 
 
 @functools.cache

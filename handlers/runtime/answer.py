@@ -323,10 +323,57 @@ class ErrorAnswer(Answer):
     error: ErrorDetail
 
 
+# -- KServe envelopes (handlers/runtime/protocols.py) ---------------------------------------
+
+
+class V1Predictions(Answer):
+    """KServe v1 ``:predict`` body: one entry per instance, in order, each exactly the body
+    ``/predictions`` returns for that instance (an error body for a bad instance)."""
+
+    predictions: list[PredictionsAnswer | ErrorAnswer] = Field(min_length=1)
+
+
+class V1Explanations(Answer):
+    """KServe v1 ``:explain`` body: one entry per instance, each the ``/explanations`` body."""
+
+    explanations: list[Explanation | ErrorAnswer] = Field(min_length=1)
+
+
+class V2Tensor(Answer):
+    """One output tensor of the Open Inference Protocol: ``data`` flat, row-major."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[str] | list[float]
+    parameters: dict[str, str] | Absent = omitted("e.g. content_type of a BYTES tensor")
+
+
+class V2Answer(Answer):
+    """Open Inference Protocol (v2) response: ``answer`` (BYTES, one JSON text per instance:
+    the ``/predictions`` or ``/explanations`` body, or the error body), ``label`` (BYTES,
+    the top class, "" for a failed instance) and ``probability`` (FP32, its probability,
+    0 for a failed instance)."""
+
+    id: str
+    model_name: str
+    model_version: str
+    outputs: list[V2Tensor]
+
+
+class ProtocolError(Answer):
+    """The error body of the KServe protocols (v1, v2): ``{"error": "<Type>: <message>"}``,
+    the shape KServe's own servers and clients use."""
+
+    error: str = on_wire(minLength=1)
+
+
 # -- JSON Schema ------------------------------------------------------------------------------
 
 SCHEMAS: dict[str, type[Answer]] = {"predictions": PredictionsAnswer, "explanations": Explanation,
-                                    "error": ErrorAnswer}
+                                    "error": ErrorAnswer, "v1-predictions": V1Predictions,
+                                    "v1-explanations": V1Explanations, "v2": V2Answer,
+                                    "protocol-error": ProtocolError}
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 

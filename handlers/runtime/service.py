@@ -55,11 +55,14 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RawRequest:
     """One request as the server delivered it: the body (bytes, str or decoded JSON),
-    its content type, and whether it came in on the explanations endpoint."""
+    its content type, and whether it came in on the explanations endpoint. ``error``: a
+    front door already found the request bad (e.g. one element of a protocol envelope);
+    the request is answered with it."""
 
     value: Any
     content_type: str | None = None
     explain: bool = False
+    error: errors.ExplainerError | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +217,8 @@ class ExplainerService:
                              views=self.views, layers=self.cladec.layers if self.cladec else ())
 
     def _prepare(self, i: int, raw: RawRequest) -> _Item:
+        if raw.error is not None:
+            raise raw.error
         req = self._parse(raw)
         image = decode_image(req.image, max_pixels=self.settings.max_image_pixels,
                              allowed_formats=self.settings.allowed_formats)

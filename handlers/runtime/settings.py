@@ -122,6 +122,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "monitor_fraction": _parse_float,
     "max_request_bytes": _parse_int,
     "max_image_pixels": _parse_int,
+    "max_instances": _parse_int,
     "allowed_formats": _parse_formats,
     "intra_op_threads": _parse_int,
     "cladec_reference": _parse_bool,
@@ -143,6 +144,7 @@ class HandlerSettings:
             (concept encoders only) for drift monitoring, 0 to 1; 0 turns monitoring off.
         max_request_bytes: largest accepted request body (413 above it), >= 1.
         max_image_pixels: largest accepted decoded image, width x height (413 above it), >= 1.
+        max_instances: most images in one KServe v1/v2 request (413 above it), >= 1.
         allowed_formats: image formats accepted (Pillow format names, any case; one or more
             of PNG, JPEG, GIF, WEBP, BMP, TIFF).
         intra_op_threads: onnxruntime intra-op threads per worker (0 = onnxruntime decides).
@@ -166,6 +168,7 @@ class HandlerSettings:
     monitor_fraction: float = 0.1
     max_request_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096
+    max_instances: int = 32
     allowed_formats: tuple[str, ...] = ("PNG", "JPEG")
     intra_op_threads: int = 1
     cladec_reference: bool = True
@@ -173,7 +176,7 @@ class HandlerSettings:
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels"):
+        for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels", "max_instances"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"handler setting {name} must be >= 1, got {getattr(self, name)}")
         if self.intra_op_threads < 0:
