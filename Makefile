@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
+.PHONY: venv demo build serve serve-kserve query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	$(PY) -m pip install --quiet -e ".[dev,bench,kserve]"
 	touch $@
 
 ## Render data, train, export, archive model_store/shapes.mar, serve it, ask it one question.
@@ -35,6 +35,11 @@ serve: venv
 
 query: venv
 	$(BIN)/concept-explainer query --model $(MODEL) --image $(SAMPLE) --endpoint predictions
+
+## The same archive on KServe's Python model server (no TorchServe, no Java), on loopback.
+KSERVE_PORT ?= 8085
+serve-kserve: venv
+	$(BIN)/concept-explainer-kserve --mar model_store/$(MODEL).mar --http-port $(KSERVE_PORT)
 
 stop:
 	-$(BIN)/torchserve --stop --foreground

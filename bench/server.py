@@ -118,3 +118,59 @@ def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint:
     if auth:
         headers["Authorization"] = f"Bearer {read_keys(ts.workdir / 'key_file.json')['inference']}"
     return requests.post(f"{ts.client.url}/{endpoint}/{model}", data=body, headers=headers, timeout=timeout)
+
+
+class KServeServer:
+    """KServe's Python model server with the explainer (``handlers/kserve_model.py``) on a free
+    loopback port: ``with KServeServer(workdir, mar=path, name="m") as ks: ks.url``."""
+
+    def __init__(self, workdir: Path, mar: Path, name: str, timeout: float = 120) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.mar, self.name, self.timeout = Path(mar), name, timeout
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        path = self.workdir / "kserve.out"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self) -> KServeServer:
+        cmd = [sys.executable, "-m", "handlers.kserve_model", "--mar", str(self.mar), "--name", self.name,
+               "--http-port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.workdir / "kserve.out", "wb"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                if requests.get(f"{self.url}/v1/models/{self.name}", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the KServe model server did not start:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> KServeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

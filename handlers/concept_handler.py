@@ -37,6 +37,7 @@ class ConceptExplainerHandler:
         self.initialized = False
         self._metric_objects: dict[str, Any] = {}
         self.model_name = ""
+        self.model_version = ""
 
     def initialize(self, context: Any) -> None:
         """Read settings once, verify and load the bundle. A bad bundle fails loading."""
@@ -45,6 +46,8 @@ class ConceptExplainerHandler:
         model_dir = context.system_properties.get("model_dir")
         self.service = service_mod.ExplainerService.load(model_dir, settings)
         self.model_name = getattr(context, "model_name", "") or self.service.meta.name
+        manifest = getattr(context, "manifest", None) or {}
+        self.model_version = str(manifest.get("model", {}).get("modelVersion") or self.service.meta.version)
         self._emit(context, self.service.baseline_samples())
         self.initialized = True
 
@@ -68,7 +71,7 @@ class ConceptExplainerHandler:
         for i, env in enumerate(envelopes):
             own = replies[start:start + len(env.instances)]
             start += len(env.instances)
-            wire = protocols.close_envelope(env, own, self.service.model_info)
+            wire = protocols.close_envelope(env, own, self.model_name, self.model_version)
             context.set_response_status(wire.status, "", idx=i)
             context.set_response_content_type(i, "application/json")
             batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(wire.body),

@@ -8,6 +8,7 @@ costs one update per label set, not one per request.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 REQUESTS = "concept_explainer_requests_total"
 ERRORS = "concept_explainer_errors_total"
@@ -55,3 +56,43 @@ class BatchMetrics:
 
     def samples(self) -> list[Sample]:
         return [Sample(n, float(v), l) for (n, l), v in sorted(self.counts.items())] + self.observations
+
+
+class PrometheusExporter:
+    """Feeds :class:`Sample` lists into a ``prometheus_client`` registry under the names and
+    labels TorchServe exposes for ``metrics.yaml`` (``ModelName``, the metric's own labels,
+    ``Hostname``), so one dashboard reads either server. Used by front doors that serve
+    their own ``/metrics`` (the KServe model server)."""
+
+    def __init__(self, model_name: str, registry: Any = None, hostname: str | None = None) -> None:
+        import socket
+
+        import prometheus_client
+        self._prom = prometheus_client
+        self.registry = registry if registry is not None else prometheus_client.REGISTRY
+        self.model_name = model_name
+        self.hostname = hostname or socket.gethostname()
+        self._metrics: dict[str, Any] = {}
+
+    def _metric(self, name: str) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None:
+            kind, unit, label_names = METRICS[name]
+            labels = ["ModelName", *label_names, "Hostname"]
+            cls = {"counter": self._prom.Counter, "gauge": self._prom.Gauge, "histogram": self._prom.Histogram}[kind]
+            metric = self._metrics[name] = cls(name, f"{name} ({unit})", labels, registry=self.registry)
+        return metric
+
+    def emit(self, samples: list[Sample]) -> None:
+        """Counters add, gauges set, histograms observe each sample."""
+        for sample in samples:
+            kind = METRICS[sample.name][0]
+            labels = dict(sample.labels)
+            child = self._metric(sample.name).labels(
+                self.model_name, *[labels[n] for n in METRICS[sample.name][2]], self.hostname)
+            if kind == "counter":
+                child.inc(sample.value)
+            elif kind == "gauge":
+                child.set(sample.value)
+            else:
+                child.observe(sample.value)

@@ -38,7 +38,6 @@ from handlers.runtime import errors
 from handlers.runtime.answer import (
     ErrorAnswer,
     Explanation,
-    ModelInfo,
     PredictionsAnswer,
     ProtocolError,
     V1Explanations,
@@ -53,6 +52,8 @@ from handlers.runtime.service import RawRequest, Reply
 #: Parameters of the Open Inference Protocol itself (not options of this model): ignored.
 V2_RESERVED_PARAMETERS = frozenset({"content_type", "headers", "binary_data_output", "binary_data",
                                     "binary_data_size"})
+#: Top-level fields of a v2 request (KServe's client also sends the model's name and version).
+V2_REQUEST_FIELDS = frozenset({"id", "inputs", "parameters", "outputs", "model_name", "model_version"})
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 
 
@@ -171,9 +172,9 @@ def _v2_element(element: Any) -> str:
 
 
 def _open_v2(obj: dict[str, Any], explain: bool, max_instances: int) -> Envelope:
-    unknown = sorted(set(obj) - {"id", "inputs", "parameters", "outputs"})
+    unknown = sorted(set(obj) - V2_REQUEST_FIELDS)
     if unknown:
-        raise InvalidRequest(f"unknown fields {unknown}; an inference request has id, inputs, parameters, outputs")
+        raise InvalidRequest(f"unknown fields {unknown}; an inference request has {sorted(V2_REQUEST_FIELDS)}")
     request_id = obj.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequest(f'"id" must be a string, got {type(request_id).__name__}')
@@ -219,8 +220,9 @@ def _protocol_error(status: int, message: str) -> WireReply:
     return WireReply(status, ProtocolError(error=message).wire_json())
 
 
-def close_envelope(envelope: Envelope, replies: Sequence[Reply], model: ModelInfo) -> WireReply:
-    """The HTTP answer of one envelope from its instances' replies (same order)."""
+def close_envelope(envelope: Envelope, replies: Sequence[Reply], model_name: str, model_version: str) -> WireReply:
+    """The HTTP answer of one envelope from its instances' replies (same order); the served
+    model's name and version go into v2 answers."""
     if envelope.protocol is Protocol.REST:
         (reply,) = replies
         return WireReply(reply.status, reply.wire_json())
@@ -240,7 +242,7 @@ def close_envelope(envelope: Envelope, replies: Sequence[Reply], model: ModelInf
         else:
             body = V1Predictions(predictions=[_instance(r, PredictionsAnswer) for r in replies])
         return WireReply(200, body.wire_json())
-    return WireReply(200, _v2_answer(envelope, replies, model).wire_json())
+    return WireReply(200, _v2_answer(envelope, replies, model_name, model_version).wire_json())
 
 
 def _instance(reply: Reply, kind: type) -> Any:
@@ -249,7 +251,7 @@ def _instance(reply: Reply, kind: type) -> Any:
     return reply.answer
 
 
-def _v2_answer(envelope: Envelope, replies: Sequence[Reply], model: ModelInfo) -> V2Answer:
+def _v2_answer(envelope: Envelope, replies: Sequence[Reply], model_name: str, model_version: str) -> V2Answer:
     n = len(replies)
     labels: list[str] = []
     probabilities: list[float] = []
@@ -263,7 +265,7 @@ def _v2_answer(envelope: Envelope, replies: Sequence[Reply], model: ModelInfo) -
             probabilities.append(0.0)
     texts = [r.wire_json().decode() for r in replies]
     return V2Answer(
-        id=envelope.request_id or str(uuid.uuid4()), model_name=model.name, model_version=model.version,
+        id=envelope.request_id or str(uuid.uuid4()), model_name=model_name, model_version=model_version,
         outputs=[V2Tensor(name="answer", datatype="BYTES", shape=[n], data=texts,
                           parameters={"content_type": "application/json"}),
                  V2Tensor(name="label", datatype="BYTES", shape=[n], data=labels),

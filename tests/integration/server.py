@@ -2,9 +2,9 @@
 use it too); ``workers`` is a test helper."""
 from __future__ import annotations
 
-from bench.server import REPO, TorchServe, config_from_shipped, free_port, post
+from bench.server import REPO, KServeServer, TorchServe, config_from_shipped, free_port, post
 
-__all__ = ["REPO", "TorchServe", "config_from_shipped", "free_port", "post", "workers"]
+__all__ = ["REPO", "KServeServer", "TorchServe", "config_from_shipped", "free_port", "post", "workers"]
 
 
 def workers(ts: TorchServe, model: str = "tiny") -> list[tuple[str, str]]:

@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from handlers.runtime.answer import ErrorAnswer, ErrorDetail, ModelInfo, Prediction, PredictionsAnswer
+from handlers.runtime.answer import ErrorAnswer, ErrorDetail, Prediction, PredictionsAnswer
 from handlers.runtime.errors import InvalidImage, InvalidRequest, PayloadTooLarge
 from handlers.runtime.protocols import Protocol, close_envelope, open_envelope
 from handlers.runtime.service import RawRequest, Reply
 from tests.answer_schema import assert_valid
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
-MODEL = ModelInfo(name="m", version="2", artifact_sha256="0" * 64)
 
 
 def opened(value, content_type="application/json", explain=False, max_instances=4):
@@ -66,19 +65,19 @@ def bad(status=400, cls=InvalidImage):
 
 def test_status_is_200_if_any_instance_was_answered_else_the_first_failure():
     env = opened({"instances": ["a", "b"]})
-    wire = close_envelope(env, [bad(), ok()], MODEL)
+    wire = close_envelope(env, [bad(), ok()], "m", "2")
     assert wire.status == 200
     body = json.loads(wire.body)
     assert_valid(body, "v1-predictions")
     assert body["predictions"][0] == {"error": {"type": "InvalidImage", "message": "nope"}}
-    wire = close_envelope(env, [bad(413, PayloadTooLarge), bad()], MODEL)
+    wire = close_envelope(env, [bad(413, PayloadTooLarge), bad()], "m", "2")
     assert wire.status == 413
     assert json.loads(wire.body) == {"error": "instance 0: PayloadTooLarge: nope; instance 1: InvalidImage: nope"}
 
 
 def test_v2_answer_has_one_row_per_instance():
     env = opened({"id": "x", "inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}]})
-    body = json.loads(close_envelope(env, [ok("cat"), bad()], MODEL).body)
+    body = json.loads(close_envelope(env, [ok("cat"), bad()], "m", "2").body)
     assert_valid(body, "v2")
     out = {o["name"]: o for o in body["outputs"]}
     assert (body["id"], body["model_name"], body["model_version"]) == ("x", "m", "2")
@@ -88,4 +87,4 @@ def test_v2_answer_has_one_row_per_instance():
 
 def test_reply_count_must_match_instances():
     with pytest.raises(ValueError):
-        close_envelope(opened({"instances": ["a", "b"]}), [ok()], MODEL)
+        close_envelope(opened({"instances": ["a", "b"]}), [ok()], "m", "2")

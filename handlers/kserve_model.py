@@ -1,0 +1,226 @@
+"""KServe front door: the explainer as a ``kserve.Model`` on KServe's own Python model server.
+
+The same bundle (or ``.mar``) the TorchServe handler serves, without TorchServe or Java:
+KServe v1 ``/v1/models/{m}:predict`` and ``:explain``, and the Open Inference Protocol
+``/v2/models/{m}/infer`` (``"parameters": {"explain": true}`` for explanations: KServe's
+server has no v2 explain route). Requests and answers are those of the TorchServe routes
+(:mod:`handlers.runtime.protocols`), and the handler's metrics appear on ``/metrics`` under
+TorchServe's names and labels.
+
+Start it (loopback by default)::
+
+    concept-explainer-kserve --mar model_store/shapes.mar --http-port 8085
+    concept-explainer-kserve --bundle build/shapes/bundle --name shapes --host 0.0.0.0   # in a container
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from handlers.runtime import metrics as metrics_mod
+from handlers.runtime import protocols
+from handlers.runtime import settings as settings_mod
+from handlers.runtime.service import ExplainerService, RawRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``model_dir`` holds ``bundle/`` (an extracted ``.mar``
+    or a folder around a bundle), ``config`` the ``handler:`` section to serve it with."""
+
+    name: str
+    model_dir: Path
+    handler: dict[str, Any]
+
+
+def from_mar(mar: Path, into: Path) -> ModelSource:
+    """Extract a ``.mar`` (a zip) into ``into``; its manifest names the model and its
+    model-config.yaml holds the handler settings. Only data is read: nothing is unpickled."""
+    with zipfile.ZipFile(mar) as zf:
+        for member in zf.namelist():
+            target = (into / member).resolve()
+            if not target.is_relative_to(into.resolve()):
+                raise ValueError(f"{mar}: member {member!r} points outside the archive")
+        zf.extractall(into)
+    manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
+    model = manifest.get("model", {})
+    config_file = manifest.get("configFile")
+    config = yaml.safe_load((into / config_file).read_text()) if config_file else {}
+    return ModelSource(model.get("modelName") or mar.stem, into, (config or {}).get("handler") or {})
+
+
+def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ModelSource:
+    """A bundle folder served as it is; settings from ``config`` (a model-config.yaml) or defaults."""
+    section = (yaml.safe_load(config.read_text()) or {}).get("handler") if config else None
+    section = dict(section or {})
+    section["bundle_dir"] = bundle.name
+    meta = json.loads((bundle / "manifest.json").read_text())
+    return ModelSource(name or meta.get("name") or bundle.name, bundle.parent, section)
+
+
+def _infer_request_as_dict(payload: Any) -> dict[str, Any]:
+    """A kserve ``InferRequest`` (v2, JSON or binary tensors) as the JSON object it stands for."""
+    inputs = []
+    for tensor in payload.inputs:
+        if getattr(tensor, "_raw_data", None) is not None:  # the binary extension of the protocol
+            data = tensor.as_numpy().reshape(-1).tolist()
+        else:
+            data = tensor.data
+        inputs.append({"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype, "data": data})
+    out: dict[str, Any] = {"inputs": inputs}
+    if payload.id is not None:
+        out["id"] = payload.id
+    if payload.parameters:
+        out["parameters"] = {k: getattr(v, "value", v) for k, v in dict(payload.parameters).items()}
+    return out
+
+
+class ProtocolReply(Exception):  # noqa: N818 - not an error of this process: an answer with a status
+    """A non-200 answer of the protocols, turned into an HTTP response by the server's handler."""
+
+    def __init__(self, wire: protocols.WireReply) -> None:
+        super().__init__(wire.body.decode(errors="replace"))
+        self.wire = wire
+
+
+class ExplainerModelCore:
+    """What the KServe model does, apart from KServe: ``load`` once, then answer a v1 body
+    (a dict) or a v2 ``InferRequest``, each request one batch of its instances."""
+
+    def __init__(self, source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None) -> None:
+        self.source = source
+        self.settings = settings_mod.HandlerSettings.from_mapping(source.handler)
+        self.service: ExplainerService | None = None
+        self.exporter = exporter if exporter is not None else metrics_mod.PrometheusExporter(source.name)
+
+    def load_service(self) -> None:
+        self.service = ExplainerService.load(self.source.model_dir, self.settings)
+        self.exporter.emit(self.service.baseline_samples())
+
+    def answer(self, payload: Any, explain: bool) -> dict[str, Any]:
+        """The protocol's JSON answer; a non-200 answer raises :class:`ProtocolReply`."""
+        assert self.service is not None, "model used before load()"
+        value = payload if isinstance(payload, dict) else _infer_request_as_dict(payload)
+        envelope = protocols.open_envelope(RawRequest(value, "application/json", explain),
+                                           max_bytes=self.settings.max_request_bytes,
+                                           max_instances=self.settings.max_instances)
+        batch_metrics = metrics_mod.BatchMetrics()
+        replies = self.service.handle_batch(envelope.instances, batch_metrics)
+        wire = protocols.close_envelope(envelope, replies, self.source.name, self.service.meta.version)
+        batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(wire.body),
+                            endpoint="explanations" if envelope.explain else "predictions")
+        try:
+            self.exporter.emit(batch_metrics.samples())
+        except Exception:  # noqa: BLE001 - metrics must not break serving
+            log.warning("could not record metrics", exc_info=True)
+        if wire.status != 200:
+            raise ProtocolReply(wire)
+        return json.loads(wire.body)
+
+    def close(self) -> None:
+        if self.service is not None:
+            self.service.close()
+
+
+def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None) -> Any:
+    """A ``kserve.Model`` named ``source.name`` over :class:`ExplainerModelCore`.
+
+    kserve is imported here, not with this module: it parses ``sys.argv`` when imported."""
+    import kserve
+
+    core = ExplainerModelCore(source, exporter)
+
+    class ConceptExplainerModel(kserve.Model):
+        def load(self) -> bool:
+            core.load_service()
+            self.ready = True
+            return self.ready
+
+        def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                    response_headers: dict[str, str] | None = None) -> dict[str, Any]:
+            return core.answer(payload, explain=False)
+
+        def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+            return core.answer(payload, explain=True)
+
+        def stop(self) -> None:
+            core.close()
+            super().stop()
+
+    model = ConceptExplainerModel(source.name)
+    model.core = core
+    return model
+
+
+def serve(model: Any, host: str, port: int) -> None:
+    """Load the model and run KServe's REST server (v1, v2, /metrics) on ``host:port`` until
+    SIGINT/SIGTERM. gRPC is off: the REST protocols are this front door's contract."""
+    from fastapi import Request
+    from fastapi.responses import Response
+    from kserve import ModelServer
+    from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
+    from kserve.protocol.rest.server import RESTServer
+
+    async def protocol_reply(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProtocolReply)
+        return Response(content=exc.wire.body, status_code=exc.wire.status, media_type="application/json")
+
+    # kserve 0.21 answers v1 with FastAPI's ORJSONResponse, which FastAPI now flags on every request.
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+    model.load()
+    server = ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
+    server.register_model(model)
+    rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port,
+                      workers=1)
+    rest.config.host = host  # KServe binds every interface; a local server stays on loopback
+    app.add_exception_handler(ProtocolReply, protocol_reply)
+    log.info("serving %s on http://%s:%d (KServe v1, v2)", model.name, host, port)
+    try:
+        rest.run()
+    finally:
+        model.core.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="concept-explainer-kserve",
+                                     description="Serve an explaining model on KServe's Python model server.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mar", type=Path, help="a .mar built by concept-explainer archive")
+    source.add_argument("--bundle", type=Path, help="a bundle folder (build/NAME/bundle)")
+    parser.add_argument("--name", help="model name (default: the .mar's or the bundle's)")
+    parser.add_argument("--config", type=Path, help="model-config.yaml whose handler: section to use with --bundle "
+                                                    "(default: the built-in defaults)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8085, help="HTTP port (default: %(default)s)")
+    args = parser.parse_args(argv)
+    sys.argv = sys.argv[:1]  # kserve parses the command line when imported; these options are not its own
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with tempfile.TemporaryDirectory(prefix="kserve-mar-") as tmp:
+        try:
+            if args.mar is not None:
+                src = from_mar(args.mar, Path(tmp))
+                src = ModelSource(args.name or src.name, src.model_dir, src.handler)
+            else:
+                src = from_bundle(args.bundle, args.name, args.config)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+            print(f"concept-explainer-kserve: cannot read the model: {exc}", file=sys.stderr)
+            return 2
+        serve(create_model(src), args.host, args.http_port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

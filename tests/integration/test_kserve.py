@@ -1,0 +1,178 @@
+"""The KServe protocols on both front doors, driven by KServe's own REST client and plain HTTP.
+
+TorchServe (the ``tinyx`` archive, token auth on) and KServe's Python model server (the same
+``.mar``, ``handlers/kserve_model.py``) must answer v1 and v2 with exactly what the plain
+``/predictions`` and ``/explanations`` routes answer for the same images and options.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import requests
+
+from export.client import read_keys
+from tests.answer_schema import assert_valid
+from tests.integration.server import KServeServer, TorchServe, post
+
+pytestmark = pytest.mark.integration
+
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig  # noqa: E402 - the [kserve] extra
+
+
+@pytest.fixture(scope="module")
+def kserve_server(tiny_explainer_mar: Path, tmp_path_factory):
+    with KServeServer(tmp_path_factory.mktemp("kserve"), tiny_explainer_mar, "tinyx") as ks:
+        yield ks
+
+
+def b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
+
+
+def untimed(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k != "timings_ms"}
+
+
+class Door:
+    """One front door: its base URL and the headers its clients must send."""
+
+    def __init__(self, url: str, headers: dict[str, str]) -> None:
+        self.url, self.headers = url, headers
+
+
+@pytest.fixture(params=["torchserve", "kserve"])
+def door(request, server: TorchServe) -> Door:
+    if request.param == "torchserve":
+        token = read_keys(server.workdir / "key_file.json")["inference"]
+        return Door(server.client.url, {"Authorization": f"Bearer {token}"})
+    ks = request.getfixturevalue("kserve_server")
+    return Door(ks.url, {})
+
+
+def plain(server: TorchServe, png: bytes, explain: bool, **options: Any) -> dict:
+    r = post(server, json.dumps({"data": b64(png), **options}).encode(), "application/json",
+             endpoint="explanations" if explain else "predictions", model="tinyx")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def client(protocol: str) -> InferenceRESTClient:
+    return InferenceRESTClient(RESTConfig(protocol=protocol, timeout=60))
+
+
+async def _call(protocol: str, verb: str, door: Door, data: Any) -> Any:
+    async with client(protocol) as c:
+        if verb == "explain":
+            return await c.explain(door.url, "tinyx", data, headers=door.headers)
+        return await c.infer(door.url, data, model_name="tinyx", headers=dict(door.headers))
+
+
+def call(protocol: str, verb: str, door: Door, data: Any) -> Any:
+    return asyncio.run(_call(protocol, verb, door, data))
+
+
+def test_v1_predict_and_explain_equal_the_plain_routes(door, server, sample_pngs):
+    pngs = sample_pngs[:3]
+    answer = call("v1", "predict", door, {"instances": [{"data": b64(p)} for p in pngs]})
+    assert_valid(answer, "v1-predictions")
+    assert answer["predictions"] == [plain(server, p, False) for p in pngs]
+    answer = call("v1", "explain", door, {"instances": [{"data": b64(pngs[0]), "target": 1, "top_concepts": 3},
+                                                        {"data": b64(pngs[1])}]})
+    assert_valid(answer, "v1-explanations")
+    expected = [plain(server, pngs[0], True, target=1, top_concepts=3), plain(server, pngs[1], True)]
+    assert [untimed(e) for e in answer["explanations"]] == [untimed(e) for e in expected]
+
+
+def v2_request(pngs: list[bytes], **parameters: Any) -> InferRequest:
+    tensor = InferInput("images", [len(pngs)], "BYTES", data=[b64(p) for p in pngs])
+    return InferRequest(model_name="tinyx", infer_inputs=[tensor], request_id="r-1", parameters=parameters or None)
+
+
+def test_v2_infer_with_kserves_client_equals_predictions(door, server, sample_pngs):
+    pngs = sample_pngs[2:5]
+    response = call("v2", "infer", door, v2_request(pngs, top_k=3))
+    assert response.id == "r-1" and response.model_name == "tinyx"
+    outputs = {o.name: o for o in response.outputs}
+    answers = [json.loads(t) for t in outputs["answer"].data]
+    expected = [plain(server, p, False, top_k=3) for p in pngs]
+    assert answers == expected
+    assert list(outputs["label"].data) == [e["predictions"][0]["label"] for e in expected]
+    np.testing.assert_allclose(outputs["probability"].as_numpy(), [e["predictions"][0]["probability"]
+                                                                   for e in expected], atol=1e-6)
+
+
+def test_v2_explanations(door, server, sample_pngs):
+    """KServe's server has no v2 explain route: the ``explain`` parameter asks for explanations
+    on ``/infer`` (TorchServe answers it the same way, and also on ``/v2/models/{m}/explain``)."""
+    png = sample_pngs[5]
+    expected = untimed(plain(server, png, True, top_concepts=2))
+    response = call("v2", "infer", door, v2_request([png], top_concepts=2, explain=True))
+    (text,) = {o.name: o for o in response.outputs}["answer"].data
+    assert untimed(json.loads(text)) == expected
+    if "Authorization" in door.headers:
+        body = v2_request([png], top_concepts=2).to_rest()[0]
+        r = requests.post(f"{door.url}/v2/models/tinyx/explain", json=body, headers=door.headers, timeout=60)
+        assert r.status_code == 200, r.text
+        assert_valid(r.json(), "v2")
+        (text,) = {o["name"]: o for o in r.json()["outputs"]}["answer"]["data"]
+        assert untimed(json.loads(text)) == expected
+
+
+def test_mixed_instances_and_the_error_shape(door, sample_pngs):
+    good = b64(sample_pngs[0])
+    r = requests.post(f"{door.url}/v1/models/tinyx:predict", headers=door.headers, timeout=60,
+                      json={"instances": [{"data": good}, {"data": "AAAA"}, {"data": good, "top_k": 99}]})
+    assert r.status_code == 200, r.text
+    kinds = [p["error"]["type"] if "error" in p else "ok" for p in r.json()["predictions"]]
+    assert kinds == ["ok", "InvalidImage", "InvalidOption"]
+    r = requests.post(f"{door.url}/v1/models/tinyx:predict", headers=door.headers, timeout=60,
+                      json={"instances": [{"data": "AAAA"}]})
+    assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+    assert_valid(r.json(), "protocol-error")
+    assert r.json()["error"].startswith("InvalidImage: ")
+    with pytest.raises(httpx.HTTPStatusError, match="InvalidRequest: the input tensor must have datatype"):
+        call("v2", "infer", door, InferRequest(model_name="tinyx", infer_inputs=[
+            InferInput("x", [1], "FP32", data=[1.0])]))
+
+
+def test_torchserve_token_auth_holds_on_the_kserve_routes(server, sample_pngs):
+    """The handler is never reached without the inference token."""
+    body = {"instances": [{"data": b64(sample_pngs[0])}]}
+    for path in ("/v1/models/tinyx:predict", "/v1/models/tinyx:explain", "/v2/models/tinyx/infer"):
+        r = requests.post(f"{server.client.url}{path}", json=body, timeout=30)
+        # TorchServe 0.12 answers a missing token with 400 InvalidKeyException (as on /predictions)
+        assert r.status_code in (400, 401) and "InvalidKeyException" in r.text, (path, r.status_code, r.text)
+
+
+def _series(text: str) -> dict[str, set[tuple[str, ...]]]:
+    """Metric family -> the label-name sets of its concept_explainer samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, set[tuple[str, ...]]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("concept_explainer") and not s.name.endswith("_created"):
+                out.setdefault(s.name, set()).add(tuple(sorted(s.labels)))
+    return out
+
+
+def test_both_doors_expose_the_handlers_metrics_under_one_set_of_names(server, kserve_server, sample_pngs):
+    png = b64(sample_pngs[1])
+    token = read_keys(server.workdir / "key_file.json")["inference"]
+    for url, headers in ((server.client.url, {"Authorization": f"Bearer {token}"}), (kserve_server.url, {})):
+        for verb in ("predict", "explain"):
+            r = requests.post(f"{url}/v1/models/tinyx:{verb}", headers=headers, timeout=60,
+                              json={"instances": [{"data": png}, {"data": "AAAA"}]})
+            assert r.status_code == 200
+    ts = _series(requests.get(server.metrics_url, timeout=10).text)
+    ks = _series(requests.get(f"{kserve_server.url}/metrics", timeout=10).text)
+    assert ks, "no concept_explainer metrics on the KServe server"
+    assert set(ks) == set(ts)
+    for name in ks:
+        assert ks[name] == ts[name], (name, ks[name], ts[name])
