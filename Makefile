@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve serve-kserve query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
+.PHONY: venv demo build serve serve-kserve kserve-storage query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ query: venv
 KSERVE_PORT ?= 8085
 serve-kserve: venv
 	$(BIN)/concept-explainer-kserve --mar model_store/$(MODEL).mar --http-port $(KSERVE_PORT)
+
+## KServe's TorchServe runtime: lay out the archive as its storageUri expects (README, "Scaling out").
+kserve-storage: venv
+	$(BIN)/concept-explainer kserve-storage --mar model_store/$(MODEL).mar --out build/kserve-storage
 
 stop:
 	-$(BIN)/torchserve --stop --foreground

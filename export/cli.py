@@ -101,6 +101,7 @@ STEP_HELP: dict[str, str] = {
     "features": "class-specific penultimate features (method 3)",
     "analyze": "GCMI layer analysis against factors.csv; names concepts (method 4)",
     "archive": "build model_store/NAME.mar from a bundle",
+    "kserve-storage": "lay out a .mar as KServe's TorchServe runtime reads its storageUri",
     "build-demo": "render, train, export, add every method's artifacts and archive the demo model",
 }
 

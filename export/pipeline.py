@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ from export.features import FeatureConfig
 from export.train import TrainConfig
 from handlers.runtime.bundle import ModelMetadata
 from handlers.runtime.imaging import InputSpec
+
+#: The repository (deploy/ templates and metrics.yaml live there).
+_REPO = Path(__file__).resolve().parents[1]
 
 CLASSIFIER_WEIGHTS = "weights.safetensors"
 CLASSIFIER_INFO = "classifier.json"
@@ -469,6 +473,39 @@ def archive(step: ArchiveStep) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class KServeStorageStep:
+    """Lay out a .mar as KServe's TorchServe runtime reads its storageUri."""
+
+    mar: Path = field(metadata=_help("the .mar to serve"))
+    out: Path = field(default=Path("build/kserve-storage"), metadata=_help(
+        "folder to write config/config.properties, config/metrics.yaml and model-store/NAME.mar into"))
+
+
+def kserve_storage(step: KServeStorageStep) -> dict[str, Any]:
+    """Write ``out/config/config.properties`` (deploy/kubernetes/torchserve-storage, with the
+    model's name), ``out/config/metrics.yaml`` and ``out/model-store/NAME.mar``; copy ``out``
+    to the bucket or volume an InferenceService's ``storageUri`` names."""
+    mar, out = Path(step.mar), Path(step.out)
+    if not mar.is_file():
+        raise PipelineError(f"{mar} is not a file: build the archive first (concept-explainer archive)")
+    import zipfile
+    try:
+        with zipfile.ZipFile(mar) as zf:
+            manifest = json.loads(zf.read("MAR-INF/MANIFEST.json"))["model"]
+    except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+        raise PipelineError(f"{mar} is not a TorchServe archive: {exc}") from None
+    name, version = mar.stem, str(manifest.get("modelVersion") or "1.0")
+    (out / "config").mkdir(parents=True, exist_ok=True)
+    (out / "model-store").mkdir(parents=True, exist_ok=True)
+    template = (_REPO / "deploy" / "kubernetes" / "torchserve-storage" / "config" / "config.properties").read_text()
+    (out / "config" / "config.properties").write_text(template.replace("@MODEL@", name).replace("@VERSION@", version))
+    shutil.copy(_REPO / "metrics.yaml", out / "config" / "metrics.yaml")
+    shutil.copy(mar, out / "model-store" / mar.name)
+    print(f"KServe storage for {name} in {out} (copy it to the InferenceService's storageUri)")
+    return {"out": str(out), "model": name, "version": version}
+
+
+@dataclass(frozen=True)
 class BuildDemoStep:
     """Render, train, export, add every method's artifacts, analyse and archive the demo model."""
 
@@ -532,5 +569,6 @@ STEPS: Mapping[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "features": (FeaturesStep, add_features),
     "analyze": (AnalyzeStep, analyze),
     "archive": (ArchiveStep, archive),
+    "kserve-storage": (KServeStorageStep, kserve_storage),
     "build-demo": (BuildDemoStep, build_demo),
 }

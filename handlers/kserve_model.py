@@ -194,7 +194,8 @@ def serve(model: Any, host: str, port: int) -> None:
         model.core.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``concept-explainer-kserve``."""
     parser = argparse.ArgumentParser(prog="concept-explainer-kserve",
                                      description="Serve an explaining model on KServe's Python model server.")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -205,7 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                     "(default: the built-in defaults)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8085, help="HTTP port (default: %(default)s)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     sys.argv = sys.argv[:1]  # kserve parses the command line when imported; these options are not its own
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="kserve-mar-") as tmp:

@@ -176,3 +176,57 @@ def test_both_doors_expose_the_handlers_metrics_under_one_set_of_names(server, k
     assert set(ks) == set(ts)
     for name in ks:
         assert ks[name] == ts[name], (name, ks[name], ts[name])
+
+
+def test_the_kserve_storage_layout_starts_torchserve_as_kserves_runtime_does(tiny_explainer_mar, tmp_path,
+                                                                              sample_pngs):
+    """``kserve-storage`` output, started the way the kserve-torchserve runtime starts it (only the
+    ports and /mnt/models moved to loopback and a temporary folder): the snapshot loads the
+    model and v1 and v2 answer without a token (the cluster's ingress authenticates)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from export.pipeline import KServeStorageStep, kserve_storage
+    from tests.integration.server import free_port
+
+    root = tmp_path / "mnt-models"
+    kserve_storage(KServeStorageStep(mar=tiny_explainer_mar, out=root))
+    config = root / "config" / "config.properties"
+    text = config.read_text().replace("/mnt/models", str(root))
+    port = free_port()
+    for key, value in {"inference_address": f"http://127.0.0.1:{port}",
+                       "management_address": f"http://127.0.0.1:{free_port()}",
+                       "metrics_address": f"http://127.0.0.1:{free_port()}",
+                       "grpc_inference_port": str(free_port()), "grpc_management_port": str(free_port())}.items():
+        text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+    config.write_text(text)
+    env = dict(os.environ, LOG_LOCATION=str(tmp_path / "logs"), METRICS_LOCATION=str(tmp_path / "logs"),
+               TMPDIR=str(tmp_path))
+    cmd = [str(Path(sys.executable).parent / "torchserve"), "--start", "--foreground", "--ncs",
+           f"--model-store={root / 'model-store'}", f"--ts-config={config}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=open(tmp_path / "ts.out", "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        body = {"instances": [{"data": b64(sample_pngs[0])}]}
+        while True:
+            try:
+                r = requests.post(f"{url}/v1/models/tinyx:predict", json=body, timeout=30)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "ts.out").read_text()[-3000:]
+            time.sleep(0.5)
+        assert_valid(r.json(), "v1-predictions")
+        r = requests.post(f"{url}/v2/models/tinyx/infer", timeout=30, json={"inputs": [
+            {"name": "x", "shape": [1], "datatype": "BYTES", "data": [b64(sample_pngs[1])]}]})
+        assert r.status_code == 200 and r.json()["model_name"] == "tinyx" and r.json()["model_version"] == "0.1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
