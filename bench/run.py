@@ -34,10 +34,12 @@ from typing import Any
 
 import numpy as np
 import psutil
+import requests
 
-from bench.server import TorchServe, post
+from bench.server import KServeServer, TorchServe, post
 from bench.stats import summary
 from export.archive import archive_folder, build_mar, write_bundle
+from export.client import read_keys
 from handlers.runtime.bundle import ModelMetadata
 
 STAGES = ("decode", "classifier", "concepts", "causal", "encode", "cladec", "features")
@@ -129,6 +131,32 @@ def endpoint_comparison(ts: TorchServe, model: str, image: bytes, n: int, concur
     if "explanations_without_reference" in out:
         out["ratio_p50_without_reference"] = round(out["explanations_without_reference"]["p50_ms"]
                                                    / out["predictions"]["p50_ms"], 2)
+    out["concurrency"] = concurrency
+    return out
+
+
+def kserve_comparison(ts: TorchServe, ks: KServeServer, image: bytes, n: int, concurrency: int) -> dict:
+    """The same archive on TorchServe and on KServe's Python model server, KServe v1 protocol
+    (one image per request), predict and explain alternating, at the given concurrency."""
+    body = json.dumps({"instances": [{"data": base64.b64encode(image).decode()}]}).encode()
+    token = read_keys(ts.workdir / "key_file.json")["inference"]
+    session = requests.Session()
+
+    def call(url: str, headers: dict[str, str]) -> Callable[[], Any]:
+        def send() -> Any:
+            return session.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=60)
+        return send
+
+    calls: dict[str, Callable[[], Any]] = {}
+    for verb in ("predict", "explain"):
+        calls[f"torchserve_{verb}"] = call(f"{ts.client.url}/v1/models/x:{verb}", {"Authorization": f"Bearer {token}"})
+        calls[f"kserve_{verb}"] = call(f"{ks.url}/v1/models/x:{verb}", {})
+    for c in calls.values():  # warm-up
+        c()
+    lat, _, wall = alternate(calls, n, concurrency, block=1 if concurrency == 1 else 5 * concurrency)
+    out: dict[str, Any] = {k: {**summary(v), "throughput_rps": round(len(v) / wall[k], 1)} for k, v in lat.items()}
+    for verb in ("predict", "explain"):
+        out[f"{verb}_ratio_p50"] = round(out[f"kserve_{verb}"]["p50_ms"] / out[f"torchserve_{verb}"]["p50_ms"], 2)
     out["concurrency"] = concurrency
     return out
 
@@ -254,7 +282,7 @@ def ort_vs_torch(classifier_dir: Path, bundle: Path, n: int) -> dict:
 # -- one model size ---------------------------------------------------------------------------
 
 def bench_size(label: str, bundle: Path, classifier: Path, image: bytes, n: int, n_captum: int,
-               smoke: bool, tmp: Path) -> dict:
+               smoke: bool, tmp: Path, kserve: bool = False) -> dict:
     from bench.causal_speed import compare
     store = tmp / label / "store"
     build_mar(bundle, "x", "1.0", store)
@@ -274,6 +302,10 @@ def bench_size(label: str, bundle: Path, classifier: Path, image: bytes, n: int,
         res["concurrency_8"] = endpoint_comparison(ts, "x", image, max(n, 40), 8)
         res["explanation_stages_ms"] = stage_medians(ts, "x", image, max(n // 4, 5))
         res["captum"] = captum_comparison(ts, "x", "ig", image, n_captum)
+        if kserve:
+            with KServeServer(tmp / label / "kserve", store / "x.mar", "x", timeout=300) as ks:
+                res["kserve"] = {f"concurrency_{c}": kserve_comparison(ts, ks, image, n if c == 1 else max(n, 40), c)
+                                 for c in (1, 8)}
     res["onnxruntime_vs_torch"] = ort_vs_torch(classifier, bundle, 10 if smoke else 100)
     if meta.get("concepts"):
         res["causal"] = compare(bundle, 3 if smoke else 10)
@@ -360,6 +392,15 @@ def markdown(r: dict) -> str:
                     f"({s[key]['ratio']}x){_mark(s[key]['ratio'] <= 1.5)}")
 
         row(f"worker peak RSS, predictions-only archive vs explanations, {label}", peak_rss, "≤ 1.5x")
+    for c in ("concurrency_1", "concurrency_8"):
+        def kserve_row(s: dict, c: str = c) -> str:
+            k = s["kserve"][c]
+            return (f"predict {k['torchserve_predict']['p50_ms']} vs {k['kserve_predict']['p50_ms']} ms "
+                    f"({k['torchserve_predict']['throughput_rps']} vs {k['kserve_predict']['throughput_rps']} req/s); "
+                    f"explain {k['torchserve_explain']['p50_ms']} vs {k['kserve_explain']['p50_ms']} ms "
+                    f"({k['torchserve_explain']['throughput_rps']} vs {k['kserve_explain']['throughput_rps']} req/s)")
+
+        row(f"KServe v1, TorchServe vs KServe's model server: p50 (throughput), concurrency {c[-1]}", kserve_row)
     row("build: all artifacts (s)", lambda s: f"{s['build_seconds']} s")
     notes = [f"Measured {r['date']} on {r['machine']} with `{r['command']}`"
              f"{' (smoke counts: not figures)' if r['smoke'] else ''}."]
@@ -388,7 +429,8 @@ def main() -> None:
                                "smoke": args.smoke, "sizes": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         results["sizes"].append(bench_size("demo, trained", Path(args.bundle), Path(args.classifier), image,
-                                           10 if args.smoke else 200, 3 if args.smoke else 60, args.smoke, Path(tmp)))
+                                           10 if args.smoke else 200, 3 if args.smoke else 60, args.smoke, Path(tmp),
+                                           kserve=True))
         if not args.no_large:
             large = Path(args.large)
             if not (large / "bundle" / "manifest.json").is_file():

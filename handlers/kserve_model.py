@@ -67,7 +67,7 @@ def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ModelSou
     section = (yaml.safe_load(config.read_text()) or {}).get("handler") if config else None
     section = dict(section or {})
     section["bundle_dir"] = bundle.name
-    meta = json.loads((bundle / "manifest.json").read_text())
+    meta = json.loads((bundle / "metadata.json").read_text())
     return ModelSource(name or meta.get("name") or bundle.name, bundle.parent, section)
 
 

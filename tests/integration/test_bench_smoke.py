@@ -37,5 +37,10 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
         assert {"classifier", "concept_encoders"} <= set(size["onnxruntime_vs_torch"])
         assert size["causal"]["max_abs_difference"] < 1e-9  # compiled and pgmpy agree
         assert {"classifier", "concepts", "causal", "cladec"} <= set(size["explanation_stages_ms"])
+    kserve = result["sizes"][0]["kserve"]  # the KServe-native server beside TorchServe, demo size only
+    for c in ("concurrency_1", "concurrency_8"):
+        for k in ("torchserve_predict", "kserve_predict", "torchserve_explain", "kserve_explain"):
+            assert kserve[c][k]["n"] > 0 and kserve[c][k]["throughput_rps"] > 0
     table = (tmp_path / "out" / "latest.md").read_text()
+    assert "KServe v1, TorchServe vs KServe's model server" in table
     assert "Captum IG p50 / ours" in table and "smoke counts" in table
