@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve serve-kserve kserve-storage query stop test prometheus test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
+.PHONY: venv demo build serve serve-kserve kserve-storage query stop test prometheus chromium test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
 
 venv: $(VENV)/.installed
 
@@ -50,7 +50,7 @@ stop:
 
 ## The whole test suite (unit, handler with a mock context, integration against a real TorchServe
 ## and a real Prometheus: installed with apt-get where missing and possible, else its test skips).
-test: venv prometheus lint
+test: venv prometheus chromium lint
 	$(PY) -m pytest -q
 
 ## Lint (ruff) and types (mypy) over handlers/, export/ and bench/, configured in pyproject.toml.
@@ -65,6 +65,15 @@ prometheus:
 	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null 2>&1)) \
 	    || echo "could not install prometheus; the Prometheus integration test will be skipped"; \
 	  else echo "prometheus not installed and apt-get not usable as root; its test will be skipped"; fi; }
+
+## Headless Chromium for the HTML report's browser test (Debian's package), installed like Prometheus.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) \
+	    || echo "could not install chromium; the report's browser test will be skipped"; \
+	  else echo "chromium not installed and apt-get not usable as root; the report's browser test will be skipped"; fi; }
 
 test-unit: venv
 	$(PY) -m pytest -q tests/unit tests/handler

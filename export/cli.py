@@ -21,6 +21,7 @@ becomes an option without code here.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import sys
@@ -284,6 +285,7 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     from PIL import Image, ImageDraw
 
     from export.client import TorchServeClient
+    from export.report import Section, summary_lines, write_report
     client = TorchServeClient(args.url, key_file=args.key_file)
     client.wait_ready(args.model, timeout=args.timeout)
     files = sorted(Path(args.data, "test").glob("*/*.png"))
@@ -295,12 +297,13 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     picks = picks[: args.images]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, first = [], None
+    rows, first, answers = [], None, []
     for f in picks:
         raw = f.read_bytes()
         status, body = client.post_image("explanations", args.model, raw)
         if status != 200:
             raise PipelineError(f"{f}: HTTP {status}: {body}")
+        answers.append((f, body))
         size = len(json.dumps(body, separators=(",", ":")))
         if first is None:
             first = (f, body, size)
@@ -327,29 +330,110 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     grid.save(out / "cladec_grid.png")
     f, body, size = first
     print(f"explanation of {f} ({size / 1024:.1f} KiB of JSON):")
-    preds = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in body["predictions"][:3])
-    print(f"  predictions: {preds}; target: {body['target']['label']}")
-    for c in body.get("concepts", [])[:5]:
-        print(f"  concept {c['id']:<10} name={c['name']:<10} state={c['state']} effect={c['effect']:+.4f} "
-              f"sensitivity={c['sensitivity']:.4f}")
-    if "features" in body:
-        ft = body["features"]
-        top = ", ".join(f"#{c['index']} {c['contribution']:+.2f}" for c in ft["contributions"])
-        print(f"  features ({ft['layer']}, {ft['subset_size']} of the target's subset): {top}; "
-              f"decomposed head agrees: {ft['decomposed_agrees']}")
-        o, ru = ft["outside_subset"], ft.get("runner_up")
-        print(f"    outside the subset: {o['positive']:+.2f} / {o['negative']:+.2f} (total {o['total']:+.2f}); "
-              f"held-out agreement {ft['decomposed_agreement_held_out']}")
-        if ru:
-            print(f"    runner-up {ru['label']}: logit {ru['logit']:+.2f}, decomposed {ru['decomposed_logit']:+.2f}, "
-                  f"outside the subset {ru['outside_subset']['negative']:+.2f} negative")
-    if "validity" in body and "concepts" in body["validity"]:
-        v = body["validity"]["concepts"]
-        print(f"  bundle validity: causal Spearman {v['causal_spearman']} (per image {v['causal_spearman_per_image']}), "
-              f"fidelity {v['fidelity']}; failed checks: {', '.join(v['failed_checks']) or 'none'}")
-    print("  timings (ms): " + ", ".join(f"{k}={v}" for k, v in body["timings_ms"].items()))
+    print("\n".join(summary_lines(body)))
+    report = write_report([Section(str(p), p.read_bytes(), b) for p, b in answers], out / "report.html",
+                          title=f"Explanations of {args.model}")
     print(f"full explanation: {out / 'explanation.json'}; ClaDec triplets: {out / 'cladec_grid.png'}")
+    print(f"HTML report (open it in a browser): {report}")
     return {"explanation_bytes": size}
+
+
+def cmd_explain(args: argparse.Namespace) -> dict:
+    """Explain images in process (no server): the runtime TorchServe runs, on a bundle or a
+    .mar; print the summary, write the /explanations JSON and the HTML report."""
+    import tempfile
+
+    from export.report import ReportError, Section, summary_lines, write_report
+    from handlers.runtime.errors import ArtifactError
+    from handlers.runtime.service import ExplainerService, RawRequest
+    from handlers.runtime.settings import HandlerSettings, SettingsError
+    from handlers.runtime.source import from_bundle, from_mar
+
+    images = []
+    for path in args.image:
+        try:
+            images.append((Path(path), Path(path).read_bytes()))
+        except OSError as exc:
+            raise PipelineError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    options: dict[str, Any] = {}
+    if args.target is not None:
+        options["target"] = int(args.target) if args.target.isdigit() else args.target
+    if args.top_concepts is not None:
+        options["top_concepts"] = args.top_concepts
+    with tempfile.TemporaryDirectory(prefix="explain-") as tmp:
+        try:
+            src = from_mar(Path(args.mar), Path(tmp)) if args.mar else from_bundle(Path(args.bundle), None, None)
+            service = ExplainerService.load(src.model_dir, HandlerSettings.from_mapping(src.handler))
+        except (OSError, ValueError, KeyError, ArtifactError, SettingsError) as exc:
+            raise PipelineError(f"cannot load the model: {exc}") from None
+        try:
+            raws = [RawRequest({"data": base64.b64encode(raw).decode(), **options}, "application/json", True)
+                    if options else RawRequest(raw, "application/octet-stream", True) for _, raw in images]
+            replies = service.handle_batch(raws)
+        finally:
+            service.close()
+    bodies, failures = [], []
+    for (path, raw), reply in zip(images, replies):
+        body = reply.body
+        if reply.status != 200:
+            failures.append(f"{path}: {body['error']['type']}: {body['error']['message']}")
+            continue
+        print(f"explanation of {path}:")
+        print("\n".join(summary_lines(body)))
+        bodies.append((path, raw, body))
+    if args.json and bodies:
+        answer: Any = bodies[0][2] if len(images) == 1 else [b for _, _, b in bodies]
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(answer, separators=(",", ":")) + "\n")
+        print(f"JSON answer: {args.json}")
+    if args.html and bodies:
+        try:
+            write_report([Section(str(p), raw, b) for p, raw, b in bodies], Path(args.html))
+        except ReportError as exc:
+            raise PipelineError(str(exc)) from None
+        print(f"HTML report: {args.html}")
+    if failures:
+        raise PipelineError("; ".join(failures))
+    return {"explained": len(bodies)}
+
+
+def cmd_report(args: argparse.Namespace) -> dict:
+    """Render saved /explanations answers (one body or a list) and their images as HTML."""
+    from export.report import ReportError, Section, load_answers, write_report
+    try:
+        answers = load_answers(Path(args.answer))
+        if len(answers) != len(args.image):
+            raise ReportError(f"{args.answer} holds {len(answers)} answer(s) but {len(args.image)} --image given")
+        sections = []
+        for path, body in zip(args.image, answers):
+            try:
+                sections.append(Section(str(path), Path(path).read_bytes(), body))
+            except OSError as exc:
+                raise ReportError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        write_report(sections, Path(args.out))
+    except ReportError as exc:
+        raise PipelineError(str(exc)) from None
+    print(f"HTML report: {args.out}")
+    return {"sections": len(sections)}
+
+
+def _explain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", nargs="+", required=True, help="image files (PNG or JPEG) to explain (required)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bundle", help="a bundle folder (build/NAME/bundle)")
+    source.add_argument("--mar", help="a .mar built by concept-explainer archive")
+    _option(p, "--target", None, "class index or label to explain (default: the predicted class)")
+    _option(p, "--top-concepts", None, "concepts per explanation (default: the archive's setting)", type=int)
+    _option(p, "--json", None, "write the /explanations answer here (a list for several images)")
+    _option(p, "--html", None, "write the HTML report here")
+    p.set_defaults(func=cmd_explain)
+
+
+def _report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--answer", required=True, help="an /explanations answer (JSON), or a list of them (required)")
+    p.add_argument("--image", nargs="+", required=True, help="the explained image(s), in the answers' order (required)")
+    p.add_argument("--out", required=True, help="the HTML file written (required)")
+    p.set_defaults(func=cmd_report)
 
 
 def _option(p: argparse.ArgumentParser, flag: str, default: Any, text: str, **kwargs: Any) -> None:
@@ -369,7 +453,7 @@ def _demo_report_options(dr: argparse.ArgumentParser) -> None:
     _option(dr, "--model", "shapes", "registered model name")
     _option(dr, "--data", "data/shapes", "image folder whose test split is explained (one image per class)")
     _option(dr, "--images", 4, "images explained", type=int)
-    _option(dr, "--out", "build/shapes/demo", "folder for explanation.json and cladec_grid.png")
+    _option(dr, "--out", "build/shapes/demo", "folder for explanation.json, cladec_grid.png and report.html")
     _server_options(dr)
     dr.set_defaults(func=cmd_demo_report)
 
@@ -391,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("query", help="send an image to a running TorchServe", populate=_query_options)
     sub.add_parser("demo-report", help="explain a few test images through a running TorchServe",
                    populate=_demo_report_options)
+    sub.add_parser("explain", help="explain images in process (no server) and write JSON and an HTML report",
+                   populate=_explain_options)
+    sub.add_parser("report", help="render saved /explanations answers as a self-contained HTML report",
+                   populate=_report_options)
     return p
 
 

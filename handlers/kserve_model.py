@@ -22,53 +22,16 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from handlers.runtime import metrics as metrics_mod
 from handlers.runtime import protocols
 from handlers.runtime import settings as settings_mod
 from handlers.runtime.service import ExplainerService, RawRequest
+from handlers.runtime.source import ModelSource, from_bundle, from_mar
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model comes from: ``model_dir`` holds ``bundle/`` (an extracted ``.mar``
-    or a folder around a bundle), ``config`` the ``handler:`` section to serve it with."""
-
-    name: str
-    model_dir: Path
-    handler: dict[str, Any]
-
-
-def from_mar(mar: Path, into: Path) -> ModelSource:
-    """Extract a ``.mar`` (a zip) into ``into``; its manifest names the model and its
-    model-config.yaml holds the handler settings. Only data is read: nothing is unpickled."""
-    with zipfile.ZipFile(mar) as zf:
-        for member in zf.namelist():
-            target = (into / member).resolve()
-            if not target.is_relative_to(into.resolve()):
-                raise ValueError(f"{mar}: member {member!r} points outside the archive")
-        zf.extractall(into)
-    manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text())
-    model = manifest.get("model", {})
-    config_file = manifest.get("configFile")
-    config = yaml.safe_load((into / config_file).read_text()) if config_file else {}
-    return ModelSource(model.get("modelName") or mar.stem, into, (config or {}).get("handler") or {})
-
-
-def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ModelSource:
-    """A bundle folder served as it is; settings from ``config`` (a model-config.yaml) or defaults."""
-    section = (yaml.safe_load(config.read_text()) or {}).get("handler") if config else None
-    section = dict(section or {})
-    section["bundle_dir"] = bundle.name
-    meta = json.loads((bundle / "metadata.json").read_text())
-    return ModelSource(name or meta.get("name") or bundle.name, bundle.parent, section)
 
 
 def _infer_request_as_dict(payload: Any) -> dict[str, Any]:
