@@ -8,12 +8,18 @@ SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
 .PHONY: venv demo build serve serve-kserve kserve-storage query stop test prometheus chromium test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
 
-venv: $(VENV)/.installed
+# The onnxruntime flavour, cpu or gpu (exactly one is installed; switching uninstalls the other).
+FLAVOUR ?= cpu
 
-$(VENV)/.installed: pyproject.toml
+venv: $(VENV)/.installed-$(FLAVOUR)
+
+$(VENV)/.installed-$(FLAVOUR): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,bench,kserve]"
+	@if [ -n "$$(ls $(VENV)/.installed-* 2>/dev/null | grep -v '\.installed-$(FLAVOUR)$$')" ]; then \
+	  echo "switching the onnxruntime flavour to $(FLAVOUR)"; \
+	  $(PY) -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu; rm -f $(VENV)/.installed-*; fi
+	$(PY) -m pip install --quiet -e ".[dev,bench,kserve,$(FLAVOUR)]"
 	touch $@
 
 ## Render data, train, export, archive model_store/shapes.mar, serve it, ask it one question.

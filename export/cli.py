@@ -420,8 +420,8 @@ def cmd_report(args: argparse.Namespace) -> dict:
 def _explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", nargs="+", required=True, help="image files (PNG or JPEG) to explain (required)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--bundle", help="a bundle folder (build/NAME/bundle)")
-    source.add_argument("--mar", help="a .mar built by concept-explainer archive")
+    source.add_argument("--bundle", help="a bundle folder (build/NAME/bundle) (default: none; give --bundle or --mar)")
+    source.add_argument("--mar", help="a .mar built by concept-explainer archive (default: none; give --bundle or --mar)")
     _option(p, "--target", None, "class index or label to explain (default: the predicted class)")
     _option(p, "--top-concepts", None, "concepts per explanation (default: the archive's setting)", type=int)
     _option(p, "--json", None, "write the /explanations answer here (a list for several images)")

@@ -44,7 +44,9 @@ class ConceptExplainerHandler:
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         settings = settings_mod.HandlerSettings.from_mapping(yaml_config.get("handler"))
         model_dir = context.system_properties.get("model_dir")
-        self.service = service_mod.ExplainerService.load(model_dir, settings)
+        gpu_id = context.system_properties.get("gpu_id")  # TorchServe: this worker's GPU, None without one
+        self.service = service_mod.ExplainerService.load(model_dir, settings,
+                                                         None if gpu_id is None else int(gpu_id))
         self.model_name = getattr(context, "model_name", "") or self.service.meta.name
         manifest = getattr(context, "manifest", None) or {}
         self.model_version = str(manifest.get("model", {}).get("modelVersion") or self.service.meta.version)

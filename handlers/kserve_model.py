@@ -63,14 +63,16 @@ class ExplainerModelCore:
     """What the KServe model does, apart from KServe: ``load`` once, then answer a v1 body
     (a dict) or a v2 ``InferRequest``, each request one batch of its instances."""
 
-    def __init__(self, source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None) -> None:
+    def __init__(self, source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None,
+                 gpu_id: int | None = 0) -> None:
         self.source = source
+        self.gpu_id = gpu_id
         self.settings = settings_mod.HandlerSettings.from_mapping(source.handler)
         self.service: ExplainerService | None = None
         self.exporter = exporter if exporter is not None else metrics_mod.PrometheusExporter(source.name)
 
     def load_service(self) -> None:
-        self.service = ExplainerService.load(self.source.model_dir, self.settings)
+        self.service = ExplainerService.load(self.source.model_dir, self.settings, self.gpu_id)
         self.exporter.emit(self.service.baseline_samples())
 
     def answer(self, payload: Any, explain: bool) -> dict[str, Any]:
@@ -98,13 +100,14 @@ class ExplainerModelCore:
             self.service.close()
 
 
-def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None) -> Any:
+def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None,
+                 gpu_id: int | None = 0) -> Any:
     """A ``kserve.Model`` named ``source.name`` over :class:`ExplainerModelCore`.
 
     kserve is imported here, not with this module: it parses ``sys.argv`` when imported."""
     import kserve
 
-    core = ExplainerModelCore(source, exporter)
+    core = ExplainerModelCore(source, exporter, gpu_id)
 
     class ConceptExplainerModel(kserve.Model):
         def load(self) -> bool:
@@ -169,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the built-in defaults)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8085, help="HTTP port (default: %(default)s)")
+    parser.add_argument("--gpu-id", type=int, default=0,
+                        help="GPU for every session when the providers include CUDA; -1: none (default: %(default)s)")
     return parser
 
 
@@ -186,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             print(f"concept-explainer-kserve: cannot read the model: {exc}", file=sys.stderr)
             return 2
-        serve(create_model(src), args.host, args.http_port)
+        serve(create_model(src, gpu_id=None if args.gpu_id < 0 else args.gpu_id), args.host, args.http_port)
     return 0
 
 

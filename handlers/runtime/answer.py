@@ -273,6 +273,8 @@ class ModelInfo(Answer):
     name: str
     version: str
     artifact_sha256: str = Field(pattern="^[0-9a-f]{64}$", description="the bundle's hash (manifest.json)")
+    device: str = Field(pattern="^(cpu|cuda:[0-9]+)$", description="where the worker's sessions run")
+    providers: list[str] = Field(min_length=1, description="onnxruntime execution providers in use, in order")
 
 
 class Timings(Answer):

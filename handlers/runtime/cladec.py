@@ -19,6 +19,7 @@ import numpy as np
 from handlers.runtime.answer import ClaDecImage
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.classifier import make_session
+from handlers.runtime.devices import ProviderSpec
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_png
 
@@ -51,7 +52,7 @@ class ClaDecView:
         self.layers = tuple(dict.fromkeys(e.layer for e in entries))
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> ClaDecView:
+    def load(cls, bundle: Bundle, file: str, providers: Sequence[ProviderSpec], threads: int) -> ClaDecView:
         doc = json.loads(bundle.path(file).read_text())
         if doc.get("format") != FORMAT:
             raise ArtifactError(f"{file} is not a {FORMAT} document")

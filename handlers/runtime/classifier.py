@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from handlers.runtime.devices import ProviderSpec
 
-def make_session(path: str | Path, providers: Sequence[str], intra_op_threads: int) -> ort.InferenceSession:
-    """An onnxruntime session on the first available of ``providers`` (CPU always last)."""
+
+def make_session(path: str | Path, providers: Sequence[ProviderSpec], intra_op_threads: int) -> ort.InferenceSession:
+    """An onnxruntime session on the first available of ``providers`` (names, or (name,
+    options) as planned by :func:`handlers.runtime.devices.plan_devices`; CPU always last)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(0, int(intra_op_threads))
     options.inter_op_num_threads = 1
@@ -20,7 +23,8 @@ def make_session(path: str | Path, providers: Sequence[str], intra_op_threads: i
     # latency was unchanged at 64 and 224 px (bench/results, README "Benchmark suite").
     options.enable_cpu_mem_arena = False
     available = set(ort.get_available_providers())
-    chosen = [p for p in providers if p in available and p != "CPUExecutionProvider"]
+    chosen: list[ProviderSpec] = [p for p in providers if (p if isinstance(p, str) else p[0]) in available
+                                  and p != "CPUExecutionProvider"]
     chosen.append("CPUExecutionProvider")
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
 

@@ -22,6 +22,7 @@ from handlers.runtime.concepts import (
     heatmap_palette,
     pooled_values,
 )
+from handlers.runtime.devices import ProviderSpec
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_indexed_png, encode_png
 
@@ -63,7 +64,7 @@ class ConceptExplainer:
         self.num_concepts = len(ids)
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, providers: Sequence[str], threads: int) -> ConceptExplainer:
+    def load(cls, bundle: Bundle, file: str, providers: Sequence[ProviderSpec], threads: int) -> ConceptExplainer:
         spec = ConceptSpec.from_file(bundle.path(file))
         network = CompiledCausalModel.from_file(bundle.path(spec.network_file))
         if network.outcome != spec.outcome:

@@ -17,6 +17,7 @@ PREDICTED_CLASS = "concept_explainer_predicted_class_total"
 CONCEPT_STATE = "concept_explainer_concept_state_total"
 CONCEPT_BASELINE = "concept_explainer_concept_state_baseline_ratio"
 STAGE_LATENCY = "concept_explainer_stage_latency_seconds"
+EXECUTION_PROVIDER = "concept_explainer_execution_provider"
 
 #: name -> (kind, unit, label names); must match metrics.yaml.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -27,6 +28,9 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     CONCEPT_STATE: ("counter", "Count", ("concept", "state")),
     CONCEPT_BASELINE: ("gauge", "Ratio", ("concept", "state")),
     STAGE_LATENCY: ("histogram", "Seconds", ("stage",)),
+    # 1 for the worker's first execution provider in use and its device (a worker that fell back
+    # to the CPU shows provider="CPUExecutionProvider", device="cpu").
+    EXECUTION_PROVIDER: ("gauge", "Count", ("provider", "device")),
 }
 STAGES = ("decode", "classifier", "concepts", "causal", "cladec", "features", "encode")
 

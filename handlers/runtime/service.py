@@ -32,6 +32,7 @@ from handlers.runtime.answer import (
 from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
+from handlers.runtime.devices import in_use, plan_devices
 from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.explain import ConceptBatch, ConceptExplainer, ConceptsView
 from handlers.runtime.features import FeatureView
@@ -136,7 +137,8 @@ class ExplainerService:
 
     def __init__(self, bundle: Bundle, settings: HandlerSettings, classifier: OnnxClassifier,
                  concepts: ConceptExplainer | None = None, cladec: ClaDecView | None = None,
-                 features: FeatureView | None = None) -> None:
+                 features: FeatureView | None = None, device: str = "cpu",
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.settings = settings
@@ -147,7 +149,9 @@ class ExplainerService:
         self.views: tuple[str, ...] = tuple(v for v, on in (("concepts", concepts is not None),
                                                             ("cladec", cladec is not None),
                                                             ("features", features is not None)) if on)
-        self.model_info = ModelInfo(name=self.meta.name, version=self.meta.version, artifact_sha256=bundle.sha256)
+        self.device, self.providers = device, tuple(providers)
+        self.model_info = ModelInfo(name=self.meta.name, version=self.meta.version, artifact_sha256=bundle.sha256,
+                                    device=device, providers=list(providers))
         self.validity = bundle_validity(concepts.spec.report if concepts is not None else None,
                                         features.report if features is not None else None)
         self._monitor_rng = random.Random(0)
@@ -159,39 +163,51 @@ class ExplainerService:
         self._cladec_runner.close()
 
     @classmethod
-    def load(cls, model_dir: str | Path, settings: HandlerSettings) -> ExplainerService:
-        """Verify and load the bundle under ``model_dir / settings.bundle_dir``.
+    def load(cls, model_dir: str | Path, settings: HandlerSettings, gpu_id: int | None = 0) -> ExplainerService:
+        """Verify and load the bundle under ``model_dir / settings.bundle_dir``, every session on
+        the worker's GPU ``gpu_id`` (None: no GPU for this worker) when the providers allow it.
 
         Raises:
             handlers.runtime.errors.ArtifactError: missing or corrupted artifacts.
         """
+        import onnxruntime as ort
         bundle = load_bundle(Path(model_dir) / settings.bundle_dir)
         meta = bundle.metadata
-        session = make_session(bundle.path(meta.classifier_file), settings.providers, settings.intra_op_threads)
+        plan = plan_devices(settings.providers, gpu_id, ort.get_available_providers())
+        if plan.fallback is not None:
+            (log.info if gpu_id is None else log.warning)("running on the CPU although %s was requested: %s",
+                                                          "/".join(settings.providers), plan.fallback)
+        if plan.device.startswith("cuda") and hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from the nvidia pip packages (onnxruntime-gpu[cuda,cudnn]) when present
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - system libraries may still serve; the session reports
+                log.warning("onnxruntime.preload_dlls() failed", exc_info=True)
+        threads = settings.intra_op_threads
+        session = make_session(bundle.path(meta.classifier_file), plan.providers, threads)
         classifier = OnnxClassifier(session, meta.input_name, meta.logits_name,
                                     {l.name: l.output for l in meta.layers})
         concepts = cladec = features = None
         if "concepts" in meta.extra:
-            concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], settings.providers,
-                                             settings.intra_op_threads)
+            concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], plan.providers, threads)
         if "cladec" in meta.extra:
-            cladec = ClaDecView.load(bundle, meta.extra["cladec"], settings.providers, settings.intra_op_threads)
+            cladec = ClaDecView.load(bundle, meta.extra["cladec"], plan.providers, threads)
         if "features" in meta.extra:
             features = FeatureView.load(bundle, meta.extra["features"])
-        service = cls(bundle, settings, classifier, concepts, cladec, features)
+        providers, device = in_use(session.get_providers(), plan)
+        service = cls(bundle, settings, classifier, concepts, cladec, features, device, providers)
         release_freed_heap()
-        log.info("loaded bundle %s (sha256 %s) on %s; views %s", bundle.root, bundle.sha256,
-                 session.get_providers(), list(service.views))
+        log.info("loaded bundle %s (sha256 %s) on %s with %s; views %s", bundle.root, bundle.sha256,
+                 device, list(providers), list(service.views))
         return service
 
     def baseline_samples(self) -> list[Any]:
         """Gauges with each concept's training-time state distribution (for drift scores), and
         zero increments of every concept-state counter so that states never seen in traffic
         still exist as series (a drift score needs them)."""
-        from handlers.runtime.metrics import CONCEPT_BASELINE, Sample
+        from handlers.runtime.metrics import CONCEPT_BASELINE, EXECUTION_PROVIDER, Sample
+        out = [Sample(EXECUTION_PROVIDER, 1.0, (("provider", self.providers[0]), ("device", self.device)))]
         if self.concepts is None:
-            return []
-        out = []
+            return out
         for layer in self.concepts.spec.layers:
             if layer.baseline is None:
                 continue

@@ -24,11 +24,13 @@ def model_dir_from_bundle(bundle: Path, dest: Path) -> Path:
     return dest
 
 
-def make_context(model_dir: Path, handler_settings: dict[str, Any] | None = None, batch_size: int = 8) -> Context:
+def make_context(model_dir: Path, handler_settings: dict[str, Any] | None = None, batch_size: int = 8,
+                 gpu_id: int | None = None) -> Context:
+    """A worker's context; ``gpu_id`` as TorchServe gives it (None: a worker without a GPU)."""
     cfg = yaml.safe_load(DEFAULT_MODEL_CONFIG.read_text())
     if handler_settings:
         cfg["handler"].update(handler_settings)
-    return Context("tiny", str(model_dir), {"model": {"modelName": "tiny"}}, batch_size, None, "0.12.0",
+    return Context("tiny", str(model_dir), {"model": {"modelName": "tiny"}}, batch_size, gpu_id, "0.12.0",
                    model_yaml_config=cfg)
 
 

@@ -50,7 +50,8 @@ def _explanation(**parts) -> A.Explanation:
         predictions=A.Prediction.top(np.array([0.2, 0.7999996, 4e-7]), ["a", "b", "c"], 2),
         target=A.Target(index=1, label="b"), concepts=[concept], features=features,
         validity=A.Validity(features=A.FeaturesValidity(decomposed_agreement=0.723456), passed=False),
-        model=A.ModelInfo(name="m", version="1.0", artifact_sha256="0" * 64),
+        model=A.ModelInfo(name="m", version="1.0", artifact_sha256="0" * 64, device="cpu",
+                          providers=["CPUExecutionProvider"]),
         timings_ms=A.Timings(decode=0.39412, classifier=0.7, batch_size=2, concepts=0.0004, causal=1.4715,
                              encode=None, features=None, cladec=5.0),
         cladec=[A.ClaDecImage(layer="layer2", alpha=0.001, reconstruction_png=b"rec", reference_png=None)])
@@ -114,7 +115,7 @@ def test_models_are_strict_and_immutable():
     with pytest.raises(ValidationError):
         A.Target(index=1, label="b", extra=True)
     with pytest.raises(ValidationError):
-        A.ModelInfo(name="m", version="1", artifact_sha256="not a hash")
+        A.ModelInfo(name="m", version="1", artifact_sha256="not a hash", device="cpu", providers=["CPUExecutionProvider"])
     target = A.Target(index=1, label="b")
     with pytest.raises(ValidationError):
         target.index = 2

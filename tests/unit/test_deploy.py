@@ -100,10 +100,19 @@ def test_the_autoscaler_scales_a_predictor_on_the_adapters_metric():
     assert all("concept_explainer_requests_total" in r["seriesQuery"] for r in rules["rules"])
 
 
-def test_the_container_recipe_runs_the_front_door():
-    text = (REPO / "deploy" / "kserve" / "Dockerfile").read_text()
+@pytest.mark.parametrize("recipe, flavour", [("Dockerfile", "kserve"), ("Dockerfile.gpu", "kserve,gpu")])
+def test_the_container_recipes_run_the_front_door(recipe, flavour):
+    text = (REPO / "deploy" / "kserve" / recipe).read_text()
     entry = json.loads(re.search(r"^ENTRYPOINT (.+)$", text, flags=re.M).group(1))
     assert entry == ["concept-explainer-kserve"]
     assert 'concept-explainer-kserve = "handlers.kserve_model:main"' in (REPO / "pyproject.toml").read_text()
     build_parser().parse_args(json.loads(re.search(r"^CMD (.+)$", text, flags=re.M).group(1)))
-    assert re.search(r'^RUN pip install .*"\.\[kserve\]"$', text, flags=re.M)
+    assert f'".[{flavour}]"' in text
+
+
+def test_the_gpu_service_asks_for_a_gpu_and_gives_the_worker_its_id():
+    (doc,) = [d for d in inference_services() if d["metadata"]["name"].endswith("-gpu")]
+    (container,) = doc["spec"]["predictor"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert build_parser().parse_args(container["args"]).gpu_id == 0
+    assert container["image"].endswith("-gpu")
