@@ -363,7 +363,8 @@ def cmd_explain(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="explain-") as tmp:
         try:
             src = from_mar(Path(args.mar), Path(tmp)) if args.mar else from_bundle(Path(args.bundle), None, None)
-            service = ExplainerService.load(src.model_dir, HandlerSettings.from_mapping(src.handler))
+            service = ExplainerService.load(src.model_dir, HandlerSettings.from_mapping(src.handler),
+                                            None if args.gpu_id < 0 else args.gpu_id)
         except (OSError, ValueError, KeyError, ArtifactError, SettingsError) as exc:
             raise PipelineError(f"cannot load the model: {exc}") from None
         try:
@@ -424,6 +425,8 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
     source.add_argument("--mar", help="a .mar built by concept-explainer archive (default: none; give --bundle or --mar)")
     _option(p, "--target", None, "class index or label to explain (default: the predicted class)")
     _option(p, "--top-concepts", None, "concepts per explanation (default: the archive's setting)", type=int)
+    _option(p, "--gpu-id", -1, "GPU to run on when the archive's providers include CUDA ([gpu] flavour); -1: the CPU",
+            type=int)
     _option(p, "--json", None, "write the /explanations answer here (a list for several images)")
     _option(p, "--html", None, "write the HTML report here")
     p.set_defaults(func=cmd_explain)

@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: the built-in defaults)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8085, help="HTTP port (default: %(default)s)")
-    parser.add_argument("--gpu-id", type=int, default=0,
-                        help="GPU for every session when the providers include CUDA; -1: none (default: %(default)s)")
+    parser.add_argument("--gpu-id", type=int, default=-1,
+                        help="GPU for every session when the providers include CUDA ([gpu] flavour); -1: the CPU "
+                             "(default: %(default)s)")
     return parser
 
 
