@@ -84,7 +84,8 @@ CONFIG_HELP: dict[str, dict[str, str]] = {
         "head": "final nn.Linear module",
         "k": "subset size (>= 1) or L1-mass share (0 < k < 1)",
         "selectivity_share": "L1-mass share of the selectivity measure",
-        "selectivity_layers": "comma-separated layers whose selectivity is measured",
+        "selectivity_layers": "comma-separated layers whose selectivity is measured (default: the exported "
+                              "spatial layers but the features layer)",
         "finetune_epochs": "epochs of the decomposed head's fine-tuning (reported only; 0 skips it)",
         "seed": "seed of the fine-tuning",
     },
@@ -103,6 +104,8 @@ STEP_HELP: dict[str, str] = {
     "analyze": "GCMI layer analysis against factors.csv; names concepts (method 4)",
     "archive": "build model_store/NAME.mar from a bundle",
     "kserve-storage": "lay out a .mar as KServe's TorchServe runtime reads its storageUri",
+    "build": "your own model (trained folder, model file + weights, or an existing .mar) in one command: "
+             "export, concepts, ClaDec, features, analysis, archive",
     "build-demo": "render, train, export, add every method's artifacts and archive the demo model",
 }
 

@@ -33,7 +33,7 @@ class FeatureConfig:
     head: str = "fc"
     k: float = 5
     selectivity_share: float = 0.8
-    selectivity_layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
+    selectivity_layers: tuple[str, ...] | None = None  # None: the bundle's exported spatial layers
     finetune_epochs: int = 1
     seed: int = 0
 
@@ -133,7 +133,7 @@ def build_features(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
         raise ValueError(f"head {cfg.head!r} is not an nn.Linear module of the classifier")
     weight = head.weight.detach().numpy().astype(np.float64)
     bias = head.bias.detach().numpy().astype(np.float64) if head.bias is not None else np.zeros(weight.shape[0])
-    layers = tuple(dict.fromkeys([cfg.layer, *cfg.selectivity_layers]))
+    layers = tuple(dict.fromkeys([cfg.layer, *(cfg.selectivity_layers or ())]))
     f_train, _ = pooled_activations(model, layers, train, spec)
     f_test, _ = pooled_activations(model, layers, test, spec)
     h_tr, h_te = f_train[cfg.layer], f_test[cfg.layer]
@@ -144,7 +144,7 @@ def build_features(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     full = h_te @ weight.T + bias
     dec = decomposed_logits(h_te, weight, bias, subsets)
     report: dict[str, Any] = {
-        "config": {**asdict(cfg), "selectivity_layers": list(cfg.selectivity_layers)},
+        "config": {**asdict(cfg), "selectivity_layers": list(cfg.selectivity_layers or ())},
         "features": int(weight.shape[1]),
         "subset_sizes": [len(s) for s in subsets],
         "distinct_features": len(set().union(*map(set, subsets))),

@@ -112,6 +112,29 @@ class LoadedClassifier:
     factory: Callable[[], nn.Module]
 
 
+def source_from_bundle(source: ModelSource, bundle: Path) -> ModelSource:
+    """``source`` if it names a classifier, else the one ``export`` recorded in ``bundle``
+    (so steps after ``export`` need only ``--bundle``); the input spec and classes come from
+    the bundle too."""
+    if source.classifier is not None or source.model_file is not None:
+        return source
+    meta_file = Path(bundle) / "metadata.json"
+    if not meta_file.is_file():
+        raise PipelineError(f"{bundle} has no metadata.json: run `export` first, or give the model arguments")
+    meta = json.loads(meta_file.read_text())
+    recorded = meta.get("source") or {}
+    spec = meta["input"]
+    if recorded.get("classifier"):
+        return ModelSource(classifier=Path(recorded["classifier"]))
+    if recorded.get("model_file") and recorded.get("weights"):
+        return ModelSource(model_file=Path(recorded["model_file"]), model_class=recorded["model_class"],
+                           weights=Path(recorded["weights"]), classes=tuple(meta["classes"]),
+                           size=int(spec["height"]), channels=int(spec["channels"]),
+                           mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+    raise PipelineError(f"{bundle} does not record its classifier: give --classifier, or --model-file, "
+                        "--model-class and --weights")
+
+
 def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClassifier:
     """Load the classifier ``source`` names. ``data`` (an image folder) gives a user model's
     classes and input spec unless ``source`` sets them."""
@@ -135,6 +158,8 @@ def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClas
     if data is not None:
         classes, _ = scan_image_folder(data)
         spec = infer_input_spec(data, size=source.size, channels=source.channels)
+        if source.mean or source.std:  # the model's own normalisation beats the data's statistics
+            spec = dataclasses.replace(spec, mean=tuple(source.mean or spec.mean), std=tuple(source.std or spec.std))
     else:
         if not (source.classes and source.size):
             raise PipelineError("without --data, give --classes and --size (and --channels, --mean, --std)")
@@ -150,7 +175,8 @@ def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClas
 
     model = user_factory()
     load_weights(model, source.weights)
-    info = {"model_file": str(source.model_file), "model_class": source.model_class}
+    info = {"model_file": str(Path(source.model_file).resolve()), "model_class": source.model_class,
+            "weights": str(Path(source.weights).resolve())}
     return LoadedClassifier(model.eval(), spec, tuple(classes), info, user_factory)
 
 
@@ -269,6 +295,8 @@ def export_bundle(step: ExportStep) -> dict[str, Any]:
         if report["parity_max_abs_diff"] > PARITY_TOLERANCE:
             raise PipelineError(f"onnxruntime disagrees with torch by {report['parity_max_abs_diff']:.2e}")
         extra = {"source": {k: v for k, v in loaded.info.items() if k != "input"}}
+        if step.model.classifier is not None:
+            extra["source"]["classifier"] = str(Path(step.model.classifier).resolve())
         return ModelMetadata(step.name, step.version, loaded.classes, loaded.spec, "classifier.onnx",
                              INPUT_NAME, LOGITS_NAME, tuple(infos), extra)
 
@@ -326,7 +354,7 @@ def add_concepts(step: ConceptsStep) -> dict[str, Any]:
     from export.concepts import build_concepts, format_report
     from handlers.runtime.bundle import load_bundle
     meta = load_bundle(step.bundle).metadata
-    model = load_classifier(step.model, step.data).model
+    model = load_classifier(source_from_bundle(step.model, step.bundle), step.data).model
     outputs = {l.name: l.output for l in meta.layers}
     report = _add_to_bundle(step, meta, step.concepts.layers, "concepts", "concepts.json",
                             lambda tr, te, tmp: build_concepts(model, meta.input, tr, te, outputs, tmp, step.concepts))
@@ -347,7 +375,7 @@ def add_cladec(step: ClaDecStep) -> dict[str, Any]:
     from export.cladec import build_cladec, format_report
     from handlers.runtime.bundle import load_bundle
     meta = load_bundle(step.bundle).metadata
-    loaded = load_classifier(step.model, step.data)
+    loaded = load_classifier(source_from_bundle(step.model, step.bundle), step.data)
     report = _add_to_bundle(step, meta, step.cladec.layers, "cladec", "cladec.json",
                             lambda tr, te, tmp: build_cladec(loaded.model, loaded.factory, meta.input, tr, te, tmp,
                                                              step.cladec))
@@ -368,9 +396,13 @@ def add_features(step: FeaturesStep) -> dict[str, Any]:
     from export.features import build_features, format_report
     from handlers.runtime.bundle import load_bundle
     meta = load_bundle(step.bundle).metadata
-    model = load_classifier(step.model, step.data).model
-    report = _add_to_bundle(step, meta, (step.features.layer,), "features", "features.json",
-                            lambda tr, te, tmp: build_features(model, meta.input, tr, te, tmp, step.features))
+    model = load_classifier(source_from_bundle(step.model, step.bundle), step.data).model
+    cfg = step.features
+    if cfg.selectivity_layers is None:  # every exported spatial layer but the features layer
+        cfg = dataclasses.replace(cfg, selectivity_layers=tuple(
+            l.name for l in meta.layers if len(l.shape) == 3 and l.name != cfg.layer))
+    report = _add_to_bundle(step, meta, (cfg.layer,), "features", "features.json",
+                            lambda tr, te, tmp: build_features(model, meta.input, tr, te, tmp, cfg))
     print(format_report(report))
     return report
 
@@ -405,7 +437,7 @@ def analyze(step: AnalyzeStep) -> dict[str, Any]:
     from handlers.runtime.concepts import ConceptSpec
     bundle = load_bundle(step.bundle)
     meta = bundle.metadata
-    model = load_classifier(step.model, step.data).model
+    model = load_classifier(source_from_bundle(step.model, step.bundle), step.data).model
     ds = load_image_folder(step.data, meta.input, step.split, limit=step.images)
     kinds_file = Path(step.data) / "factors.json"
     kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
@@ -470,6 +502,130 @@ def archive(step: ArchiveStep) -> dict[str, Any]:
                     step.model_store, step.model_config)
     print(f"archived {mar} ({mar.stat().st_size / 1e6:.2f} MB, bundle sha256 {bundle.sha256[:12]})")
     return {"mar": str(mar), "failed_checks": [c["name"] for c in failed]}
+
+
+#: Preprocessing of TorchServe's built-in ``image_classifier`` handler (ImageNet statistics,
+#: 224 px after resizing to 256 and cropping the centre; this project resizes to 224 directly).
+MAR_DEFAULT_SIZE = 224
+MAR_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+MAR_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def source_from_mar(mar: Path, into: Path, flags: ModelSource) -> ModelSource:
+    """The eager model in a TorchServe archive (its model file and state dict) as a
+    :class:`ModelSource`, extracted into ``into``. The model class is the one ``nn.Module``
+    subclass the model file defines (TorchServe's own rule); weights load with
+    ``weights_only=True``. Preprocessing comes from ``flags``, else TorchServe's
+    ``image_classifier`` defaults; classes from ``flags``, else ``index_to_name.json``."""
+    import ast
+
+    from handlers.runtime.source import from_mar
+    try:
+        from_mar(mar, into)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(str(exc)) from None
+    manifest = json.loads((into / "MAR-INF" / "MANIFEST.json").read_text()).get("model", {})
+    model_file, weights = manifest.get("modelFile"), manifest.get("serializedFile")
+    if not model_file or not weights:
+        raise PipelineError(f"{mar} holds no eager model (a model file and a state dict): TorchScript or "
+                            f"handler-only archives cannot be explained; archive the nn.Module's file and state dict")
+    tree = ast.parse((into / model_file).read_text())
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)
+               and any((b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "")) == "Module" for b in n.bases)]
+    if len(classes) != 1:
+        raise PipelineError(f"{mar}: {model_file} defines {len(classes)} nn.Module classes {classes}; "
+                            "TorchServe (and this tool) need exactly one")
+    labels = flags.classes
+    index = into / "index_to_name.json"
+    if labels is None and index.is_file():
+        mapping = json.loads(index.read_text())
+        labels = tuple(str(v[-1] if isinstance(v, list) else v) for _, v in sorted(mapping.items(), key=lambda kv: int(kv[0])))
+    channels = flags.channels or 3
+    return ModelSource(model_file=into / model_file, model_class=classes[0], weights=into / weights, classes=labels,
+                       size=flags.size or MAR_DEFAULT_SIZE, channels=channels,
+                       mean=flags.mean or (MAR_DEFAULT_MEAN if channels == 3 else (DEFAULT_MEAN,) * channels),
+                       std=flags.std or (MAR_DEFAULT_STD if channels == 3 else (DEFAULT_STD,) * channels))
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """Every step for your own model in one command: export, concepts, ClaDec, features, layer
+    analysis (when the data has factors.csv) and archive, with layers chosen from the model."""
+
+    data: Path = field(metadata=_help("image folder (train/ and test/ with a folder per class)"))
+    name: str = field(metadata=_help("model name (the archive is model_store/NAME.mar)"))
+    model: ModelSource = field(default_factory=ModelSource)
+    from_mar: Path | None = field(default=None, metadata=_help(
+        "an existing TorchServe archive of an eager model (model file + state dict) instead of the model "
+        "arguments (default: none); preprocessing from --size/--mean/--std, else image_classifier's "
+        f"({MAR_DEFAULT_SIZE} px, ImageNet mean and std)"))
+    version: str | None = field(default=None, metadata=_help("model version (default: the .mar's, else 1.0)"))
+    layers: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma-separated concept layers (default: the last three spatial blocks of the model)"))
+    cladec_layers: tuple[str, ...] | None = field(default=None, metadata=_help(
+        "comma-separated ClaDec layers (default: the middle block and the head's input)"))
+    build: Path | None = field(default=None, metadata=_help("build folder (default: build/NAME)"))
+    model_store: Path = field(default=Path("model_store"), metadata=_help("folder the .mar is written into"))
+    accept_failed_checks: bool = field(default=False, metadata=_help(
+        "archive even if the concept validity checks failed (default: refuse, and say which failed)"))
+
+
+def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDecConfig | None = None
+          ) -> dict[str, Any]:
+    """Run every step on the user's model; each step stays runnable alone on the same bundle
+    (the model is recorded in it). ``concepts`` / ``cladec``: other method configs (tests)."""
+    from export.layout import LayoutError, choose_layout
+    t0 = time.perf_counter()
+    out = Path(step.build or Path("build") / step.name)
+    bundle = out / "bundle"
+    source, version = step.model, step.version
+    if step.from_mar is not None:
+        source = source_from_mar(Path(step.from_mar), out / "source", step.model)
+        mar_version = json.loads((out / "source" / "MAR-INF" / "MANIFEST.json").read_text())["model"].get("modelVersion")
+        version = version or mar_version
+        print(f"[0/6] read {step.from_mar}: {source.model_class} in {Path(str(source.model_file)).name}, "
+              f"weights {Path(str(source.weights)).name}")
+    loaded = load_classifier(source, step.data)
+    try:
+        layout = choose_layout(loaded.model, loaded.spec)
+    except LayoutError as exc:
+        raise PipelineError(f"cannot choose the layers: {exc}") from None
+    concept_layers = step.layers or layout.concept_layers
+    cladec_layers = step.cladec_layers or layout.cladec_layers
+    exported = tuple(dict.fromkeys([*layout.export_layers, *concept_layers, *cladec_layers]))
+    print("layers chosen from the model:\n  " + "\n  ".join(layout.reasons))
+    report: dict[str, Any] = {"layout": {"head": layout.head, "penultimate": layout.penultimate,
+                                         "concept_layers": list(concept_layers), "cladec_layers": list(cladec_layers)}}
+    print("[1/6] export")
+    version = version or "1.0"
+    report["export"] = export_bundle(ExportStep(out=bundle, model=source, data=step.data, layers=exported,
+                                                name=step.name, version=version))
+    recorded = ModelSource()  # from here on the bundle names the model
+    print("[2/6] concepts (method 1)")
+    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=step.data, model=recorded, concepts=dataclasses.replace(
+        concepts or ConceptConfig(), layers=tuple(concept_layers))))
+    print("[3/6] ClaDec (method 2)")
+    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=step.data, model=recorded, cladec=dataclasses.replace(
+        cladec or ClaDecConfig(), layers=tuple(cladec_layers))))
+    print("[4/6] class-specific features (method 3)")
+    report["features"] = add_features(FeaturesStep(bundle=bundle, data=step.data, model=recorded, features=FeatureConfig(
+        layer=layout.penultimate, head=layout.head)))
+    if (Path(step.data) / "factors.csv").is_file():
+        print("[5/6] layer analysis (method 4)")
+        report["analysis"] = {k: v for k, v in analyze(AnalyzeStep(
+            bundle=bundle, data=step.data, model=recorded, layers=layout.blocks, out=out / "analysis")).items()
+            if k != "concept_names"}
+    else:
+        print("[5/6] layer analysis skipped: the data has no factors.csv")
+    print("[6/6] archive")
+    report["archive"] = archive(ArchiveStep(bundle=bundle, name=step.name, version=version,
+                                            model_store=step.model_store,
+                                            accept_failed_checks=step.accept_failed_checks))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"built {report['archive']['mar']} in {report['seconds']} s; concept checks failed: "
+          f"{', '.join(report['archive']['failed_checks']) or 'none'}")
+    return report
 
 
 @dataclass(frozen=True)
@@ -570,5 +726,6 @@ STEPS: Mapping[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "analyze": (AnalyzeStep, analyze),
     "archive": (ArchiveStep, archive),
     "kserve-storage": (KServeStorageStep, kserve_storage),
+    "build": (BuildStep, build),
     "build-demo": (BuildDemoStep, build_demo),
 }
