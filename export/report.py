@@ -199,12 +199,15 @@ def _cladec(body: dict[str, Any], input_uri: str) -> str:
     if not entries:
         return ""
     out = []
+    references: dict[str, str] = {}  # the answer sends a layer's reference image with its first entry
     for e in entries:
         where = f'cladec {e["layer"]} alpha {e["alpha"]}'
         figs = [f'<figure><div class="stack small"><img alt="input" src="{input_uri}"></div><figcaption>input</figcaption></figure>']
         if "reference_png" in e:
+            references[e["layer"]] = _b64_png(e["reference_png"], where)
+        if e["layer"] in references:
             figs.append(f'<figure><div class="stack small"><img class="cladec-ref" alt="reference autoencoder" '
-                        f'src="{_b64_png(e["reference_png"], where)}"></div><figcaption>reference AE</figcaption></figure>')
+                        f'src="{references[e["layer"]]}"></div><figcaption>reference AE</figcaption></figure>')
         figs.append(f'<figure><div class="stack small"><img class="cladec-rec" alt="ClaDec" '
                     f'src="{_b64_png(e["reconstruction_png"], where)}"></div><figcaption>ClaDec α={e["alpha"]:g}'
                     f'</figcaption></figure>')

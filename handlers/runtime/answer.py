@@ -179,8 +179,9 @@ class ClaDecImage(Answer):
     layer: str
     alpha: float
     reconstruction_png: Png
-    reference_png: Png | Absent = omitted("the reference autoencoder's reconstruction (one per layer); "
-                                 "absent with reference=false")
+    reference_png: Png | Absent = omitted("the reference autoencoder's reconstruction: on the first entry "
+                                 "of each layer only (the layer's other alphas share it); absent with "
+                                 "reference=false")
 
 
 class Contribution(Answer):

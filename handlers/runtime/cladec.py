@@ -103,10 +103,17 @@ class ClaDecView:
     def images(self, layers: Sequence[str] | None, reconstructions: Mapping[str, bytes],
                references: Mapping[str, bytes] | None) -> list[ClaDecImage]:
         """One image's ``cladec`` entries in archive order, from its row of :meth:`reconstructions`
-        and of :meth:`references` (None: without reference images)."""
-        return [ClaDecImage(layer=e.layer, alpha=e.alpha, reconstruction_png=reconstructions[e.decoder_file],
-                            reference_png=references[e.refae_file] if references is not None else None)
-                for e in self.wanted(layers)]
+        and of :meth:`references` (None: without reference images). A reference autoencoder's
+        image comes once, on the first entry of its layer (the other alphas share it)."""
+        out, sent = [], set()
+        for e in self.wanted(layers):
+            reference = None
+            if references is not None and e.refae_file not in sent:
+                reference = references[e.refae_file]
+                sent.add(e.refae_file)
+            out.append(ClaDecImage(layer=e.layer, alpha=e.alpha, reconstruction_png=reconstructions[e.decoder_file],
+                                   reference_png=reference))
+        return out
 
 
 @dataclass(frozen=True)
