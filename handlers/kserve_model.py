@@ -15,6 +15,7 @@ Start it (loopback by default)::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -115,12 +116,14 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
             self.ready = True
             return self.ready
 
-        def predict(self, payload: Any, headers: dict[str, str] | None = None,
-                    response_headers: dict[str, str] | None = None) -> dict[str, Any]:
-            return core.answer(payload, explain=False)
+        # Async, with the work on a thread: KServe calls a synchronous predict() on its event
+        # loop, which would serve one request at a time; onnxruntime releases the GIL.
+        async def predict(self, payload: Any, headers: dict[str, str] | None = None,
+                          response_headers: dict[str, str] | None = None) -> dict[str, Any]:
+            return await asyncio.to_thread(core.answer, payload, False)
 
-        def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
-            return core.answer(payload, explain=True)
+        async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+            return await asyncio.to_thread(core.answer, payload, True)
 
         def stop(self) -> None:
             core.close()

@@ -7,6 +7,7 @@ reference autoencoders optionally on a thread beside the classifier), one
 from __future__ import annotations
 
 import json
+import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -218,15 +219,17 @@ class ClaDecRunner:
         self._pool: ThreadPoolExecutor | None = None  # created on first use
         self._release: weakref.finalize | None = None
         self._closed = False
+        self._lock = threading.Lock()
 
     def begin(self, x: np.ndarray, wishes: Mapping[int, ClaDecWish]) -> ClaDecJob:
         """Start one batch's ClaDec work. x: normalised (N, C, H, W); wishes: row -> what it asks."""
         pool = None
         if self.overlap and not self._closed and any(w.reference for w in wishes.values()):
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
-                self._release = weakref.finalize(self, self._pool.shutdown, wait=False)
-            pool = self._pool
+            with self._lock:  # batches may begin on several threads (the KServe front door)
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
+                    self._release = weakref.finalize(self, self._pool.shutdown, wait=False)
+                pool = self._pool
         return ClaDecJob(self.view, x, wishes, pool)
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ costs one update per label set, not one per request.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,8 +78,13 @@ class PrometheusExporter:
         self.model_name = model_name
         self.hostname = hostname or socket.gethostname()
         self._metrics: dict[str, Any] = {}
+        self._lock = threading.Lock()  # front doors may emit from several request threads
 
     def _metric(self, name: str) -> Any:
+        with self._lock:
+            return self._metrics.get(name) or self._create(name)
+
+    def _create(self, name: str) -> Any:
         metric = self._metrics.get(name)
         if metric is None:
             kind, unit, label_names = METRICS[name]
