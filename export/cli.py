@@ -24,6 +24,7 @@ import argparse
 import base64
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -495,6 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except PipelineError as err:
         print(f"concept-explainer {args.command}: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as err:  # bad data, layers, weights: one line, no traceback
+        if os.environ.get("CONCEPT_EXPLAINER_DEBUG"):
+            raise
+        print(f"concept-explainer {args.command}: {err} (CONCEPT_EXPLAINER_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
     return 0
 

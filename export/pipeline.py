@@ -135,6 +135,23 @@ def source_from_bundle(source: ModelSource, bundle: Path) -> ModelSource:
                         "--model-class and --weights")
 
 
+def _probe(model: nn.Module, spec: InputSpec) -> None:
+    """One forward pass on the input the data gives (N=2): a model built for other channels or
+    sizes fails here with a message that says so, not deep inside a later step."""
+    import torch
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, spec.channels, spec.height, spec.width))
+    except Exception as exc:  # noqa: BLE001 - the user's model: its error, in one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"the model does not take inputs of {spec.channels}x{spec.height}x{spec.width} "
+                            f"(channels x height x width, from the data or the flags): {first}; "
+                            "set --channels and --size to what it was trained on") from None
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise PipelineError(f"the model must return logits of shape (N, classes), got "
+                            f"{getattr(out, 'shape', type(out).__name__)}")
+
+
 def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClassifier:
     """Load the classifier ``source`` names. ``data`` (an image folder) gives a user model's
     classes and input spec unless ``source`` sets them."""
@@ -173,8 +190,12 @@ def load_classifier(source: ModelSource, data: Path | None = None) -> LoadedClas
     def user_factory() -> nn.Module:
         return load_user_model(model_file, model_class)
 
-    model = user_factory()
+    try:
+        model = user_factory()
+    except Exception as exc:  # noqa: BLE001 - the user's code: its error, in one line
+        raise PipelineError(f"cannot build {model_class} from {model_file}: {type(exc).__name__}: {exc}") from None
     load_weights(model, source.weights)
+    _probe(model.eval(), spec)
     info = {"model_file": str(Path(source.model_file).resolve()), "model_class": source.model_class,
             "weights": str(Path(source.weights).resolve())}
     return LoadedClassifier(model.eval(), spec, tuple(classes), info, user_factory)

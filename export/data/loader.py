@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from handlers.runtime.imaging import InputSpec, to_pixels
@@ -114,8 +114,14 @@ def infer_input_spec(root: str | Path, size: int | None = None, channels: int | 
     files = splits["train"]
     rng = np.random.default_rng(0)
     picks = [files[i] for i in rng.choice(len(files), size=min(sample, len(files)), replace=False)]
-    with Image.open(root / picks[0][0]) as im:
-        w, h = im.size
+    w = h = 0
+    for rel, _ in picks:
+        try:
+            with Image.open(root / rel) as im:
+                w, h = im.size
+            break
+        except (OSError, UnidentifiedImageError, SyntaxError):
+            continue
     if size is not None:
         w = h = int(size)
     if min(w, h) < MIN_SIZE:
@@ -123,11 +129,23 @@ def infer_input_spec(root: str | Path, size: int | None = None, channels: int | 
     if channels is None:
         gray = True
         for rel, _ in picks[:64]:
-            with Image.open(root / rel) as im:
-                gray &= im.mode in ("L", "I;16", "I", "F", "1", "LA")
+            try:
+                with Image.open(root / rel) as im:
+                    gray &= im.mode in ("L", "I;16", "I", "F", "1", "LA")
+            except (OSError, UnidentifiedImageError, SyntaxError):
+                continue
         channels = 1 if gray else 3
     probe = InputSpec(h, w, channels, (0.0,) * channels, (1.0,) * channels)
-    pix = np.stack([to_pixels(Image.open(root / rel), probe) for rel, _ in picks]).astype(np.float64) / 255
+    arrays = []
+    for rel, _ in picks:
+        try:
+            with Image.open(root / rel) as im:
+                arrays.append(to_pixels(im, probe))
+        except (OSError, UnidentifiedImageError, SyntaxError):
+            continue  # unreadable: load_image_folder counts it
+    if not arrays:
+        raise ValueError(f"no readable training image under {root}")
+    pix = np.stack(arrays).astype(np.float64) / 255
     mean = tuple(round(float(v), 4) for v in pix.mean(axis=(0, 1, 2)))
     std = tuple(round(max(float(v), 1e-3), 4) for v in pix.std(axis=(0, 1, 2)))
     return InputSpec(h, w, channels, mean, std)
@@ -146,11 +164,24 @@ def load_image_folder(root: str | Path, spec: InputSpec, split: str = "train",
         idx = np.linspace(0, len(files) - 1, limit).round().astype(int)
         files = [files[i] for i in idx]
     pixels = np.empty((len(files), spec.height, spec.width, spec.channels), dtype=np.uint8)
-    for i, (rel, _) in enumerate(tqdm(files, desc=f"load {split}", disable=not progress, unit="img")):
-        with Image.open(root / rel) as im:
-            if min(im.size) < MIN_SIZE:
-                raise ValueError(f"{rel} is {im.size[0]}x{im.size[1]}; images must be at least {MIN_SIZE} px")
-            pixels[i] = to_pixels(im, spec)
+    kept: list[tuple[str, int]] = []
+    skipped: list[str] = []
+    for rel, label in tqdm(files, desc=f"load {split}", disable=not progress, unit="img"):
+        try:
+            with Image.open(root / rel) as im:
+                if min(im.size) < MIN_SIZE:
+                    raise ValueError(f"{rel} is {im.size[0]}x{im.size[1]}; images must be at least {MIN_SIZE} px")
+                pixels[len(kept)] = to_pixels(im, spec)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as exc:
+            skipped.append(f"{rel} ({type(exc).__name__})")  # unreadable: counted, the build goes on
+            continue
+        kept.append((rel, label))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) of the {split} split, e.g. {skipped[0]}")
+    if not kept:
+        raise ValueError(f"no readable image in split {split!r} of {root}")
+    files = kept
+    pixels = pixels[:len(kept)]
     labels = np.array([lab for _, lab in files], dtype=np.int64)
     table = read_factors(root)
     factors = _factor_arrays([table.get(rel) for rel, _ in files]) if table else None

@@ -49,5 +49,17 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"{path} does not hold a state dict")
+    expected = model.state_dict()
+    for key, tensor in expected.items():  # name the first tensor that does not fit (load_state_dict lists all)
+        if key not in state:
+            raise ValueError(f"{path} does not fit {type(model).__name__}: it lacks {key} "
+                             f"(shape {tuple(tensor.shape)})")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(f"{path} does not fit {type(model).__name__}: {key} is {tuple(state[key].shape)}, "
+                             f"the model's is {tuple(tensor.shape)}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: unexpected tensor {extra[0]} "
+                         f"({len(extra)} in all)")
     model.load_state_dict(state)
     return model
