@@ -24,7 +24,7 @@ torch.manual_seed(0)
 model = Net(len(train.classes))
 opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 x, y = torch.from_numpy(normalize(train.pixels, spec)), torch.from_numpy(train.labels).long()
-for epoch in range(15):
+for _ in range(15):
     model.train()
     perm = torch.randperm(len(y))
     for i in range(0, len(y), 64):
