@@ -71,8 +71,8 @@ class CompiledCausalModel:
     #: Most floating-point operations spent on tabulating one concept in a single einsum;
     #: costlier tables are filled one observed combination at a time (at most
     #: ``MAX_LOOKUP_COMBINATIONS``) or not at all (the plan is contracted per request).
-    #: 2e8 (was 2e7): on three demo builds the full per-request table went from 1.0-2.4 ms to
-    #: 0.6-1.0 ms for +4 MB of tables and no measurable load time (2026-12-02).
+    #: 2e8 (was 2e7): on four demo builds the full per-request table takes 0.30-1.22 ms, 134-566x
+    #: pgmpy (was 0.32-2.53 ms, 82-632x), for about 4 MB more of tables (bench.causal_speed, 2026-12-02).
     MAX_TABULATION_FLOPS = 2e8
     MAX_LOOKUP_COMBINATIONS = 256
 
