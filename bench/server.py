@@ -43,6 +43,21 @@ def config_from_shipped(workdir: Path, model_store: Path, **overrides: str) -> t
     return path, ports
 
 
+def stop_group(proc: subprocess.Popen | None) -> None:
+    """Stop a server started with ``start_new_session=True`` and all its children: SIGTERM to
+    its process group, SIGKILL after 20 s."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 class TorchServe:
     """``with TorchServe(workdir, store, {"tiny": "tiny.mar"}) as ts: ts.client.post_image(...)``"""
 
@@ -92,16 +107,7 @@ class TorchServe:
         return self
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> TorchServe:
@@ -157,16 +163,7 @@ class KServeServer:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> KServeServer:

@@ -112,25 +112,20 @@ class LoadedClassifier:
     factory: Callable[[], nn.Module]
 
 
-def source_from_bundle(source: ModelSource, bundle: Path) -> ModelSource:
-    """``source`` if it names a classifier, else the one ``export`` recorded in ``bundle``
-    (so steps after ``export`` need only ``--bundle``); the input spec and classes come from
-    the bundle too."""
+def source_from_bundle(source: ModelSource, meta: ModelMetadata, bundle: Path) -> ModelSource:
+    """``source`` if it names a classifier, else the one ``export`` recorded in the bundle's
+    metadata ``meta`` (so steps after ``export`` need only ``--bundle``); the input spec and
+    classes come from the bundle too. ``bundle`` names the folder in messages."""
     if source.classifier is not None or source.model_file is not None:
         return source
-    meta_file = Path(bundle) / "metadata.json"
-    if not meta_file.is_file():
-        raise PipelineError(f"{bundle} has no metadata.json: run `export` first, or give the model arguments")
-    meta = json.loads(meta_file.read_text())
-    recorded = meta.get("source") or {}
-    spec = meta["input"]
+    recorded = meta.extra.get("source") or {}
     if recorded.get("classifier"):
         return ModelSource(classifier=Path(recorded["classifier"]))
     if recorded.get("model_file") and recorded.get("weights"):
+        spec = meta.input
         return ModelSource(model_file=Path(recorded["model_file"]), model_class=recorded["model_class"],
-                           weights=Path(recorded["weights"]), classes=tuple(meta["classes"]),
-                           size=int(spec["height"]), channels=int(spec["channels"]),
-                           mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+                           weights=Path(recorded["weights"]), classes=tuple(meta.classes), size=spec.height,
+                           channels=spec.channels, mean=tuple(spec.mean), std=tuple(spec.std))
     raise PipelineError(f"{bundle} does not record its classifier: give --classifier, or --model-file, "
                         "--model-class and --weights")
 
@@ -363,6 +358,13 @@ def _add_to_bundle(step: BundleStep, meta: ModelMetadata, layers: tuple[str, ...
     return report
 
 
+def _bundle_and_classifier(step: BundleStep) -> tuple[ModelMetadata, LoadedClassifier]:
+    """The bundle's metadata and the classifier the step names, or else the one the bundle records."""
+    from handlers.runtime.bundle import load_bundle
+    meta = load_bundle(step.bundle).metadata
+    return meta, load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data)
+
+
 @dataclass(frozen=True)
 class ConceptsStep(BundleStep):
     """Method 1: concept autoencoders, causal Bayesian network and validity report."""
@@ -373,9 +375,8 @@ class ConceptsStep(BundleStep):
 def add_concepts(step: ConceptsStep) -> dict[str, Any]:
     """Add method 1's artifacts (``concepts.json`` and friends) to ``step.bundle``."""
     from export.concepts import build_concepts, format_report
-    from handlers.runtime.bundle import load_bundle
-    meta = load_bundle(step.bundle).metadata
-    model = load_classifier(source_from_bundle(step.model, step.bundle), step.data).model
+    meta, loaded = _bundle_and_classifier(step)
+    model = loaded.model
     outputs = {l.name: l.output for l in meta.layers}
     report = _add_to_bundle(step, meta, step.concepts.layers, "concepts", "concepts.json",
                             lambda tr, te, tmp: build_concepts(model, meta.input, tr, te, outputs, tmp, step.concepts))
@@ -394,9 +395,7 @@ class ClaDecStep(BundleStep):
 def add_cladec(step: ClaDecStep) -> dict[str, Any]:
     """Add method 2's artifacts (``cladec.json``, decoders, RefAEs) to ``step.bundle``."""
     from export.cladec import build_cladec, format_report
-    from handlers.runtime.bundle import load_bundle
-    meta = load_bundle(step.bundle).metadata
-    loaded = load_classifier(source_from_bundle(step.model, step.bundle), step.data)
+    meta, loaded = _bundle_and_classifier(step)
     report = _add_to_bundle(step, meta, step.cladec.layers, "cladec", "cladec.json",
                             lambda tr, te, tmp: build_cladec(loaded.model, loaded.factory, meta.input, tr, te, tmp,
                                                              step.cladec))
@@ -415,9 +414,8 @@ class FeaturesStep(BundleStep):
 def add_features(step: FeaturesStep) -> dict[str, Any]:
     """Add method 3's artifact (``features.json``) to ``step.bundle``."""
     from export.features import build_features, format_report
-    from handlers.runtime.bundle import load_bundle
-    meta = load_bundle(step.bundle).metadata
-    model = load_classifier(source_from_bundle(step.model, step.bundle), step.data).model
+    meta, loaded = _bundle_and_classifier(step)
+    model = loaded.model
     cfg = step.features
     if cfg.selectivity_layers is None:  # every exported spatial layer but the features layer
         cfg = dataclasses.replace(cfg, selectivity_layers=tuple(
@@ -458,7 +456,7 @@ def analyze(step: AnalyzeStep) -> dict[str, Any]:
     from handlers.runtime.concepts import ConceptSpec
     bundle = load_bundle(step.bundle)
     meta = bundle.metadata
-    model = load_classifier(source_from_bundle(step.model, step.bundle), step.data).model
+    model = load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data).model
     ds = load_image_folder(step.data, meta.input, step.split, limit=step.images)
     kinds_file = Path(step.data) / "factors.json"
     kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
@@ -532,9 +530,9 @@ MAR_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 MAR_DEFAULT_STD = (0.229, 0.224, 0.225)
 
 
-def source_from_mar(mar: Path, into: Path, flags: ModelSource) -> ModelSource:
+def source_from_mar(mar: Path, into: Path, flags: ModelSource) -> tuple[ModelSource, str | None]:
     """The eager model in a TorchServe archive (its model file and state dict) as a
-    :class:`ModelSource`, extracted into ``into``. The model class is the one ``nn.Module``
+    :class:`ModelSource`, extracted into ``into``, and the archive's model version. The model class is the one ``nn.Module``
     subclass the model file defines (TorchServe's own rule); weights load with
     ``weights_only=True``. Preprocessing comes from ``flags``, else TorchServe's
     ``image_classifier`` defaults; classes from ``flags``, else ``index_to_name.json``."""
@@ -562,10 +560,11 @@ def source_from_mar(mar: Path, into: Path, flags: ModelSource) -> ModelSource:
         mapping = json.loads(index.read_text())
         labels = tuple(str(v[-1] if isinstance(v, list) else v) for _, v in sorted(mapping.items(), key=lambda kv: int(kv[0])))
     channels = flags.channels or 3
-    return ModelSource(model_file=into / model_file, model_class=classes[0], weights=into / weights, classes=labels,
-                       size=flags.size or MAR_DEFAULT_SIZE, channels=channels,
-                       mean=flags.mean or (MAR_DEFAULT_MEAN if channels == 3 else (DEFAULT_MEAN,) * channels),
-                       std=flags.std or (MAR_DEFAULT_STD if channels == 3 else (DEFAULT_STD,) * channels))
+    source = ModelSource(model_file=into / model_file, model_class=classes[0], weights=into / weights, classes=labels,
+                         size=flags.size or MAR_DEFAULT_SIZE, channels=channels,
+                         mean=flags.mean or (MAR_DEFAULT_MEAN if channels == 3 else (DEFAULT_MEAN,) * channels),
+                         std=flags.std or (MAR_DEFAULT_STD if channels == 3 else (DEFAULT_STD,) * channels))
+    return source, manifest.get("modelVersion")
 
 
 @dataclass(frozen=True)
@@ -601,8 +600,7 @@ def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDec
     bundle = out / "bundle"
     source, version = step.model, step.version
     if step.from_mar is not None:
-        source = source_from_mar(Path(step.from_mar), out / "source", step.model)
-        mar_version = json.loads((out / "source" / "MAR-INF" / "MANIFEST.json").read_text())["model"].get("modelVersion")
+        source, mar_version = source_from_mar(Path(step.from_mar), out / "source", step.model)
         version = version or mar_version
         print(f"[0/6] read {step.from_mar}: {source.model_class} in {Path(str(source.model_file)).name}, "
               f"weights {Path(str(source.weights)).name}")

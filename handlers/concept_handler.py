@@ -59,28 +59,17 @@ class ConceptExplainerHandler:
         A request may be a KServe v1/v2 envelope of several images: every envelope's
         instances join one service batch, and each envelope is answered in its protocol."""
         assert self.service is not None, "handler used before initialize()"
-        settings = self.service.settings
-        envelopes = [protocols.open_envelope(self._raw_request(i, row, context),
-                                             max_bytes=settings.max_request_bytes,
-                                             max_instances=settings.max_instances)
-                     for i, row in enumerate(data or [])]
         batch_metrics = metrics_mod.BatchMetrics()
-        replies = self.service.handle_batch([raw for env in envelopes for raw in env.instances], batch_metrics)
-        failed = sum(r.status >= 400 for r in replies)
-        log.info("handled batch n=%d ok=%d failed=%d", len(replies), len(replies) - failed, failed)
-        bodies = []
-        start = 0
-        for i, env in enumerate(envelopes):
-            own = replies[start:start + len(env.instances)]
-            start += len(env.instances)
-            wire = protocols.close_envelope(env, own, self.model_name, self.model_version)
+        wires = protocols.answer_requests(self.service, [self._raw_request(i, row, context)
+                                                         for i, row in enumerate(data or [])],
+                                          self.model_name, self.model_version, batch_metrics)
+        failed = sum(w.status >= 400 for w in wires)
+        log.info("handled batch n=%d ok=%d failed=%d", len(wires), len(wires) - failed, failed)
+        for i, wire in enumerate(wires):
             context.set_response_status(wire.status, "", idx=i)
             context.set_response_content_type(i, "application/json")
-            batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(wire.body),
-                                endpoint="explanations" if env.explain else "predictions")
-            bodies.append(wire.body)
         self._emit(context, batch_metrics.samples())
-        return bodies
+        return [w.body for w in wires]
 
     def close(self) -> None:
         """Release the service's threads (TorchServe has no unload hook; a host that stops

@@ -80,14 +80,9 @@ class ExplainerModelCore:
         """The protocol's JSON answer; a non-200 answer raises :class:`ProtocolReply`."""
         assert self.service is not None, "model used before load()"
         value = payload if isinstance(payload, dict) else _infer_request_as_dict(payload)
-        envelope = protocols.open_envelope(RawRequest(value, "application/json", explain),
-                                           max_bytes=self.settings.max_request_bytes,
-                                           max_instances=self.settings.max_instances)
         batch_metrics = metrics_mod.BatchMetrics()
-        replies = self.service.handle_batch(envelope.instances, batch_metrics)
-        wire = protocols.close_envelope(envelope, replies, self.source.name, self.service.meta.version)
-        batch_metrics.count(metrics_mod.RESPONSE_BYTES, len(wire.body),
-                            endpoint="explanations" if envelope.explain else "predictions")
+        (wire,) = protocols.answer_requests(self.service, [RawRequest(value, "application/json", explain)],
+                                            self.source.name, self.service.meta.version, batch_metrics)
         try:
             self.exporter.emit(batch_metrics.samples())
         except Exception:  # noqa: BLE001 - metrics must not break serving

@@ -348,7 +348,7 @@ class V2Tensor(Answer):
     name: str
     datatype: str
     shape: list[int]
-    data: list[str] | list[float]
+    data: list[str] | list[Round6]
     parameters: dict[str, str] | Absent = omitted("e.g. content_type of a BYTES tensor")
 
 

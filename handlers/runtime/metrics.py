@@ -82,16 +82,14 @@ class PrometheusExporter:
 
     def _metric(self, name: str) -> Any:
         with self._lock:
-            return self._metrics.get(name) or self._create(name)
-
-    def _create(self, name: str) -> Any:
-        metric = self._metrics.get(name)
-        if metric is None:
-            kind, unit, label_names = METRICS[name]
-            labels = ["ModelName", *label_names, "Hostname"]
-            cls = {"counter": self._prom.Counter, "gauge": self._prom.Gauge, "histogram": self._prom.Histogram}[kind]
-            metric = self._metrics[name] = cls(name, f"{name} ({unit})", labels, registry=self.registry)
-        return metric
+            metric = self._metrics.get(name)
+            if metric is None:
+                kind, unit, label_names = METRICS[name]
+                labels = ["ModelName", *label_names, "Hostname"]
+                cls = {"counter": self._prom.Counter, "gauge": self._prom.Gauge,
+                       "histogram": self._prom.Histogram}[kind]
+                metric = self._metrics[name] = cls(name, f"{name} ({unit})", labels, registry=self.registry)
+            return metric
 
     def emit(self, samples: list[Sample]) -> None:
         """Counters add, gauges set, histograms observe each sample."""

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from handlers.runtime import errors
+from handlers.runtime import metrics as metrics_mod
 from handlers.runtime.answer import (
     ErrorAnswer,
     Explanation,
@@ -47,7 +48,7 @@ from handlers.runtime.answer import (
 )
 from handlers.runtime.errors import ExplainerError, InvalidRequest, PayloadTooLarge
 from handlers.runtime.schema import JSON_TYPES, body_to_json_or_image
-from handlers.runtime.service import RawRequest, Reply
+from handlers.runtime.service import ExplainerService, RawRequest, Reply
 
 #: Parameters of the Open Inference Protocol itself (not options of this model): ignored.
 V2_RESERVED_PARAMETERS = frozenset({"content_type", "headers", "binary_data_output", "binary_data",
@@ -259,7 +260,7 @@ def _v2_answer(envelope: Envelope, replies: Sequence[Reply], model_name: str, mo
         answer = reply.answer
         if isinstance(answer, (PredictionsAnswer, Explanation)):
             labels.append(answer.predictions[0].label)
-            probabilities.append(round(float(answer.predictions[0].probability), 6))
+            probabilities.append(float(answer.predictions[0].probability))
         else:
             labels.append("")
             probabilities.append(0.0)
@@ -270,3 +271,22 @@ def _v2_answer(envelope: Envelope, replies: Sequence[Reply], model_name: str, mo
                           parameters={"content_type": "application/json"}),
                  V2Tensor(name="label", datatype="BYTES", shape=[n], data=labels),
                  V2Tensor(name="probability", datatype="FP32", shape=[n], data=probabilities)])
+
+
+def answer_requests(service: ExplainerService, raws: Sequence[RawRequest], model_name: str, model_version: str,
+                    metrics: metrics_mod.BatchMetrics) -> list[WireReply]:
+    """What every front door does with one batch of HTTP requests: open each envelope, answer
+    all their instances in one service batch, close each envelope in its protocol, and count
+    the response bytes. One :class:`WireReply` per request, in order."""
+    settings = service.settings
+    envelopes = [open_envelope(raw, max_bytes=settings.max_request_bytes, max_instances=settings.max_instances)
+                 for raw in raws]
+    replies = service.handle_batch([raw for env in envelopes for raw in env.instances], metrics)
+    out, start = [], 0
+    for env in envelopes:
+        wire = close_envelope(env, replies[start:start + len(env.instances)], model_name, model_version)
+        start += len(env.instances)
+        metrics.count(metrics_mod.RESPONSE_BYTES, len(wire.body),
+                      endpoint="explanations" if env.explain else "predictions")
+        out.append(wire)
+    return out
