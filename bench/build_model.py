@@ -50,6 +50,7 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
                             fresh_classifier_epochs=0, sweep_alphas=(), seed=seed)))
     report["features"] = pipeline.add_features(pipeline.FeaturesStep(
         bundle=bundle, data=data, model=model, features=FeatureConfig(finetune_epochs=0)))
+    report["quantization"] = pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report

@@ -80,6 +80,14 @@ CONFIG_HELP: dict[str, dict[str, str]] = {
         "fresh_classifier_epochs": "epochs of the fresh classifiers trained on reconstructions (0 skips them)",
         "seed": "seed of sampling and training",
     },
+    "QuantizeConfig": {
+        "calibration_images": "training images whose activations set the 8-bit ranges",
+        "eval_images": "held-out images the 8-bit graphs are judged on",
+        "min_state_agreement": "least share of (image, concept) states equal to the float encoder's",
+        "min_psnr_db": "least PSNR (dB) of a reference autoencoder's images against float",
+        "timing_runs": "batch-1 runs per graph for the report's latencies",
+        "batch_size": "batch size of calibration and evaluation",
+    },
     "FeatureConfig": {
         "layer": "penultimate layer",
         "head": "final nn.Linear module",
@@ -102,11 +110,12 @@ STEP_HELP: dict[str, str] = {
     "concepts": "concept autoencoders + causal Bayesian network (method 1)",
     "cladec": "ClaDec decoders + reference autoencoders (method 2)",
     "features": "class-specific penultimate features (method 3)",
+    "quantize": "8-bit concept encoders and reference autoencoders, kept where close to float",
     "analyze": "GCMI layer analysis against factors.csv; names concepts (method 4)",
     "archive": "build model_store/NAME.mar from a bundle",
     "kserve-storage": "lay out a .mar as KServe's TorchServe runtime reads its storageUri",
     "build": "your own model (trained folder, model file + weights, or an existing .mar) in one command: "
-             "export, concepts, ClaDec, features, analysis, archive",
+             "export, concepts, ClaDec, features, 8-bit graphs, analysis, archive",
     "build-demo": "render, train, export, add every method's artifacts and archive the demo model",
 }
 
@@ -313,10 +322,11 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
             first = (f, body, size)
         cells = [("input", Image.open(io.BytesIO(raw)).convert("RGB"))]
         for e in body.get("cladec", []):
-            if not any(label == f"RefAE {e['layer']}" for label, _ in cells):
-                cells.append((f"RefAE {e['layer']}", Image.open(io.BytesIO(base64.b64decode(e["reference_png"])))))
-            cells.append((f"ClaDec {e['layer']} a={e['alpha']:g}",
-                          Image.open(io.BytesIO(base64.b64decode(e["reconstruction_png"])))))
+            reference = e.get("reference_png") or e.get("reference_jpeg")  # the answer's image_format
+            if reference and not any(label == f"RefAE {e['layer']}" for label, _ in cells):
+                cells.append((f"RefAE {e['layer']}", Image.open(io.BytesIO(base64.b64decode(reference)))))
+            cells.append((f"ClaDec {e['layer']} a={e['alpha']:g}", Image.open(io.BytesIO(base64.b64decode(
+                e.get("reconstruction_png") or e["reconstruction_jpeg"])))))
         rows.append(cells)
     if first is None:
         raise PipelineError(f"no test images to explain under {Path(args.data, 'test')} (--images {args.images})")

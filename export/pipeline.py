@@ -35,6 +35,7 @@ from export.concepts import ConceptConfig
 from export.data.loader import ImageDataset
 from export.errors import FailedChecksError, PipelineError, describe_checks
 from export.features import FeatureConfig
+from export.quantize import QuantizeConfig
 from export.train import TrainConfig
 from handlers.runtime.bundle import ModelMetadata
 from handlers.runtime.imaging import InputSpec
@@ -325,17 +326,23 @@ def export_bundle(step: ExportStep) -> dict[str, Any]:
 # -- steps that add artifacts to a bundle -----------------------------------------------------
 
 @dataclass(frozen=True)
-class BundleStep:
+class BundleData:
     """What every step that adds artifacts to an exported bundle needs."""
 
     bundle: Path = field(metadata=_help("bundle written by `export` (updated atomically)"))
     data: Path = field(metadata=_help("image folder the classifier was trained on"))
-    model: ModelSource = field(default_factory=ModelSource)
     limit: int | None = field(default=None, metadata=_help("training images loaded (default: all)"))
     test_limit: int | None = field(default=None, metadata=_help("held-out images loaded (default: all)"))
 
 
-def _add_to_bundle(step: BundleStep, meta: ModelMetadata, layers: tuple[str, ...], key: str, filename: str,
+@dataclass(frozen=True)
+class BundleStep(BundleData):
+    """A bundle step that also runs the torch classifier (the bundle's recorded one by default)."""
+
+    model: ModelSource = field(default_factory=ModelSource)
+
+
+def _add_to_bundle(step: BundleData, meta: ModelMetadata, layers: tuple[str, ...], key: str, filename: str,
                    build: Callable[[ImageDataset, ImageDataset, Path], dict[str, Any]]) -> dict[str, Any]:
     """Check that ``layers`` are classifier outputs, load the train and test splits, and write a
     new bundle (atomically, from the old one) with ``build(train, test, tmp_dir)``'s artifacts,
@@ -422,6 +429,35 @@ def add_features(step: FeaturesStep) -> dict[str, Any]:
             l.name for l in meta.layers if len(l.shape) == 3 and l.name != cfg.layer))
     report = _add_to_bundle(step, meta, (cfg.layer,), "features", "features.json",
                             lambda tr, te, tmp: build_features(model, meta.input, tr, te, tmp, cfg))
+    print(format_report(report))
+    return report
+
+
+@dataclass(frozen=True)
+class QuantizeStep(BundleData):
+    """8-bit concept encoders and reference autoencoders, each kept only if close to float
+    (the classifier stays float; activations come from the bundle's ONNX classifier)."""
+
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+
+
+def quantize(step: QuantizeStep) -> dict[str, Any]:
+    """Add ``quantization.json`` and the accepted ``*.int8.onnx`` graphs to ``step.bundle``."""
+    from export.quantize import build_quantized, format_report, pick
+    from handlers.runtime.bundle import load_bundle
+    bundle = load_bundle(step.bundle)
+    meta = bundle.metadata
+    if "concepts" not in meta.extra and "cladec" not in meta.extra:
+        raise PipelineError(f"{step.bundle} has no concept encoders or reference autoencoders to quantize")
+    cfg = step.quantize
+
+    def build(train: ImageDataset, test: ImageDataset, tmp: Path) -> dict[str, Any]:
+        report = build_quantized(bundle, train.pixels[pick(len(train), cfg.calibration_images)],
+                                 test.pixels[pick(len(test), cfg.eval_images)], tmp, cfg)
+        (tmp / "quantization.json").write_text(json.dumps(report, indent=2) + "\n")
+        return report
+
+    report = _add_to_bundle(step, meta, (), "quantization", "quantization.json", build)
     print(format_report(report))
     return report
 
@@ -602,7 +638,7 @@ def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDec
     if step.from_mar is not None:
         source, mar_version = source_from_mar(Path(step.from_mar), out / "source", step.model)
         version = version or mar_version
-        print(f"[0/6] read {step.from_mar}: {source.model_class} in {Path(str(source.model_file)).name}, "
+        print(f"[0/7] read {step.from_mar}: {source.model_class} in {Path(str(source.model_file)).name}, "
               f"weights {Path(str(source.weights)).name}")
     loaded = load_classifier(source, step.data)
     try:
@@ -615,28 +651,30 @@ def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDec
     print("layers chosen from the model:\n  " + "\n  ".join(layout.reasons))
     report: dict[str, Any] = {"layout": {"head": layout.head, "penultimate": layout.penultimate,
                                          "concept_layers": list(concept_layers), "cladec_layers": list(cladec_layers)}}
-    print("[1/6] export")
+    print("[1/7] export")
     version = version or "1.0"
     report["export"] = export_bundle(ExportStep(out=bundle, model=source, data=step.data, layers=exported,
                                                 name=step.name, version=version))
     recorded = ModelSource()  # from here on the bundle names the model
-    print("[2/6] concepts (method 1)")
+    print("[2/7] concepts (method 1)")
     report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=step.data, model=recorded, concepts=dataclasses.replace(
         concepts or ConceptConfig(), layers=tuple(concept_layers))))
-    print("[3/6] ClaDec (method 2)")
+    print("[3/7] ClaDec (method 2)")
     report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=step.data, model=recorded, cladec=dataclasses.replace(
         cladec or ClaDecConfig(), layers=tuple(cladec_layers))))
-    print("[4/6] class-specific features (method 3)")
+    print("[4/7] class-specific features (method 3)")
     report["features"] = add_features(FeaturesStep(bundle=bundle, data=step.data, model=recorded, features=FeatureConfig(
         layer=layout.penultimate, head=layout.head)))
+    print("[5/7] 8-bit concept encoders and reference autoencoders")
+    report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=step.data))
     if (Path(step.data) / "factors.csv").is_file():
-        print("[5/6] layer analysis (method 4)")
+        print("[6/7] layer analysis (method 4)")
         report["analysis"] = {k: v for k, v in analyze(AnalyzeStep(
             bundle=bundle, data=step.data, model=recorded, layers=layout.blocks, out=out / "analysis")).items()
             if k != "concept_names"}
     else:
-        print("[5/6] layer analysis skipped: the data has no factors.csv")
-    print("[6/6] archive")
+        print("[6/7] layer analysis skipped: the data has no factors.csv")
+    print("[7/7] archive")
     report["archive"] = archive(ArchiveStep(bundle=bundle, name=step.name, version=version,
                                             model_store=step.model_store,
                                             accept_failed_checks=step.accept_failed_checks))
@@ -721,6 +759,7 @@ def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, clade
                                                    concepts=concepts or ConceptConfig()))
     report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source, cladec=cladec or ClaDecConfig()))
     report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=source))
+    report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=data))
     if (data / "factors.csv").is_file():
         analysis = analyze(AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis"))
         report["analysis"] = {k: v for k, v in analysis.items() if k != "concept_names"}
@@ -742,6 +781,7 @@ STEPS: Mapping[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "concepts": (ConceptsStep, add_concepts),
     "cladec": (ClaDecStep, add_cladec),
     "features": (FeaturesStep, add_features),
+    "quantize": (QuantizeStep, quantize),
     "analyze": (AnalyzeStep, analyze),
     "archive": (ArchiveStep, archive),
     "kserve-storage": (KServeStorageStep, kserve_storage),

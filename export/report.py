@@ -120,15 +120,29 @@ def _data_uri(png: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(png).decode()}"
 
 
-def _b64_png(text: str, where: str) -> str:
-    """A base64 PNG of the answer as a data URI, after checking it decodes to a PNG."""
+_SIGNATURES = {"png": (b"\x89PNG", "image/png"), "jpeg": (b"\xff\xd8\xff", "image/jpeg")}
+
+
+def _b64_png(text: str, where: str, kind: str = "png") -> str:
+    """A base64 image of the answer (PNG, or ``kind`` "jpeg") as a data URI, after checking
+    that it decodes to that format."""
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ReportError(f"{where} is not valid base64") from None
-    if not raw.startswith(b"\x89PNG"):
-        raise ReportError(f"{where} is not a PNG")
-    return _data_uri(raw)
+    magic, mime = _SIGNATURES[kind]
+    if not raw.startswith(magic):
+        raise ReportError(f"{where} is not a {kind.upper()}")
+    return _data_uri(raw, mime)
+
+
+def _entry_image(entry: dict[str, Any], field: str, where: str) -> str | None:
+    """The data URI of a ClaDec entry's ``field`` ("reconstruction", "reference") in whichever
+    format the answer carries it, or None."""
+    for kind in _SIGNATURES:
+        if f"{field}_{kind}" in entry:
+            return _b64_png(entry[f"{field}_{kind}"], where, kind)
+    return None
 
 
 def _image_uri(image: bytes, title: str) -> tuple[str, int]:
@@ -203,13 +217,14 @@ def _cladec(body: dict[str, Any], input_uri: str) -> str:
     for e in entries:
         where = f'cladec {e["layer"]} alpha {e["alpha"]}'
         figs = [f'<figure><div class="stack small"><img alt="input" src="{input_uri}"></div><figcaption>input</figcaption></figure>']
-        if "reference_png" in e:
-            references[e["layer"]] = _b64_png(e["reference_png"], where)
+        reference = _entry_image(e, "reference", where)
+        if reference is not None:
+            references[e["layer"]] = reference
         if e["layer"] in references:
             figs.append(f'<figure><div class="stack small"><img class="cladec-ref" alt="reference autoencoder" '
                         f'src="{references[e["layer"]]}"></div><figcaption>reference AE</figcaption></figure>')
         figs.append(f'<figure><div class="stack small"><img class="cladec-rec" alt="ClaDec" '
-                    f'src="{_b64_png(e["reconstruction_png"], where)}"></div><figcaption>ClaDec α={e["alpha"]:g}'
+                    f'src="{_entry_image(e, "reconstruction", where)}"></div><figcaption>ClaDec α={e["alpha"]:g}'
                     f'</figcaption></figure>')
         out.append(f'<div class="triplet" data-cladec="{_e(e["layer"])}/{e["alpha"]:g}"><div><b>{_e(e["layer"])}</b>'
                    f'</div>{"".join(figs)}</div>')

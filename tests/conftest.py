@@ -14,6 +14,7 @@ from export import pipeline
 from export.cladec import ClaDecConfig
 from export.concepts import ConceptConfig
 from export.pipeline import ModelSource
+from export.quantize import QuantizeConfig
 from export.train import TrainConfig
 
 TINY_SIZE = 32
@@ -59,7 +60,8 @@ def tiny_concept_bundle(tiny_bundle: Path, tiny_classifier: Path, tiny_data: Pat
 @pytest.fixture(scope="session")
 def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data: Path) -> Path:
     """The concept bundle plus ClaDec decoders and RefAEs (two alphas, very short training),
-    the class-specific features, and concept names from the layer analysis."""
+    the class-specific features, the 8-bit graphs that pass their checks, and concept names
+    from the layer analysis."""
     import shutil
     out = tiny_concept_bundle.parent / "bundle_full"
     shutil.copytree(tiny_concept_bundle, out)
@@ -70,6 +72,8 @@ def tiny_full_bundle(tiny_concept_bundle: Path, tiny_classifier: Path, tiny_data
                             train_images=200, eval_images=50, fresh_classifier_epochs=1,
                             fresh_classifier_images=200, seed=0)))
     pipeline.add_features(pipeline.FeaturesStep(bundle=out, data=tiny_data, model=model))
+    pipeline.quantize(pipeline.QuantizeStep(bundle=out, data=tiny_data, quantize=QuantizeConfig(
+        calibration_images=64, eval_images=50, timing_runs=3)))
     pipeline.analyze(pipeline.AnalyzeStep(bundle=out, data=tiny_data, model=model, images=300, pca_dims=3,
                                           out=out.parent / "analysis"))
     return out

@@ -33,6 +33,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     WithJsonSchema,
     model_serializer,
+    model_validator,
 )
 from pydantic.json_schema import GenerateJsonSchema, SkipJsonSchema
 from pydantic_core import PydanticUndefined
@@ -59,6 +60,13 @@ def _base64(png: bytes) -> str:
 #: PNG bytes in the model, a base64 string on the wire.
 Png = Annotated[bytes, PlainSerializer(_base64, return_type=str, when_used="unless-none"),
                 WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"})]
+#: JPEG bytes in the model, a base64 string on the wire.
+Jpeg = Annotated[bytes, PlainSerializer(_base64, return_type=str, when_used="unless-none"),
+                 WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/jpeg"})]
+
+
+#: Encodings of the ClaDec images a request may ask for (``image_format``); png is the default.
+IMAGE_FORMATS = ("png", "jpeg")
 
 
 # -- the base model and fields that may be left out -----------------------------------------
@@ -178,10 +186,33 @@ class ClaDecImage(Answer):
 
     layer: str
     alpha: float
-    reconstruction_png: Png
+    reconstruction_png: Png | Absent = omitted("the decoder's image (image_format png, the default)")
+    reconstruction_jpeg: Jpeg | Absent = omitted("the decoder's image with image_format jpeg")
     reference_png: Png | Absent = omitted("the reference autoencoder's reconstruction: on the first entry "
                                  "of each layer only (the layer's other alphas share it); absent with "
                                  "reference=false")
+    reference_jpeg: Jpeg | Absent = omitted("reference_png with image_format jpeg")
+
+    @model_validator(mode="after")
+    def _one_format(self) -> ClaDecImage:
+        if (self.reconstruction_png is None) == (self.reconstruction_jpeg is None):
+            raise ValueError("a ClaDec entry has exactly one of reconstruction_png and reconstruction_jpeg")
+        if self.reference_png is not None and self.reference_jpeg is not None:
+            raise ValueError("a ClaDec entry has at most one reference image")
+        if (self.reference_jpeg is not None and self.reconstruction_png is not None) or (
+                self.reference_png is not None and self.reconstruction_jpeg is not None):
+            raise ValueError("a ClaDec entry's images share one format")
+        return self
+
+    @classmethod
+    def encoded(cls, layer: str, alpha: float, image_format: str, reconstruction: bytes,
+                reference: bytes | None) -> ClaDecImage:
+        """An entry whose images (already encoded as ``image_format``: "png" or "jpeg") go into
+        that format's fields."""
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        return cls(layer=layer, alpha=alpha, **{f"reconstruction_{image_format}": reconstruction,
+                                                f"reference_{image_format}": reference})
 
 
 class Contribution(Answer):
@@ -276,6 +307,9 @@ class ModelInfo(Answer):
     artifact_sha256: str = Field(pattern="^[0-9a-f]{64}$", description="the bundle's hash (manifest.json)")
     device: str = Field(pattern="^(cpu|cuda:[0-9]+)$", description="where the worker's sessions run")
     providers: list[str] = Field(min_length=1, description="onnxruntime execution providers in use, in order")
+    int8_graphs: list[str] = Field(default_factory=list, description=(
+        "explanation graphs served in their 8-bit version (concept encoders, reference autoencoders; "
+        "the classifier never is), by float file name"))
 
 
 class Timings(Answer):

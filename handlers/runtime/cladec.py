@@ -7,10 +7,11 @@ reference autoencoders optionally on a thread beside the classifier), one
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,15 +20,24 @@ import numpy as np
 
 from handlers.runtime.answer import ClaDecImage
 from handlers.runtime.bundle import Bundle
-from handlers.runtime.classifier import make_session
-from handlers.runtime.devices import ProviderSpec
+from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.errors import ArtifactError
-from handlers.runtime.imaging import encode_png
+from handlers.runtime.imaging import encode_jpeg, encode_png
 
 FORMAT = "cladec/1"
 
-#: row -> decoder or RefAE file -> PNG bytes
+#: row -> decoder or RefAE file -> encoded image bytes
 RowImages = dict[int, dict[str, bytes]]
+#: The alphas a request gets: "all", "lowest" (each layer's lowest archived alpha; alpha 0 is
+#: pure ClaDec), or alpha values.
+AlphaChoice = str | tuple[float, ...]
+#: Image encoders by ``image_format``: uint8 (H, W, C) -> bytes.
+ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"png": encode_png, "jpeg": encode_jpeg}
+
+
+def same_alpha(a: float, b: float) -> bool:
+    """Alphas compare equal up to float noise (JSON round trips of 0.001 and the like)."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,12 @@ class ClaDecView:
         self.decoders = decoders
         self.refaes = refaes
         self.layers = tuple(dict.fromkeys(e.layer for e in entries))
+        self.alphas = tuple(sorted(dict.fromkeys(e.alpha for e in entries)))
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, providers: Sequence[ProviderSpec], threads: int) -> ClaDecView:
+    def load(cls, bundle: Bundle, file: str, open_graph: GraphOpener) -> ClaDecView:
+        """The ClaDec view of ``bundle`` (``file``: its cladec.json); ``open_graph`` opens a
+        listed ONNX file as a session."""
         doc = json.loads(bundle.path(file).read_text())
         if doc.get("format") != FORMAT:
             raise ArtifactError(f"{file} is not a {FORMAT} document")
@@ -63,66 +76,79 @@ class ClaDecView:
         for e in entries:
             if e.layer not in outputs:
                 raise ArtifactError(f"ClaDec layer {e.layer} is not an output of the classifier graph")
-        decoders = {e.decoder_file: make_session(bundle.path(e.decoder_file), providers, threads) for e in entries}
-        refaes = {e.refae_file: make_session(bundle.path(e.refae_file), providers, threads) for e in entries}
+        decoders = {e.decoder_file: open_graph(e.decoder_file) for e in entries}
+        refaes = {e.refae_file: open_graph(e.refae_file) for e in entries}
         return cls(entries, decoders, refaes)
 
-    def wanted(self, layers: Sequence[str] | None) -> list[DecoderEntry]:
-        """The entries for ``layers`` (None: all), in archive order."""
-        return [e for e in self.entries if layers is None or e.layer in layers]
+    def wanted(self, layers: Sequence[str] | None, alphas: AlphaChoice = "all") -> list[DecoderEntry]:
+        """The entries for ``layers`` (None: all) and ``alphas`` ("all"; "lowest": each layer's
+        lowest archived alpha; or alpha values), in archive order."""
+        entries = [e for e in self.entries if layers is None or e.layer in layers]
+        if alphas == "all":
+            return entries
+        if alphas == "lowest":
+            lowest: dict[str, float] = {}
+            for e in entries:
+                lowest[e.layer] = min(lowest.get(e.layer, math.inf), e.alpha)
+            return [e for e in entries if e.alpha == lowest[e.layer]]
+        if isinstance(alphas, str):
+            raise ValueError(f'alphas must be "all", "lowest" or values, got {alphas!r}')
+        return [e for e in entries if any(same_alpha(e.alpha, a) for a in alphas)]
 
-    def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None) -> RowImages:
-        """The reference autoencoders' images: row -> RefAE file -> PNG bytes, one RefAE run
-        per layer (shared by its alphas). Needs only the input x, normalised (N, C, H, W), so
-        it can run beside the classifier. rows: rows of x."""
+    def references(self, x: np.ndarray, rows: Sequence[int], entries: Sequence[DecoderEntry],
+                   image_format: str = "png") -> RowImages:
+        """The reference autoencoders' images: row -> RefAE file -> encoded image, one RefAE run
+        per layer of ``entries`` (shared by its alphas). Needs only the input x, normalised
+        (N, C, H, W), so it can run beside the classifier. rows: rows of x."""
         rows = list(rows)
         out: RowImages = {r: {} for r in rows}
-        done: set[str] = set()
-        for e in self.wanted(layers):
-            if e.refae_file not in done:
-                done.add(e.refae_file)
-                ref = self.refaes[e.refae_file]
-                ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
-                for r, img in zip(rows, ref_u8, strict=True):
-                    out[r][e.refae_file] = encode_png(img)
+        for refae_file in dict.fromkeys(e.refae_file for e in entries):
+            ref = self.refaes[refae_file]
+            ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
+            for r, img in zip(rows, ref_u8, strict=True):
+                out[r][refae_file] = ENCODERS[image_format](img)
         return out
 
     def reconstructions(self, activations: dict[str, np.ndarray], rows: Sequence[int],
-                        layers: Sequence[str] | None) -> RowImages:
-        """The decoders' images: row -> decoder file -> PNG bytes.
+                        entries: Sequence[DecoderEntry], image_format: str = "png") -> RowImages:
+        """The decoders' images: row -> decoder file -> encoded image.
 
         activations: layer -> (N, ...) from the classifier run; rows: rows of the activations."""
         rows = list(rows)
         out: RowImages = {r: {} for r in rows}
-        for e in self.wanted(layers):
+        for e in entries:
             dec = self.decoders[e.decoder_file]
             rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
             for r, img in zip(rows, rec_u8, strict=True):
-                out[r][e.decoder_file] = encode_png(img)
+                out[r][e.decoder_file] = ENCODERS[image_format](img)
         return out
 
-    def images(self, layers: Sequence[str] | None, reconstructions: Mapping[str, bytes],
+    @staticmethod
+    def images(entries: Sequence[DecoderEntry], image_format: str, reconstructions: Mapping[str, bytes],
                references: Mapping[str, bytes] | None) -> list[ClaDecImage]:
-        """One image's ``cladec`` entries in archive order, from its row of :meth:`reconstructions`
-        and of :meth:`references` (None: without reference images). A reference autoencoder's
-        image comes once, on the first entry of its layer (the other alphas share it)."""
+        """One image's ``cladec`` entries (``entries`` in archive order), from its row of
+        :meth:`reconstructions` and of :meth:`references` (None: without reference images). A
+        reference autoencoder's image comes once, on the first entry of its layer (the other
+        alphas share it)."""
         out, sent = [], set()
-        for e in self.wanted(layers):
+        for e in entries:
             reference = None
             if references is not None and e.refae_file not in sent:
                 reference = references[e.refae_file]
                 sent.add(e.refae_file)
-            out.append(ClaDecImage(layer=e.layer, alpha=e.alpha, reconstruction_png=reconstructions[e.decoder_file],
-                                   reference_png=reference))
+            out.append(ClaDecImage.encoded(e.layer, e.alpha, image_format, reconstructions[e.decoder_file], reference))
         return out
 
 
 @dataclass(frozen=True)
 class ClaDecWish:
-    """What one image asks of ClaDec: the layers (None: all) and whether with reference images."""
+    """What one image asks of ClaDec: the layers (None: all), whether with reference images,
+    which alphas and the images' encoding ("png" or "jpeg")."""
 
     layers: tuple[str, ...] | None
     reference: bool
+    alphas: AlphaChoice = "all"
+    image_format: str = "png"
 
 
 @dataclass(frozen=True)
@@ -158,21 +184,22 @@ class ClaDecJob:
         self._view = view
         self._x = x
         self._wishes = dict(wishes)
-        self._groups: dict[tuple[tuple[str, ...] | None, bool], list[int]] = {}
+        self._groups: dict[ClaDecWish, list[int]] = {}  # rows that ask the same
         for row, wish in self._wishes.items():
-            self._groups.setdefault((wish.layers, wish.reference), []).append(row)
-        wants_references = any(reference for _, reference in self._groups)
+            self._groups.setdefault(wish, []).append(row)
+        self._entries = {wish: view.wanted(wish.layers, wish.alphas) for wish in self._groups} if view else {}
+        wants_references = any(wish.reference for wish in self._groups)
         self._job: Future[tuple[RowImages, float]] | None = (
             pool.submit(self._references) if pool is not None and wants_references else None)
 
     def _references(self) -> tuple[RowImages, float]:
-        """Row -> RefAE file -> PNG for the rows that ask for references, and the milliseconds."""
+        """Row -> RefAE file -> image for the rows that ask for references, and the milliseconds."""
         assert self._view is not None
         t0 = time.perf_counter()
         out: RowImages = {}
-        for (layers, reference), rows in self._groups.items():
-            if reference:
-                out.update(self._view.references(self._x, rows, layers))
+        for wish, rows in self._groups.items():
+            if wish.reference:
+                out.update(self._view.references(self._x, rows, self._entries[wish], wish.image_format))
         return out, (time.perf_counter() - t0) * 1000
 
     def finish(self, activations: dict[str, np.ndarray]) -> ClaDecOutcome:
@@ -187,11 +214,12 @@ class ClaDecJob:
         try:
             t0 = time.perf_counter()
             recs: RowImages = {}
-            for (layers, _), rows in self._groups.items():
-                recs.update(self._view.reconstructions(activations, rows, layers))
+            for wish, rows in self._groups.items():
+                recs.update(self._view.reconstructions(activations, rows, self._entries[wish], wish.image_format))
             decode_ms = (time.perf_counter() - t0) * 1000
             refs, refs_ms = self._job.result() if self._job is not None else self._references()
-            images = {row: self._view.images(wish.layers, recs[row], refs[row] if wish.reference else None)
+            images = {row: self._view.images(self._entries[wish], wish.image_format, recs[row],
+                                             refs[row] if wish.reference else None)
                       for row, wish in self._wishes.items()}
         except Exception as exc:  # noqa: BLE001 - fails the rows that wanted ClaDec, not the batch
             return ClaDecOutcome(wanted, error=exc)

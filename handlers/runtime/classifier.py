@@ -1,7 +1,7 @@
 """The classifier as one onnxruntime graph: logits plus the activations of explanation layers."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +9,10 @@ import numpy as np
 import onnxruntime as ort
 
 from handlers.runtime.devices import ProviderSpec
+
+#: Opens a bundle's ONNX file (by its listed name) as a session: what the views' loaders get
+#: from the service, which decides the providers, threads and 8-bit variants.
+GraphOpener = Callable[[str], ort.InferenceSession]
 
 
 def make_session(path: str | Path, providers: Sequence[ProviderSpec], intra_op_threads: int) -> ort.InferenceSession:

@@ -3,7 +3,6 @@ discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,7 @@ import numpy as np
 from handlers.runtime.answer import Concept, Intervention
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CompiledCausalModel
-from handlers.runtime.classifier import make_session
+from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.concepts import (
     ConceptSpec,
     discretise,
@@ -22,7 +21,6 @@ from handlers.runtime.concepts import (
     heatmap_palette,
     pooled_values,
 )
-from handlers.runtime.devices import ProviderSpec
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_indexed_png, encode_png
 
@@ -64,7 +62,9 @@ class ConceptExplainer:
         self.num_concepts = len(ids)
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, providers: Sequence[ProviderSpec], threads: int) -> ConceptExplainer:
+    def load(cls, bundle: Bundle, file: str, open_graph: GraphOpener) -> ConceptExplainer:
+        """The concept view of ``bundle`` (``file``: its concepts.json); ``open_graph`` opens a
+        listed ONNX file as a session (the service picks 8-bit variants and providers)."""
         spec = ConceptSpec.from_file(bundle.path(file))
         network = CompiledCausalModel.from_file(bundle.path(spec.network_file))
         if network.outcome != spec.outcome:
@@ -74,7 +74,7 @@ class ConceptExplainer:
         for layer in spec.layers:
             if outputs.get(layer.layer) != layer.activation:
                 raise ArtifactError(f"concept layer {layer.layer} needs classifier output {layer.activation}")
-            sessions[layer.layer] = make_session(bundle.path(layer.encoder_file), providers, threads)
+            sessions[layer.layer] = open_graph(layer.encoder_file)
         return cls(spec, network, sessions)
 
     def encode(self, activations: dict[str, np.ndarray]) -> ConceptBatch:

@@ -10,20 +10,23 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from handlers.runtime.answer import Prediction
+from handlers.runtime.answer import IMAGE_FORMATS, Prediction
 from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnknownTarget, UnsupportedMediaType
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
 JSON_TYPES = ("application/json",)
 PREDICT_OPTIONS = ("data", "top_k")
-EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers", "reference")
+EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers", "reference",
+                   "alphas", "image_format")
 HEATMAP_STYLES = ("overlay", "blended")
+ALPHA_CHOICES = ("all", "lowest")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class ExplainRequest:
     views: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
     reference: bool | None = None  # ClaDec: also the reference autoencoder's image (None: the archive's default)
+    alphas: str | tuple[float, ...] | None = None  # ClaDec: "all", "lowest" or values (None: the archive's default)
+    image_format: str | None = None  # ClaDec images: "png" or "jpeg" (None: the archive's default)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -160,15 +165,33 @@ def _str_list(obj: dict, key: str, allowed: Sequence[str]) -> tuple[str, ...] | 
     return tuple(dict.fromkeys(v))
 
 
+def _alphas(obj: dict[str, Any], archived: Sequence[float]) -> str | tuple[float, ...] | None:
+    """``alphas``: "all", "lowest", or a list of archived alpha values (null: the default)."""
+    v = obj.get("alphas")
+    if v is None or v in ALPHA_CHOICES:
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, list) or not v or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
+        raise InvalidOption(f'"alphas" must be "all", "lowest" or a list of numbers, got {json.dumps(v)[:60]}')
+    unknown = [a for a in v if not any(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for b in archived)]
+    if unknown:
+        raise InvalidOption(f"unknown alphas {unknown}; archived: {list(archived)}")
+    return tuple(float(a) for a in dict.fromkeys(v))
+
+
 def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, classes: Sequence[str],
-                  num_concepts: int, views: Sequence[str], layers: Sequence[str]) -> ExplainRequest:
+                  num_concepts: int, views: Sequence[str], layers: Sequence[str],
+                  alphas: Sequence[float] = ()) -> ExplainRequest:
     """Parse an ``/explanations`` request (raw image, or JSON with options).
 
     Options: ``target`` (class index or label), ``top_k``, ``top_concepts`` (1..number of
     concepts), ``images`` (bool), ``heatmap`` ("overlay": a transparent palette PNG
     to draw over the input, or "blended": an RGB PNG of the heatmap over the input), ``reference``
     (bool: ClaDec's reference-autoencoder images; they cost a run of the classifier's
-    layers up to each ClaDec layer), ``views`` (subset of the available views), ``layers``.
+    layers up to each ClaDec layer), ``views`` (subset of the available views), ``layers``,
+    ``alphas`` (ClaDec: "all", "lowest" or archived values ``alphas``) and ``image_format``
+    (ClaDec images: "png" or "jpeg").
     """
     obj, image = _options_or_image(value, content_type, max_bytes, EXPLAIN_OPTIONS, "/explanations")
     if obj is None:
@@ -192,6 +215,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         heatmap = "overlay"
     if heatmap not in HEATMAP_STYLES:
         raise InvalidOption(f'"heatmap" must be one of {list(HEATMAP_STYLES)}, got {json.dumps(heatmap)[:40]}')
+    image_format = obj.get("image_format")
+    if image_format is not None and image_format not in IMAGE_FORMATS:
+        raise InvalidOption(f'"image_format" must be one of {list(IMAGE_FORMATS)}, got {json.dumps(image_format)[:40]}')
     return ExplainRequest(
         image=_b64(obj["data"], max_bytes),
         top_k=_int_option(obj, "top_k", 1, len(classes)),
@@ -202,6 +228,8 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         views=_str_list(obj, "views", views),
         layers=_str_list(obj, "layers", layers),
         reference=reference,
+        alphas=_alphas(obj, alphas),
+        image_format=image_format,
     )
 
 

@@ -46,6 +46,7 @@ from handlers.runtime.metrics import (
     STAGES,
     BatchMetrics,
 )
+from handlers.runtime.quantized import int8_variants
 from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict
 from handlers.runtime.settings import HandlerSettings
 from handlers.runtime.validity import bundle_validity
@@ -138,7 +139,7 @@ class ExplainerService:
     def __init__(self, bundle: Bundle, settings: HandlerSettings, classifier: OnnxClassifier,
                  concepts: ConceptExplainer | None = None, cladec: ClaDecView | None = None,
                  features: FeatureView | None = None, device: str = "cpu",
-                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
+                 providers: Sequence[str] = ("CPUExecutionProvider",), int8_graphs: Sequence[str] = ()) -> None:
         self.bundle = bundle
         self.meta = bundle.metadata
         self.settings = settings
@@ -151,7 +152,7 @@ class ExplainerService:
                                                             ("features", features is not None)) if on)
         self.device, self.providers = device, tuple(providers)
         self.model_info = ModelInfo(name=self.meta.name, version=self.meta.version, artifact_sha256=bundle.sha256,
-                                    device=device, providers=list(providers))
+                                    device=device, providers=list(providers), int8_graphs=sorted(int8_graphs))
         self.validity = bundle_validity(concepts.spec.report if concepts is not None else None,
                                         features.report if features is not None else None)
         self._monitor_rng = random.Random(0)
@@ -184,20 +185,27 @@ class ExplainerService:
                 log.warning("onnxruntime.preload_dlls() failed", exc_info=True)
         threads = settings.intra_op_threads
         session = make_session(bundle.path(meta.classifier_file), plan.providers, threads)
+        # 8-bit explanation graphs (never the classifier), on the CPU provider only: on a GPU
+        # the quantize/dequantize pairs would run around float kernels for nothing.
+        int8 = int8_variants(bundle) if settings.cpu_int8 and plan.device == "cpu" else {}
+
+        def open_graph(name: str) -> Any:
+            return make_session(bundle.path(int8.get(name, name)), plan.providers, threads)
+
         classifier = OnnxClassifier(session, meta.input_name, meta.logits_name,
                                     {l.name: l.output for l in meta.layers})
         concepts = cladec = features = None
         if "concepts" in meta.extra:
-            concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], plan.providers, threads)
+            concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], open_graph)
         if "cladec" in meta.extra:
-            cladec = ClaDecView.load(bundle, meta.extra["cladec"], plan.providers, threads)
+            cladec = ClaDecView.load(bundle, meta.extra["cladec"], open_graph)
         if "features" in meta.extra:
             features = FeatureView.load(bundle, meta.extra["features"])
         providers, device = in_use(session.get_providers(), plan)
-        service = cls(bundle, settings, classifier, concepts, cladec, features, device, providers)
+        service = cls(bundle, settings, classifier, concepts, cladec, features, device, providers, list(int8))
         release_freed_heap()
-        log.info("loaded bundle %s (sha256 %s) on %s with %s; views %s", bundle.root, bundle.sha256,
-                 device, list(providers), list(service.views))
+        log.info("loaded bundle %s (sha256 %s) on %s with %s; views %s; 8-bit graphs %s", bundle.root,
+                 bundle.sha256, device, list(providers), list(service.views), sorted(int8) or "none")
         return service
 
     def baseline_samples(self) -> list[Any]:
@@ -230,7 +238,8 @@ class ExplainerService:
         return parse_explain(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
                              classes=self.meta.classes,
                              num_concepts=self.concepts.num_concepts if self.concepts else 0,
-                             views=self.views, layers=self.cladec.layers if self.cladec else ())
+                             views=self.views, layers=self.cladec.layers if self.cladec else (),
+                             alphas=self.cladec.alphas if self.cladec else ())
 
     def _prepare(self, i: int, raw: RawRequest) -> _Item:
         if raw.error is not None:
@@ -337,7 +346,9 @@ class ExplainerService:
             req = it.request
             if isinstance(req, ExplainRequest) and self._wants(req, "cladec") and req.images:
                 reference = self.settings.cladec_reference if req.reference is None else req.reference
-                wishes[r] = ClaDecWish(req.layers, reference)
+                alphas = self.settings.cladec_alphas if req.alphas is None else req.alphas
+                image_format = req.image_format or self.settings.cladec_image_format
+                wishes[r] = ClaDecWish(req.layers, reference, alphas, image_format)
         return wishes
 
     def _wants(self, req: Any, view: str) -> bool:

@@ -115,6 +115,20 @@ def _parse_providers(name: str, value: Any) -> tuple[str, ...]:
     return providers
 
 
+def _parse_alpha_choice(name: str, value: Any) -> str:
+    if value not in ("all", "lowest"):
+        raise SettingsError(f'handler setting {name} must be "all" or "lowest", got {_show(value)}')
+    return str(value)
+
+
+def _parse_image_format(name: str, value: Any) -> str:
+    from handlers.runtime.answer import IMAGE_FORMATS
+    word = _parse_str(name, value).lower()
+    if word not in IMAGE_FORMATS:
+        raise SettingsError(f"handler setting {name} must be one of {list(IMAGE_FORMATS)}, got {_show(value)}")
+    return word
+
+
 _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "bundle_dir": _parse_str,
     "top_k": _parse_int,
@@ -128,6 +142,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cladec_reference": _parse_bool,
     "overlap_views": _parse_bool,
     "providers": _parse_providers,
+    "cpu_int8": _parse_bool,
+    "cladec_alphas": _parse_alpha_choice,
+    "cladec_image_format": _parse_image_format,
 }
 
 
@@ -157,6 +174,13 @@ class HandlerSettings:
         providers: onnxruntime execution providers, in order of preference; providers
             not available on the machine are skipped, CPU is always the last resort.
             Names onnxruntime does not know at all (typos) are rejected.
+        cpu_int8: on the CPU, open the 8-bit versions of the explanation graphs that the
+            archive's ``quantization.json`` accepted (concept encoders, reference
+            autoencoders; never the classifier); false: every graph in float. Ignored on a GPU.
+        cladec_alphas: ClaDec entries per layer unless the request sets ``alphas``: "lowest"
+            (the layer's lowest archived alpha; alpha 0 is pure ClaDec) or "all".
+        cladec_image_format: encoding of the ClaDec images unless the request sets
+            ``image_format``: "png" (lossless) or "jpeg" (quality 90; several times smaller).
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers
     accept integral numbers and integer strings. Anything else raises :class:`SettingsError`.
@@ -174,6 +198,9 @@ class HandlerSettings:
     cladec_reference: bool = True
     overlap_views: bool = True
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    cpu_int8: bool = True
+    cladec_alphas: str = "lowest"
+    cladec_image_format: str = "png"
 
     def __post_init__(self) -> None:
         for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels", "max_instances"):

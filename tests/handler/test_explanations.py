@@ -167,6 +167,10 @@ def test_cladec_view(handler, model_dir, sample_pngs):
     status, body = explain(handler, model_dir, sample_pngs[0])
     assert status == 200
     entries = body["cladec"]
+    # by default each layer's lowest alpha (cladec_alphas: lowest); "alphas" asks for others
+    assert [(e["layer"], e["alpha"]) for e in entries] == [("layer2", 0.0), ("avgpool", 0.0)]
+    status, body = explain(handler, model_dir, sample_pngs[0], alphas="all")
+    entries = body["cladec"]
     assert [(e["layer"], e["alpha"]) for e in entries] == [("layer2", 0.0), ("layer2", 0.001),
                                                           ("avgpool", 0.0), ("avgpool", 0.001)]
     for e in entries:
@@ -182,7 +186,7 @@ def test_cladec_equals_onnxruntime_offline(handler, model_dir, tiny_full_bundle,
     """Reconstruction = the decoder ONNX applied to the classifier ONNX's activation."""
     from tests.reference import offline_activations
     doc = json.loads((tiny_full_bundle / "cladec.json").read_text())
-    status, body = explain(handler, model_dir, sample_pngs[1], layers=["avgpool"])
+    status, body = explain(handler, model_dir, sample_pngs[1], layers=["avgpool"], alphas="all")
     assert status == 200 and [e["layer"] for e in body["cladec"]] == ["avgpool", "avgpool"]
     acts, x = offline_activations(tiny_full_bundle, sample_pngs[1])
     for entry, spec in zip(body["cladec"], [d for d in doc["decoders"] if d["layer"] == "avgpool"]):
@@ -192,6 +196,30 @@ def test_cladec_equals_onnxruntime_offline(handler, model_dir, tiny_full_bundle,
         expected = (np.clip(rec, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["reconstruction_png"]))))
         assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_cladec_alphas_and_jpeg(handler, model_dir, sample_pngs):
+    """Archived alphas by value; JPEG images in the *_jpeg fields, close to the PNG ones."""
+    status, png = explain(handler, model_dir, sample_pngs[0], alphas=[0.001], reference=True)
+    assert status == 200 and [(e["layer"], e["alpha"]) for e in png["cladec"]] == [("layer2", 0.001),
+                                                                                  ("avgpool", 0.001)]
+    status, jpeg = explain(handler, model_dir, sample_pngs[0], alphas=[0.001], reference=True, image_format="jpeg")
+    assert status == 200
+    for p, j in zip(png["cladec"], jpeg["cladec"], strict=True):
+        assert set(j) == {"layer", "alpha", "reconstruction_jpeg", "reference_jpeg"}
+        for kind in ("reconstruction", "reference"):
+            a = np.asarray(Image.open(io.BytesIO(base64.b64decode(p[f"{kind}_png"]))), dtype=float)
+            b = Image.open(io.BytesIO(base64.b64decode(j[f"{kind}_jpeg"])))
+            assert b.format == "JPEG" and b.size == (32, 32)
+            assert np.abs(a - np.asarray(b, dtype=float)).mean() < 8  # quality 90 of the same image
+
+
+@pytest.mark.parametrize("options", [{"alphas": [0.5]}, {"alphas": "some"}, {"alphas": []}, {"alphas": [True]},
+                                     {"image_format": "gif"}, {"image_format": 1}])
+def test_bad_cladec_choices_are_400(handler, model_dir, sample_pngs, options):
+    status, body = explain(handler, model_dir, sample_pngs[0], **options)
+    assert status == 400 and body["error"]["type"] == "InvalidOption", body
+    assert ("archived: [0.0, 0.001]" in body["error"]["message"]) == (options.get("alphas") == [0.5])
 
 
 @pytest.mark.parametrize("options, etype", [({"layers": ["layer9"]}, "InvalidOption"),
@@ -260,7 +288,7 @@ def test_overlapped_cladec_gives_the_same_answers(handler, model_dir, sample_png
     for (_, x), (_, y) in zip(a, b):
         x.pop("timings_ms", None), y.pop("timings_ms", None)
         assert x == y
-    assert [e["layer"] for e in a[3][1]["cladec"]] == ["avgpool", "avgpool"]
+    assert [e["layer"] for e in a[3][1]["cladec"]] == ["avgpool"]
 
 
 def test_reference_images_are_optional(handler, model_dir, sample_pngs):

@@ -125,7 +125,7 @@ def test_build_chooses_layers_from_the_model_and_says_why(built):
     report, out, printed = built
     assert report["layout"] == {"head": "head.1", "penultimate": "pool",
                                 "concept_layers": ["body.0", "body.1", "body.2"], "cladec_layers": ["body.1", "pool"]}
-    assert "head: head.1 (the last nn.Linear called" in printed and "[6/6] archive" in printed
+    assert "head: head.1 (the last nn.Linear called" in printed and "[7/7] archive" in printed
     assert "skipped 1 unreadable image(s) of the train split" in printed  # the corrupt file, and it went on
     meta = json.loads((out / "usernet" / "bundle" / "metadata.json").read_text())
     assert meta["source"]["model_class"] == "Net" and meta["source"]["weights"].endswith("net.pt")

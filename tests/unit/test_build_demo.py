@@ -43,7 +43,10 @@ def test_build_demo_produces_a_complete_archive(tmp_path):
     assert (meta["name"], meta["version"]) == ("mini", "1.0")
     assert [l["name"] for l in meta["layers"]] == report["export"]["layers"]
     assert report["export"]["parity_max_abs_diff"] <= PARITY_TOLERANCE
-    assert {meta["concepts"], meta["cladec"], meta["features"]} == {"concepts.json", "cladec.json", "features.json"}
+    assert {meta["concepts"], meta["cladec"], meta["features"], meta["quantization"]} == {
+        "concepts.json", "cladec.json", "features.json", "quantization.json"}
+    quantization = json.loads((bundle / "quantization.json").read_text())
+    assert quantization["graphs"] == report["quantization"]["graphs"] and len(quantization["graphs"]) == 5
     concepts = json.loads((bundle / "concepts.json").read_text())
     assert concepts["report"]["checks"] == report["concepts"]["checks"]
     features = json.loads((bundle / "features.json").read_text())["report"]

@@ -19,20 +19,50 @@ class StandInView(ClaDecView):
         super().__init__(entries, {}, {})
         self.calls: list[tuple[str, tuple[int, ...], tuple[str, ...] | None, str]] = []
 
-    def references(self, x: np.ndarray, rows: Sequence[int], layers: Sequence[str] | None):
-        self.calls.append(("references", tuple(rows), layers, threading.current_thread().name))
-        files = dict.fromkeys(e.refae_file for e in self.wanted(layers))
+    def references(self, x: np.ndarray, rows: Sequence[int], entries: Sequence[DecoderEntry],
+                   image_format: str = "png"):
+        self.calls.append(("references", tuple(rows), tuple(e.decoder_file for e in entries),
+                           threading.current_thread().name))
+        files = dict.fromkeys(e.refae_file for e in entries)
         return {r: {f: f"{f}@{int(x[r])}".encode() for f in files} for r in reversed(list(rows))}
 
     def reconstructions(self, activations: dict[str, np.ndarray], rows: Sequence[int],
-                        layers: Sequence[str] | None):
-        self.calls.append(("reconstructions", tuple(rows), layers, threading.current_thread().name))
+                        entries: Sequence[DecoderEntry], image_format: str = "png"):
+        self.calls.append(("reconstructions", tuple(rows), tuple(e.decoder_file for e in entries),
+                           threading.current_thread().name))
         return {r: {e.decoder_file: f"{e.decoder_file}@{int(activations['x'][r])}".encode()
-                    for e in self.wanted(layers)} for r in reversed(list(rows))}
+                    for e in entries} for r in reversed(list(rows))}
 
 
 WISHES = {0: ClaDecWish(None, True), 2: ClaDecWish(("avgpool",), False), 3: ClaDecWish(None, True),
           4: ClaDecWish(("layer2",), True)}
+
+
+def test_alphas_pick_entries_per_layer():
+    view = StandInView()
+    assert [e.decoder_file for e in view.wanted(None, "all")] == ["dec2a", "dec2b", "dec9"]
+    assert [e.decoder_file for e in view.wanted(None, "lowest")] == ["dec2a", "dec9"]  # each layer's lowest
+    assert [e.decoder_file for e in view.wanted(None, (0.1,))] == ["dec2b"]
+    assert [e.decoder_file for e in view.wanted(("avgpool",), (0.1,))] == []  # that layer lacks 0.1
+    assert [e.decoder_file for e in view.wanted(None, (0.1 + 1e-17, 0.0))] == ["dec2a", "dec2b", "dec9"]
+    assert view.alphas == (0.0, 0.1)
+
+
+def test_lowest_alpha_and_jpeg_go_into_their_own_fields():
+    view = StandInView()
+    wishes = {0: ClaDecWish(None, True, "lowest", "jpeg"), 1: ClaDecWish(("layer2",), False, (0.1,), "png")}
+    runner = ClaDecRunner(view, False)
+    with runner.begin(np.arange(10, 12), wishes) as job:
+        outcome = job.finish({"x": np.arange(20, 22)})
+    assert outcome.error is None
+    assert [e.wire() for e in outcome.images[0]] == [
+        {"layer": "layer2", "alpha": 0.0, "reconstruction_jpeg": "ZGVjMmFAMjA=", "reference_jpeg": "cmVmMkAxMA=="},
+        {"layer": "avgpool", "alpha": 0.0, "reconstruction_jpeg": "ZGVjOUAyMA==", "reference_jpeg": "cmVmOUAxMA=="}]
+    assert [e.wire() for e in outcome.images[1]] == [{"layer": "layer2", "alpha": 0.1,
+                                                     "reconstruction_png": "ZGVjMmJAMjE="}]
+    assert [c[:3] for c in view.calls] == [("reconstructions", (0,), ("dec2a", "dec9")),
+                                          ("reconstructions", (1,), ("dec2b",)),
+                                          ("references", (0,), ("dec2a", "dec9"))]
 
 
 @pytest.mark.parametrize("overlap", [True, False])
