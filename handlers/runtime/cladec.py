@@ -56,17 +56,20 @@ def to_uint8_images(x: np.ndarray) -> np.ndarray:
 class ClaDecView:
     """ClaDec decoders and RefAEs as onnxruntime sessions."""
 
-    def __init__(self, entries: Sequence[DecoderEntry], decoders: dict[str, Any], refaes: dict[str, Any]) -> None:
+    def __init__(self, entries: Sequence[DecoderEntry], decoders: dict[str, Any], refaes: dict[str, Any],
+                 chunk_rows: int = 0) -> None:
+        """chunk_rows: rows per decoder or RefAE run (0: the whole batch at once)."""
         self.entries = tuple(entries)
+        self.chunk_rows = chunk_rows
         self.decoders = decoders
         self.refaes = refaes
         self.layers = tuple(dict.fromkeys(e.layer for e in entries))
         self.alphas = tuple(sorted(dict.fromkeys(e.alpha for e in entries)))
 
     @classmethod
-    def load(cls, bundle: Bundle, file: str, open_graph: GraphOpener) -> ClaDecView:
+    def load(cls, bundle: Bundle, file: str, open_graph: GraphOpener, chunk_rows: int = 0) -> ClaDecView:
         """The ClaDec view of ``bundle`` (``file``: its cladec.json); ``open_graph`` opens a
-        listed ONNX file as a session."""
+        listed ONNX file as a session; ``chunk_rows``: as in :meth:`__init__`."""
         doc = json.loads(bundle.path(file).read_text())
         if doc.get("format") != FORMAT:
             raise ArtifactError(f"{file} is not a {FORMAT} document")
@@ -78,7 +81,16 @@ class ClaDecView:
                 raise ArtifactError(f"ClaDec layer {e.layer} is not an output of the classifier graph")
         decoders = {e.decoder_file: open_graph(e.decoder_file) for e in entries}
         refaes = {e.refae_file: open_graph(e.refae_file) for e in entries}
-        return cls(entries, decoders, refaes)
+        return cls(entries, decoders, refaes, chunk_rows)
+
+    def _run(self, session: Any, inputs: np.ndarray) -> np.ndarray:
+        """uint8 images (N, H, W, C) of a decoder or RefAE on ``inputs`` (N, ...), run
+        ``chunk_rows`` rows at a time: their intermediate activations dominate a worker's peak
+        memory at 224 px (a full batch of 8 through a RefAE holds about 25 MB per layer)."""
+        name = session.get_inputs()[0].name
+        step = self.chunk_rows or len(inputs)
+        return np.concatenate([to_uint8_images(session.run(None, {name: inputs[i:i + step]})[0])
+                               for i in range(0, len(inputs), step)])
 
     def wanted(self, layers: Sequence[str] | None, alphas: AlphaChoice = "all") -> list[DecoderEntry]:
         """The entries for ``layers`` (None: all) and ``alphas`` ("all"; "lowest": each layer's
@@ -104,7 +116,7 @@ class ClaDecView:
         out: RowImages = {r: {} for r in rows}
         for refae_file in dict.fromkeys(e.refae_file for e in entries):
             ref = self.refaes[refae_file]
-            ref_u8 = to_uint8_images(ref.run(None, {ref.get_inputs()[0].name: x[rows]})[0])
+            ref_u8 = self._run(ref, x[rows])
             for r, img in zip(rows, ref_u8, strict=True):
                 out[r][refae_file] = ENCODERS[image_format](img)
         return out
@@ -118,7 +130,7 @@ class ClaDecView:
         out: RowImages = {r: {} for r in rows}
         for e in entries:
             dec = self.decoders[e.decoder_file]
-            rec_u8 = to_uint8_images(dec.run(None, {dec.get_inputs()[0].name: activations[e.layer][rows]})[0])
+            rec_u8 = self._run(dec, activations[e.layer][rows])
             for r, img in zip(rows, rec_u8, strict=True):
                 out[r][e.decoder_file] = ENCODERS[image_format](img)
         return out

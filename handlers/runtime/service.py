@@ -198,7 +198,7 @@ class ExplainerService:
         if "concepts" in meta.extra:
             concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], open_graph)
         if "cladec" in meta.extra:
-            cladec = ClaDecView.load(bundle, meta.extra["cladec"], open_graph)
+            cladec = ClaDecView.load(bundle, meta.extra["cladec"], open_graph, settings.cladec_chunk_rows)
         if "features" in meta.extra:
             features = FeatureView.load(bundle, meta.extra["features"])
         providers, device = in_use(session.get_providers(), plan)

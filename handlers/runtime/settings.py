@@ -145,6 +145,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cpu_int8": _parse_bool,
     "cladec_alphas": _parse_alpha_choice,
     "cladec_image_format": _parse_image_format,
+    "cladec_chunk_rows": _parse_int,
 }
 
 
@@ -181,6 +182,9 @@ class HandlerSettings:
             (the layer's lowest archived alpha; alpha 0 is pure ClaDec) or "all".
         cladec_image_format: encoding of the ClaDec images unless the request sets
             ``image_format``: "png" (lossless) or "jpeg" (quality 90; several times smaller).
+        cladec_chunk_rows: rows of a batch per ClaDec decoder or reference-autoencoder run
+            (0: the whole batch at once); bounds the worker's peak memory, which at 224 px
+            their intermediate activations dominate.
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers
     accept integral numbers and integer strings. Anything else raises :class:`SettingsError`.
@@ -201,8 +205,12 @@ class HandlerSettings:
     cpu_int8: bool = True
     cladec_alphas: str = "lowest"
     cladec_image_format: str = "png"
+    cladec_chunk_rows: int = 2
 
     def __post_init__(self) -> None:
+        if self.cladec_chunk_rows < 0:
+            raise SettingsError(f"handler setting cladec_chunk_rows must be >= 0 (0 = the whole batch), "
+                                f"got {self.cladec_chunk_rows}")
         for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels", "max_instances"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"handler setting {name} must be >= 1, got {getattr(self, name)}")

@@ -352,3 +352,19 @@ def test_one_batch_mixes_cladec_options(handler, model_dir, sample_pngs):
             assert references_once_per_layer(alone["cladec"])
         else:
             assert not any("reference_png" in e for e in alone["cladec"])
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 1, 3])
+def test_cladec_in_chunks_gives_the_same_answers(handler, model_dir, sample_pngs, chunk_rows):
+    """cladec_chunk_rows runs decoders and RefAEs a few rows at a time: same bodies as the
+    default (2 rows) for a batch of five explanations (timings aside)."""
+    other = ConceptExplainerHandler()
+    other.initialize(make_context(model_dir, {"cladec_chunk_rows": chunk_rows}))
+    assert other.service.cladec.chunk_rows == chunk_rows and handler.service.cladec.chunk_rows == 2
+    batch = [wire_request(json.dumps({"data": base64.b64encode(png).decode(), "alphas": "all"}), "application/json",
+                          explain=True, idx=i) for i, png in enumerate(sample_pngs[:5])]
+    a, b = run(handler, model_dir, batch), run(other, model_dir, batch)
+    assert [s for s, _ in a] == [s for s, _ in b] == [200] * 5
+    for (_, x), (_, y) in zip(a, b):
+        x.pop("timings_ms"), y.pop("timings_ms")
+        assert x == y and len(x["cladec"]) == 4

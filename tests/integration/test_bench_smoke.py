@@ -21,7 +21,8 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
     build(large, arch="resnet18_like", size=32, n_train=60, n_test=20, ae_images=40)
     image = sorted((tiny_data / "test").glob("*/*.png"))[0]
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--bundle", str(tiny_full_bundle),
-                           "--classifier", str(tiny_classifier), "--image", str(image), "--large", str(large),
+                           "--classifier", str(tiny_classifier), "--data", str(tiny_data), "--image", str(image),
+                           "--large", str(large),
                            "--smoke", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=400, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,6 +38,21 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
         assert {"classifier", "concept_encoders"} <= set(size["onnxruntime_vs_torch"])
         assert size["causal"]["max_abs_difference"] < 1e-9  # compiled and pgmpy agree
         assert {"classifier", "concepts", "causal", "cladec"} <= set(size["explanation_stages_ms"])
+        # the variants of the default explanation, each answered and sized
+        c1 = size["concurrency_1"]
+        for v in ("explanations_without_reference", "explanations_all_alphas", "explanations_jpeg",
+                  "explanations_float_graphs"):
+            assert c1[v]["n"] > 0 and c1[v]["response_bytes"] > c1["predictions"]["response_bytes"], v
+        assert c1["explanations_all_alphas"]["response_bytes"] > c1["explanations"]["response_bytes"]  # 2 alphas
+        assert size["worker_peak_rss_mb"]["explanations_float_graphs"] > 0
+        # the offline levers: every explanation graph in 8 bits, merged encoders, saved optimisation, formats
+        levers = size["levers"]
+        assert {r["kind"] for r in levers["int8_vs_float"]} == {"concept_encoder", "reference_autoencoder",
+                                                                "cladec_decoder"}
+        assert all(r["float_ms"] > 0 and r["int8_ms"] > 0 for r in levers["int8_vs_float"])
+        assert levers["merged_concept_encoders"]["encoders"] == 3
+        assert [r["file"] for r in levers["saved_optimisation"]][0] == "classifier.onnx"
+        assert {"png", "webp_lossless", "jpeg_q90"} <= set(levers["image_formats"])
     kserve = result["sizes"][0]["kserve"]  # the KServe-native server beside TorchServe, demo size only
     for c in ("concurrency_1", "concurrency_8"):
         for k in ("torchserve_predict", "kserve_predict", "torchserve_explain", "kserve_explain"):
@@ -44,3 +60,4 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
     table = (tmp_path / "out" / "latest.md").read_text()
     assert "KServe v1, TorchServe vs KServe's model server" in table
     assert "Captum IG p50 / ours" in table and "smoke counts" in table
+    assert "**Targets**" in table and "**Levers**" in table and "8-bit reference autoencoders" in table
