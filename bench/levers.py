@@ -20,13 +20,13 @@ import io
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.stats import alternating_times
 from export.quantize import pick, quantize_graph
 from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.cladec import to_uint8_images
@@ -37,17 +37,8 @@ CPU = ("CPUExecutionProvider",)
 
 
 def alternating_ms(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, float]:
-    """Median milliseconds of each function over ``n`` rounds, the order flipping each round
-    (three warm-up rounds first)."""
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for i in range(n + 3):
-        for name in (names if i % 2 else names[::-1]):
-            t = time.perf_counter()
-            fns[name]()
-            if i >= 3:
-                times[name].append((time.perf_counter() - t) * 1000)
-    return {k: round(statistics.median(v), 3) for k, v in times.items()}
+    """Median milliseconds of each function over ``n`` alternating rounds (:func:`alternating_times`)."""
+    return {k: round(statistics.median(v), 3) for k, v in alternating_times(fns, n).items()}
 
 
 def _feeds(bundle: Bundle, data: Path, n_cal: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray],

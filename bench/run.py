@@ -37,7 +37,7 @@ import psutil
 import requests
 
 from bench.server import REPO, KServeServer, TorchServe, post
-from bench.stats import summary
+from bench.stats import alternating_times, summary
 from export.archive import archive_folder, build_mar, write_bundle
 from export.client import read_keys
 from handlers.runtime.bundle import ModelMetadata
@@ -229,15 +229,7 @@ def worker_peak_rss(ts: TorchServe, model: str, image: bytes, endpoint: str, n: 
 # -- offline comparisons ----------------------------------------------------------------------
 
 def _timed_alternating(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, dict[str, float]]:
-    names = list(fns)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for i in range(n + 3):
-        for name in (names if i % 2 else names[::-1]):
-            t = time.perf_counter()
-            fns[name]()
-            if i >= 3:  # the first rounds warm caches and allocators
-                times[name].append((time.perf_counter() - t) * 1000)
-    return {k: summary(v) for k, v in times.items()}
+    return {k: summary(v) for k, v in alternating_times(fns, n).items()}
 
 
 def torch_encoder(onnx_file: Path):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -13,3 +16,18 @@ def percentile(xs: list[float], q: float) -> float:
 def summary(xs: list[float]) -> dict[str, float]:
     """p50 and p99 in ms (2 decimals) and the sample count."""
     return {"p50_ms": round(statistics.median(xs), 2), "p99_ms": round(percentile(xs, 99), 2), "n": len(xs)}
+
+
+def alternating_times(fns: dict[str, Callable[[], Any]], n: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of ``n`` calls of each function, called in rounds whose order flips every
+    round (so each sees the same machine state); the first ``warmup`` rounds, which warm
+    caches and allocators, are not kept."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(n + warmup):
+        for name in (names if i % 2 else names[::-1]):
+            t = time.perf_counter()
+            fns[name]()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t) * 1000)
+    return times
