@@ -374,6 +374,11 @@ def cmd_explain(args: argparse.Namespace) -> dict:
         options["target"] = int(args.target) if args.target.isdigit() else args.target
     if args.top_concepts is not None:
         options["top_concepts"] = args.top_concepts
+    if args.alphas is not None:
+        options["alphas"] = args.alphas if args.alphas in ("all", "lowest") else [
+            float(a) for a in args.alphas.split(",")]
+    if args.image_format is not None:
+        options["image_format"] = args.image_format
     with tempfile.TemporaryDirectory(prefix="explain-") as tmp:
         try:
             src = from_mar(Path(args.mar), Path(tmp)) if args.mar else from_bundle(Path(args.bundle), None, None)
@@ -439,6 +444,10 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
     source.add_argument("--mar", help="a .mar built by concept-explainer archive (default: none; give --bundle or --mar)")
     _option(p, "--target", None, "class index or label to explain (default: the predicted class)")
     _option(p, "--top-concepts", None, "concepts per explanation (default: the archive's setting)", type=int)
+    _option(p, "--alphas", None, 'ClaDec alphas: "lowest", "all" or comma-separated values (default: the archive\'s '
+            "setting)")
+    _option(p, "--image-format", None, "ClaDec images as png or jpeg (default: the archive's setting)",
+            choices=("png", "jpeg"))
     _option(p, "--gpu-id", -1, "GPU to run on when the archive's providers include CUDA ([gpu] flavour); -1: the CPU",
             type=int)
     _option(p, "--json", None, "write the /explanations answer here (a list for several images)")

@@ -73,10 +73,16 @@ def test_explain_answers_equal_the_handlers(explained, images, tiny_full_bundle,
 
 def test_explain_with_options_writes_the_single_body(tiny_explainer_mar, images, tmp_path):
     proc = cli("explain", "--image", str(images[0]), "--mar", str(tiny_explainer_mar), "--target", "2",
-               "--top-concepts", "3", "--json", str(tmp_path / "a.json"))
+               "--top-concepts", "3", "--alphas", "all", "--image-format", "jpeg", "--json", str(tmp_path / "a.json"),
+               "--html", str(tmp_path / "r.html"))
     assert proc.returncode == 0, proc.stderr
     body = json.loads((tmp_path / "a.json").read_text())
     assert body["target"]["index"] == 2 and len(body["concepts"]) == 3
+    assert [set(e) - {"layer", "alpha"} for e in body["cladec"]] == [
+        {"reconstruction_jpeg", "reference_jpeg"}, {"reconstruction_jpeg"}] * 2  # two layers, two alphas each
+    page = (tmp_path / "r.html").read_text()  # the report shows JPEG entries like PNG ones
+    assert page.count("data:image/jpeg;base64,") == 4 + 2 * 2  # reconstructions; each layer's reference twice
+    assert page.count('class="triplet"') == 4
 
 
 @pytest.mark.parametrize("make_args, message", [

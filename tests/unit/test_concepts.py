@@ -123,8 +123,12 @@ def test_heatmap_levels_quantise_the_upsampled_map():
     m = np.array([[0.0, 1.0], [2.0, 4.0]])
     idx = heatmap_levels(m, 2.0, 6, 6)
     assert idx.shape == (6, 6) and idx.dtype == np.uint8
-    expected = np.round(np.clip(upsample(m, 6, 6) / 2.0, 0, 1) * (HEATMAP_LEVELS - 1))
-    np.testing.assert_array_equal(idx, expected)
+    exact = np.clip(upsample(m, 6, 6) / 2.0, 0, 1) * (HEATMAP_LEVELS - 1)  # float64 reference
+    expected = np.round(exact)
+    # float32 arithmetic: equal except within float32 rounding of a level boundary (x.5), then one off
+    at_boundary = np.abs(exact - np.floor(exact) - 0.5) < 1e-4
+    np.testing.assert_array_equal(idx[~at_boundary], expected[~at_boundary])
+    assert np.abs(idx[at_boundary].astype(int) - expected[at_boundary]).max(initial=0) <= 1
     assert idx[0, 0] == 0 and idx[-1, -1] == HEATMAP_LEVELS - 1  # saturates at the typical top
     palette, opacity = heatmap_palette()
     assert palette.shape == (HEATMAP_LEVELS, 3) and opacity[0] == 0 and np.all(np.diff(opacity.astype(int)) >= 0)
