@@ -179,30 +179,34 @@ class ClaDecOutcome:
 
 
 class ClaDecJob:
-    """One batch's ClaDec work: its rows grouped by (layers, with references), the reference
-    images (started on the runner's thread, or made in :meth:`finish`) and the merge of
-    reconstructions and references, keyed by row and file.
+    """One batch's ClaDec work: its rows grouped by what they ask, the reference images
+    (started on the runner's thread, or made in :meth:`finish`), the decoders' images
+    (started on that thread by :meth:`decode` once the classifier's activations exist, or
+    made in :meth:`finish`) and the merge of both, keyed by row and file.
 
-    Use as a context manager: leaving it waits for the reference thread, so a job never runs
+    Use as a context manager: leaving it waits for the runner's thread, so a job never runs
     into the next batch.
     """
 
     def __init__(self, view: ClaDecView | None, x: np.ndarray, wishes: Mapping[int, ClaDecWish],
                  pool: ThreadPoolExecutor | None) -> None:
         """x: the normalised batch (N, C, H, W); wishes: row -> what it asks (rows absent want
-        nothing); pool: where to start the reference images now (None: in :meth:`finish`)."""
+        nothing); pool: where to start the reference images now and the decoders later
+        (None: everything in :meth:`finish`)."""
         if wishes and view is None:
             raise ValueError("ClaDec wishes without a ClaDec view")
         self._view = view
         self._x = x
         self._wishes = dict(wishes)
+        self._pool = pool if self._wishes else None
         self._groups: dict[ClaDecWish, list[int]] = {}  # rows that ask the same
         for row, wish in self._wishes.items():
             self._groups.setdefault(wish, []).append(row)
         self._entries = {wish: view.wanted(wish.layers, wish.alphas) for wish in self._groups} if view else {}
         wants_references = any(wish.reference for wish in self._groups)
         self._job: Future[tuple[RowImages, float]] | None = (
-            pool.submit(self._references) if pool is not None and wants_references else None)
+            self._pool.submit(self._references) if self._pool is not None and wants_references else None)
+        self._decoding: Future[tuple[RowImages, float]] | None = None
 
     def _references(self) -> tuple[RowImages, float]:
         """Row -> RefAE file -> image for the rows that ask for references, and the milliseconds."""
@@ -214,8 +218,29 @@ class ClaDecJob:
                 out.update(self._view.references(self._x, rows, self._entries[wish], wish.image_format))
         return out, (time.perf_counter() - t0) * 1000
 
+    def _reconstructions(self, activations: dict[str, np.ndarray]) -> tuple[RowImages, float]:
+        """Row -> decoder file -> image for every row that wants ClaDec, and the milliseconds."""
+        assert self._view is not None
+        t0 = time.perf_counter()
+        out: RowImages = {}
+        for wish, rows in self._groups.items():
+            out.update(self._view.reconstructions(activations, rows, self._entries[wish], wish.image_format))
+        return out, (time.perf_counter() - t0) * 1000
+
+    def decode(self, activations: dict[str, np.ndarray]) -> None:
+        """Start the decoders on the runner's thread (after this batch's references), so they
+        run beside the concept and feature views on the calling thread. Without a thread (or
+        after the runner closed) :meth:`finish` decodes in line."""
+        if self._pool is None or self._decoding is not None:
+            return
+        try:
+            self._decoding = self._pool.submit(self._reconstructions, activations)
+        except RuntimeError:  # the runner was closed meanwhile
+            self._decoding = None
+
     def finish(self, activations: dict[str, np.ndarray]) -> ClaDecOutcome:
-        """Decode the rows' activations (layer -> (N, ...)), take the reference images and merge.
+        """Take (or make) the decoders' and the references' images and merge them; activations:
+        layer -> (N, ...) of the classifier run.
 
         Never raises for a fault inside ClaDec: the outcome carries it, to fail only the rows
         that wanted ClaDec."""
@@ -224,11 +249,8 @@ class ClaDecJob:
             return ClaDecOutcome()
         assert self._view is not None
         try:
-            t0 = time.perf_counter()
-            recs: RowImages = {}
-            for wish, rows in self._groups.items():
-                recs.update(self._view.reconstructions(activations, rows, self._entries[wish], wish.image_format))
-            decode_ms = (time.perf_counter() - t0) * 1000
+            recs, decode_ms = (self._decoding.result() if self._decoding is not None
+                               else self._reconstructions(activations))
             refs, refs_ms = self._job.result() if self._job is not None else self._references()
             images = {row: self._view.images(self._entries[wish], wish.image_format, recs[row],
                                              refs[row] if wish.reference else None)
@@ -241,16 +263,16 @@ class ClaDecJob:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._job is not None:
-            wait([self._job])
+        wait([f for f in (self._job, self._decoding) if f is not None])
 
 
 class ClaDecRunner:
     """ClaDec across batches: owns the thread that makes reference images beside the
-    classifier (``overlap``) and hands out one :class:`ClaDecJob` per batch.
+    classifier and decoder images beside the other views (``overlap``), and hands out one
+    :class:`ClaDecJob` per batch.
 
-    :meth:`close` stops the thread; after it, references are made in line. A runner that is
-    dropped without :meth:`close` stops its thread when collected.
+    :meth:`close` stops the thread; after it, ClaDec runs in line. A runner that is dropped
+    without :meth:`close` stops its thread when collected.
     """
 
     def __init__(self, view: ClaDecView | None, overlap: bool) -> None:
@@ -264,16 +286,16 @@ class ClaDecRunner:
     def begin(self, x: np.ndarray, wishes: Mapping[int, ClaDecWish]) -> ClaDecJob:
         """Start one batch's ClaDec work. x: normalised (N, C, H, W); wishes: row -> what it asks."""
         pool = None
-        if self.overlap and not self._closed and any(w.reference for w in wishes.values()):
+        if self.overlap and not self._closed and wishes:
             with self._lock:  # batches may begin on several threads (the KServe front door)
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec-ref")
+                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec")
                     self._release = weakref.finalize(self, self._pool.shutdown, wait=False)
                 pool = self._pool
         return ClaDecJob(self.view, x, wishes, pool)
 
     def close(self) -> None:
-        """Stop the reference thread (waits for a running job). Idempotent."""
+        """Stop the thread (waits for a running job). Idempotent."""
         self._closed = True
         if self._release is not None:
             self._release.detach()

@@ -292,11 +292,13 @@ class ExplainerService:
         t0 = time.perf_counter()
         x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
         # The reference autoencoders need only the input: with overlap_views they start now,
-        # on the runner's thread, beside the classifier and the concept view.
+        # on the runner's thread, beside the classifier; the decoders follow them there once
+        # the activations exist, beside the concept and feature views on this thread.
         with self._cladec_runner.begin(x, self._cladec_wishes(items)) as cladec_job:
             out = self.classifier(x)
             probs = softmax(out.logits)
             classifier_ms = _ms(t0)
+            cladec_job.decode(out.activations)  # with overlap_views: beside the views below
             for row in range(len(items)):
                 metrics.count(PREDICTED_CLASS, 1, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
             explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -85,9 +85,40 @@ def test_rows_get_their_own_entries_whatever_order_the_view_returns(overlap):
     assert [e.reference_png for e in outcome.images[4]] == [b"ref2@14", None]
     refs = [c for c in view.calls if c[0] == "references"]
     assert sorted(c[1] for c in refs) == [(0, 3), (4,)]  # one run per group that wants references
-    assert all(c[3].startswith("cladec-ref") == overlap for c in refs)
+    assert all(c[3].startswith("cladec") == overlap for c in refs)
     assert outcome.ms > 0
     runner.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_decode_runs_the_decoders_on_the_thread_after_the_references(overlap):
+    """decode() starts the decoders on the runner's thread (queued behind the references);
+    finish() then only merges. The answer equals one made without decode()."""
+    view = StandInView()
+    runner = ClaDecRunner(view, overlap)
+    with runner.begin(np.arange(10, 15), WISHES) as job:
+        job.decode({"x": np.arange(20, 25)})
+        early = job.finish({"x": np.arange(20, 25)})
+    with ClaDecRunner(view, False).begin(np.arange(10, 15), WISHES) as job:
+        inline = job.finish({"x": np.arange(20, 25)})
+    assert early.error is None and early.images == inline.images
+    calls = view.calls[:len(view.calls) // 2]  # the first job's
+    decoders = [c for c in calls if c[0] == "reconstructions"]
+    assert decoders and all(c[3].startswith("cladec") == overlap for c in decoders)
+    if overlap:  # one thread: every reference run came before the decoders
+        kinds = [c[0] for c in calls]
+        assert kinds.index("reconstructions") > max(i for i, k in enumerate(kinds) if k == "references")
+    runner.close()
+
+
+def test_decode_after_close_falls_back_to_in_line():
+    view = StandInView()
+    runner = ClaDecRunner(view, True)
+    with runner.begin(np.arange(5), WISHES) as job:
+        runner.close()
+        job.decode({"x": np.arange(5)})
+        outcome = job.finish({"x": np.arange(5)})
+    assert outcome.error is None and set(outcome.images) == set(WISHES)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -101,6 +132,7 @@ def test_a_fault_is_carried_to_the_rows_that_wanted_cladec(overlap, broken, monk
     monkeypatch.setattr(view, broken, fail)
     runner = ClaDecRunner(view, overlap)
     with runner.begin(np.arange(5), WISHES) as job:
+        job.decode({"x": np.arange(5)})  # on the thread with overlap: the fault comes back through finish
         outcome = job.finish({"x": np.arange(5)})
     assert isinstance(outcome.error, RuntimeError) and outcome.wanted == frozenset(WISHES) and not outcome.images
     runner.close()
@@ -115,7 +147,7 @@ def test_no_wishes_no_work_and_close_stops_the_thread():
     before = set(threading.enumerate())
     with runner.begin(np.arange(3), {1: ClaDecWish(None, True)}) as job:
         job.finish({"x": np.arange(3)})
-    threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("cladec-ref")}
+    threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("cladec")}
     assert threads
     runner.close()
     runner.close()  # idempotent
