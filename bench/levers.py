@@ -10,6 +10,11 @@ beside the server figures; each lever kept or dropped in the README cites these 
 3. Graph optimisation saved at export (onnxruntime's optimised model file, basic and
    extended levels) vs optimising at load: session creation and batch-1 latency.
 4. Image encodings of the ClaDec images of one answer: PNG (ours), lossless WebP, JPEG q90.
+5. ClaDec on a second thread (``overlap_views``): in line, references only beside the
+   classifier, references and then decoders on that thread (the shipped mode); one
+   explanation at a time through the in-process service.
+6. ClaDec decoders and reference autoencoders a few rows at a time (``cladec_chunk_rows``):
+   peak resident memory of a fresh process explaining batches of 8, whole batch vs 2 rows.
 
 Every timing is a median of alternating runs on one thread (the worker's setting).
 """
@@ -20,6 +25,7 @@ import io
 import json
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,6 +201,92 @@ def image_formats(bundle: Bundle, data: Path, n: int) -> dict[str, Any] | None:
             **{k: {"bytes": sum(len(e(i)) for i in images), "encode_ms": ms[k]} for k, e in encoders.items()}}
 
 
+def _service(model_dir: Path, **settings: Any) -> Any:
+    from handlers.runtime.service import ExplainerService
+    from handlers.runtime.settings import HandlerSettings
+    return ExplainerService.load(model_dir, HandlerSettings(**settings), None)
+
+
+def _test_png(data: Path) -> bytes:
+    return sorted((data / "test").glob("*/*.png"))[0].read_bytes()
+
+
+def overlap_modes(bundle_dir: Path, data: Path, n: int, tmp: Path) -> dict[str, float] | None:
+    """Median ms of one explanation (every view, images on) through the in-process service:
+    ClaDec in line, only the references on the ClaDec thread, references then decoders there."""
+    from handlers.runtime import cladec
+    from handlers.runtime.service import RawRequest
+    if "cladec" not in load_bundle(bundle_dir).metadata.extra:
+        return None
+    model_dir = tmp / "model"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "bundle").symlink_to(Path(bundle_dir).resolve())
+    image = _test_png(data)
+    overlapped, serial = _service(model_dir), _service(model_dir, overlap_views=False)
+    shipped = cladec.ClaDecJob.decode
+
+    def explain(service: Any, decode: Callable[..., None]) -> Callable[[], Any]:
+        def call() -> Any:
+            cladec.ClaDecJob.decode = decode  # type: ignore[method-assign]
+            return service.handle_batch([RawRequest(image, "image/png", True)])
+        return call
+
+    try:
+        ms = alternating_ms({"in line": explain(serial, shipped),
+                             "references on the thread": explain(overlapped, lambda self, activations: None),
+                             "references, then decoders on the thread": explain(overlapped, shipped)}, n)
+    finally:
+        cladec.ClaDecJob.decode = shipped  # type: ignore[method-assign]
+        overlapped.close()
+        serial.close()
+    return ms
+
+
+def _peak_of_batches(model_dir: str, image: bytes, chunk_rows: int, out: Any) -> None:
+    """In a fresh process: load the service, explain 6 batches of 8, put (peak MB, median ms)."""
+    import threading
+
+    import psutil
+
+    from handlers.runtime.service import RawRequest
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    threading.Thread(target=sample, daemon=True).start()
+    service = _service(Path(model_dir), cladec_chunk_rows=chunk_rows)
+    times = []
+    for _ in range(6):
+        t = time.perf_counter()
+        service.handle_batch([RawRequest(image, "image/png", True)] * 8)
+        times.append((time.perf_counter() - t) * 1000)
+    done.set()
+    out.put((round(peak[0] / 2**20, 1), round(statistics.median(times[1:]), 1)))
+
+
+def chunk_memory(bundle_dir: Path, data: Path, tmp: Path) -> dict[str, Any] | None:
+    """Peak RSS (MB) and median batch ms of a fresh process explaining batches of 8, with the
+    ClaDec graphs run on the whole batch (0) and 2 rows at a time (the shipped setting)."""
+    import multiprocessing
+    if "cladec" not in load_bundle(bundle_dir).metadata.extra:
+        return None
+    model_dir = tmp / "model_chunks"
+    model_dir.mkdir(exist_ok=True)
+    (model_dir / "bundle").symlink_to(Path(bundle_dir).resolve())
+    ctx = multiprocessing.get_context("spawn")
+    out: dict[str, Any] = {}
+    for rows in (0, 2):
+        queue = ctx.Queue()
+        p = ctx.Process(target=_peak_of_batches, args=(str(model_dir), _test_png(data), rows, queue))
+        p.start()
+        peak, ms = queue.get(timeout=600)
+        p.join()
+        out[f"chunk_rows_{rows}"] = {"peak_rss_mb": peak, "batch8_ms": ms}
+    return out
+
+
 def measure(bundle_dir: Path, data: Path, n: int = 50) -> dict[str, Any]:
     """Every lever above on one bundle."""
     bundle = load_bundle(bundle_dir)
@@ -202,7 +294,9 @@ def measure(bundle_dir: Path, data: Path, n: int = 50) -> dict[str, Any]:
         return {"int8_vs_float": int8_vs_float(bundle, data, n, Path(tmp)),
                 "merged_concept_encoders": merged_encoders(bundle, data, n * 4, Path(tmp)),
                 "saved_optimisation": saved_optimisation(bundle, data, n, Path(tmp)),
-                "image_formats": image_formats(bundle, data, n)}
+                "image_formats": image_formats(bundle, data, n),
+                "overlap_modes": overlap_modes(bundle_dir, data, n, Path(tmp)),
+                "chunk_memory": chunk_memory(bundle_dir, data, Path(tmp))}
 
 
 def main() -> None:

@@ -415,6 +415,15 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
                          f"run {r['run_ms']['at load']} → {r['run_ms']['saved, extended']} ms"
                          for r in s["levers"]["saved_optimisation"])
 
+    def overlap(s: dict) -> str:
+        m = s["levers"]["overlap_modes"]
+        return " / ".join(f"{v} ms" for v in m.values())
+
+    def chunks(s: dict) -> str:
+        m = s["levers"]["chunk_memory"]
+        return (f"{m['chunk_rows_0']['peak_rss_mb']} → {m['chunk_rows_2']['peak_rss_mb']} MB, "
+                f"{m['chunk_rows_0']['batch8_ms']} → {m['chunk_rows_2']['batch8_ms']} ms")
+
     def formats(s: dict) -> str:
         f = s["levers"]["image_formats"]
         return ", ".join(f"{k} {v['bytes']:,} B / {v['encode_ms']} ms" for k, v in f.items() if isinstance(v, dict)) + \
@@ -437,6 +446,10 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
         ("without ClaDec reference images (`\"reference\": false`): p50, bytes",
          lambda s: _variant(s, "explanations_without_reference"), "on request"),
         ("ClaDec images of one answer: PNG, lossless WebP, JPEG q90", formats, "PNG default, JPEG on request"),
+        ("ClaDec on a second thread, one explanation in process: in line, references only, references then "
+         "decoders (shipped)", overlap, "kept"),
+        ("ClaDec graphs on a batch of 8 in a fresh process: whole batch vs 2 rows at a time (shipped): peak RSS, "
+         "batch ms", chunks, "kept"),
         ("concept encoders merged into one graph vs one session each", merged, "dropped"),
         ("graph optimisation saved at export (extended) vs at load", saved, "dropped"),
     ]
