@@ -61,7 +61,13 @@ def test_all_views_named_concepts_and_small_response(server, sample_pngs, tiny_f
     body = r.json()
     assert_valid(body, "explanations")
     assert {"predictions", "target", "concepts", "cladec", "features", "model", "timings_ms"} <= set(body)
-    assert len(body["cladec"]) == 4 and body["features"]["subset_size"] == 5
+    # ClaDec: one entry per layer at its lowest alpha by default (2 layers); the model block names
+    # the 8-bit graphs the worker opened (those the archive's quantization.json accepted)
+    assert [(e["layer"], e["alpha"]) for e in body["cladec"]] == [("layer2", 0.0), ("avgpool", 0.0)]
+    assert body["features"]["subset_size"] == 5
+    accepted = sorted(g["source"] for g in json.loads((tiny_full_bundle / "quantization.json").read_text())["graphs"]
+                      if g["accepted"])
+    assert body["model"]["int8_graphs"] == accepted and accepted
     concepts = json.loads((tiny_full_bundle / "concepts.json").read_text())
     names = {f"{l['layer']}/c{c}": n for l in concepts["layers"] for c, n in enumerate(l["names"])}
     for c in body["concepts"]:
