@@ -421,7 +421,8 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
 
     def chunks(s: dict) -> str:
         m = s["levers"]["chunk_memory"]
-        return (f"{m['chunk_rows_0']['peak_rss_mb']} → {m['chunk_rows_2']['peak_rss_mb']} MB, "
+        return (f"{m['chunk_rows_0']['peak_rss_mb']} → {m['chunk_rows_2']['peak_rss_mb']} MB (medians of "
+                f"{', '.join(map(str, m['chunk_rows_0']['peaks_mb']))} and {', '.join(map(str, m['chunk_rows_2']['peaks_mb']))}), "
                 f"{m['chunk_rows_0']['batch8_ms']} → {m['chunk_rows_2']['batch8_ms']} ms")
 
     def formats(s: dict) -> str:
@@ -448,8 +449,8 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
         ("ClaDec images of one answer: PNG, lossless WebP, JPEG q90", formats, "PNG default, JPEG on request"),
         ("ClaDec on a second thread, one explanation in process: in line, references only, references then "
          "decoders (shipped)", overlap, "kept"),
-        ("ClaDec graphs on a batch of 8 in a fresh process: whole batch vs 2 rows at a time (shipped): peak RSS, "
-         "batch ms", chunks, "kept"),
+        ("ClaDec graphs on a batch of 8 in fresh processes: whole batch (default) vs 2 rows at a time "
+         "(`cladec_chunk_rows: 2`): peak RSS, batch ms", chunks, "a setting, off by default"),
         ("concept encoders merged into one graph vs one session each", merged, "dropped"),
         ("graph optimisation saved at export (extended) vs at load", saved, "dropped"),
     ]
