@@ -14,8 +14,8 @@ beside the server figures; each lever kept or dropped in the README cites these 
    classifier, references and then decoders on that thread (the shipped mode); one
    explanation at a time through the in-process service.
 6. ClaDec decoders and reference autoencoders a few rows at a time (``cladec_chunk_rows``):
-   peak resident memory of fresh processes explaining batches of 8, whole batch (the
-   default) vs 2 rows.
+   peak resident memory of fresh processes explaining batches of 8, whole batch vs 2 rows
+   (the default).
 
 Every timing is a median of alternating runs on one thread (the worker's setting).
 """
@@ -269,7 +269,7 @@ def _peak_of_batches(model_dir: str, image: bytes, chunk_rows: int, out: Any) ->
 
 def chunk_memory(bundle_dir: Path, data: Path, tmp: Path, repeats: int = 3) -> dict[str, Any] | None:
     """Peak RSS (MB) and median batch ms of a fresh process explaining batches of 8, with the
-    ClaDec graphs run on the whole batch (0, the default) and 2 rows at a time;
+    ClaDec graphs run on the whole batch (0) and 2 rows at a time (the default);
     ``repeats`` processes per setting, alternating (a peak depends on whether the reference
     thread's largest buffers meet the classifier's, so single runs differ by 50 MB):
     medians, and every run's peak."""

@@ -449,8 +449,8 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
         ("ClaDec images of one answer: PNG, lossless WebP, JPEG q90", formats, "PNG default, JPEG on request"),
         ("ClaDec on a second thread, one explanation in process: in line, references only, references then "
          "decoders (shipped)", overlap, "kept"),
-        ("ClaDec graphs on a batch of 8 in fresh processes: whole batch (default) vs 2 rows at a time "
-         "(`cladec_chunk_rows: 2`): peak RSS, batch ms", chunks, "a setting, off by default"),
+        ("ClaDec graphs on a batch of 8 in fresh processes: whole batch vs 2 rows at a time "
+         "(`cladec_chunk_rows: 2`, shipped): peak RSS, batch ms", chunks, "kept (small)"),
         ("concept encoders merged into one graph vs one session each", merged, "dropped"),
         ("graph optimisation saved at export (extended) vs at load", saved, "dropped"),
     ]
