@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -208,8 +208,3 @@ def pick(n_available: int, n: int) -> np.ndarray:
     if n >= n_available:
         return np.arange(n_available)
     return np.linspace(0, n_available - 1, n).round().astype(np.int64)
-
-
-def graphs_kept(report: Mapping[str, Any]) -> Sequence[str]:
-    """Float files that have an accepted 8-bit version."""
-    return [g["source"] for g in report["graphs"] if g["accepted"]]
