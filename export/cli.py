@@ -359,6 +359,7 @@ def cmd_explain(args: argparse.Namespace) -> dict:
 
     from export.report import ReportError, Section, summary_lines, write_report
     from handlers.runtime.errors import ArtifactError
+    from handlers.runtime.schema import ALPHA_CHOICES
     from handlers.runtime.service import ExplainerService, RawRequest
     from handlers.runtime.settings import HandlerSettings, SettingsError
     from handlers.runtime.source import from_bundle, from_mar
@@ -375,7 +376,7 @@ def cmd_explain(args: argparse.Namespace) -> dict:
     if args.top_concepts is not None:
         options["top_concepts"] = args.top_concepts
     if args.alphas is not None:
-        options["alphas"] = args.alphas if args.alphas in ("all", "lowest") else [
+        options["alphas"] = args.alphas if args.alphas in ALPHA_CHOICES else [
             float(a) for a in args.alphas.split(",")]
     if args.image_format is not None:
         options["image_format"] = args.image_format

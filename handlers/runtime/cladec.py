@@ -23,6 +23,7 @@ from handlers.runtime.bundle import Bundle
 from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_jpeg, encode_png
+from handlers.runtime.schema import same_alpha
 
 FORMAT = "cladec/1"
 
@@ -33,11 +34,6 @@ RowImages = dict[int, dict[str, bytes]]
 AlphaChoice = str | tuple[float, ...]
 #: Image encoders by ``image_format``: uint8 (H, W, C) -> bytes.
 ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"png": encode_png, "jpeg": encode_jpeg}
-
-
-def same_alpha(a: float, b: float) -> bool:
-    """Alphas compare equal up to float noise (JSON round trips of 0.001 and the like)."""
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclass(frozen=True)

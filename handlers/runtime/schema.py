@@ -26,7 +26,12 @@ PREDICT_OPTIONS = ("data", "top_k")
 EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers", "reference",
                    "alphas", "image_format")
 HEATMAP_STYLES = ("overlay", "blended")
-ALPHA_CHOICES = ("all", "lowest")
+ALPHA_CHOICES = ("all", "lowest")  # ClaDec alphas by name; otherwise archived values
+
+
+def same_alpha(a: float, b: float) -> bool:
+    """Alphas compare equal up to float noise (JSON round trips of 0.001 and the like)."""
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 @dataclass(frozen=True)
@@ -174,7 +179,7 @@ def _alphas(obj: dict[str, Any], archived: Sequence[float]) -> str | tuple[float
         v = [v]
     if not isinstance(v, list) or not v or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in v):
         raise InvalidOption(f'"alphas" must be "all", "lowest" or a list of numbers, got {json.dumps(v)[:60]}')
-    unknown = [a for a in v if not any(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for b in archived)]
+    unknown = [a for a in v if not any(same_alpha(a, b) for b in archived)]
     if unknown:
         raise InvalidOption(f"unknown alphas {unknown}; archived: {list(archived)}")
     return tuple(float(a) for a in dict.fromkeys(v))

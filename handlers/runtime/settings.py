@@ -116,8 +116,9 @@ def _parse_providers(name: str, value: Any) -> tuple[str, ...]:
 
 
 def _parse_alpha_choice(name: str, value: Any) -> str:
-    if value not in ("all", "lowest"):
-        raise SettingsError(f'handler setting {name} must be "all" or "lowest", got {_show(value)}')
+    from handlers.runtime.schema import ALPHA_CHOICES
+    if value not in ALPHA_CHOICES:
+        raise SettingsError(f"handler setting {name} must be one of {list(ALPHA_CHOICES)}, got {_show(value)}")
     return str(value)
 
 
@@ -185,8 +186,9 @@ class HandlerSettings:
             ``image_format``: "png" (lossless) or "jpeg" (quality 90; several times smaller).
         cladec_chunk_rows: rows of a batch per ClaDec decoder or reference-autoencoder run
             (0: the whole batch at once); bounds their intermediate buffers for large
-            ``batchSize``. Batch 8 at 224 px, medians of fresh processes: -12 to -17 MB of
-            peak (runs spread over 50 MB), no latency cost; ``make bench`` repeats it.
+            ``batchSize``. Batch 8 at 224 px, medians of fresh processes: -12 to -54 MB of
+            peak over three comparisons (runs spread over 50 MB), no latency cost;
+            ``make bench`` repeats it.
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers
     accept integral numbers and integer strings. Anything else raises :class:`SettingsError`.
