@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,9 @@ from bench.stats import alternating_times
 from export.quantize import pick, quantize_graph
 from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.cladec import to_uint8_images
-from handlers.runtime.classifier import make_session
+from handlers.runtime.classifier import OnnxClassifier, make_session
 from handlers.runtime.imaging import encode_jpeg, encode_png, normalize
+from handlers.runtime.quantized import INT8_SUFFIX
 
 CPU = ("CPUExecutionProvider",)
 
@@ -48,24 +50,36 @@ def alternating_ms(fns: dict[str, Callable[[], Any]], n: int) -> dict[str, float
     return {k: round(statistics.median(v), 3) for k, v in alternating_times(fns, n).items()}
 
 
-def _feeds(bundle: Bundle, data: Path, n_cal: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray],
-                                                             dict[str, np.ndarray]]:
-    """Calibration and one held-out input (normalised) with the classifier's activations of each."""
+@dataclass(frozen=True)
+class Inputs:
+    """What the levers feed the graphs: calibration images and one held-out image, normalised
+    (N, C, H, W), with the classifier's activations of each (layer -> (N, ...))."""
+
+    x_cal: np.ndarray
+    x_one: np.ndarray
+    a_cal: dict[str, np.ndarray]
+    a_one: dict[str, np.ndarray]
+
+    def calibration(self, source: str) -> np.ndarray:
+        """The calibration batch of a graph whose input is ``source`` ("input" or a layer)."""
+        return self.x_cal if source == "input" else self.a_cal[source]
+
+    def one(self, source: str) -> np.ndarray:
+        """The held-out image's input of a graph whose input is ``source``."""
+        return self.x_one if source == "input" else self.a_one[source]
+
+
+def load_inputs(bundle: Bundle, data: Path, n_cal: int = 64) -> Inputs:
+    """``n_cal`` evenly spaced training images and the first held-out image of ``data``, run
+    through the bundle's classifier once."""
     from export.data.loader import load_image_folder
     meta = bundle.metadata
     train = load_image_folder(data, meta.input, "train", limit=max(n_cal * 8, 400))
     test = load_image_folder(data, meta.input, "test", limit=1)
     x_cal = normalize(train.pixels[pick(len(train), n_cal)], meta.input)
     x_one = normalize(test.pixels[:1], meta.input)
-    clf = make_session(bundle.path(meta.classifier_file), CPU, 0)
-    names = [o.name for o in clf.get_outputs()]
-    by_output = {l.output: l.name for l in meta.layers}
-
-    def acts(x: np.ndarray) -> dict[str, np.ndarray]:
-        parts = [dict(zip(names, clf.run(None, {meta.input_name: x[i:i + 16]}))) for i in range(0, len(x), 16)]
-        return {by_output[k]: np.concatenate([p[k] for p in parts]) for k in by_output}
-
-    return x_cal, x_one, acts(x_cal), acts(x_one)
+    classifier = OnnxClassifier.from_bundle(bundle, CPU, 0)
+    return Inputs(x_cal, x_one, classifier.activations(x_cal, 16), classifier.activations(x_one, 16))
 
 
 def _graphs(bundle: Bundle) -> list[tuple[str, str, str]]:
@@ -84,19 +98,18 @@ def _graphs(bundle: Bundle) -> list[tuple[str, str, str]]:
     return out
 
 
-def int8_vs_float(bundle: Bundle, data: Path, n: int, tmp: Path) -> list[dict[str, Any]]:
+def int8_vs_float(bundle: Bundle, inputs: Inputs, n: int, tmp: Path) -> list[dict[str, Any]]:
     """Every explanation graph in float and quantized here (as ``concept-explainer quantize``
     does), batch 1, alternating; with the bundle's own verdict where it judged the graph."""
-    x_cal, x_one, a_cal, a_one = _feeds(bundle, data, 64)
     judged = {}
     if "quantization" in bundle.metadata.extra:
         judged = {g["source"]: g for g in json.loads(bundle.path("quantization.json").read_text())["graphs"]}
     rows = []
     for kind, file, source in _graphs(bundle):
-        cal, one = (x_cal, x_one) if source == "input" else (a_cal[source], a_one[source])
+        cal, one = inputs.calibration(source), inputs.one(source)
         f = make_session(bundle.path(file), CPU, 1)
         name = f.get_inputs()[0].name
-        q_file = quantize_graph(bundle.path(file), tmp / f"{Path(file).stem}.int8.onnx",
+        q_file = quantize_graph(bundle.path(file), tmp / (Path(file).stem + INT8_SUFFIX),
                                 iter({name: cal[i:i + 16]} for i in range(0, len(cal), 16)))
         q = make_session(q_file, CPU, 1)
         ms = alternating_ms({"float": lambda: f.run(None, {name: one}), "int8": lambda: q.run(None, {name: one})}, n)
@@ -109,14 +122,13 @@ def int8_vs_float(bundle: Bundle, data: Path, n: int, tmp: Path) -> list[dict[st
     return rows
 
 
-def merged_encoders(bundle: Bundle, data: Path, n: int, tmp: Path) -> dict[str, Any] | None:
+def merged_encoders(bundle: Bundle, inputs: Inputs, n: int, tmp: Path) -> dict[str, Any] | None:
     """All concept encoders as one ONNX graph (names prefixed) vs one session per encoder."""
     import onnx
     from onnx import compose, helper
     encoders = [(file, layer) for kind, file, layer in _graphs(bundle) if kind == "concept_encoder"]
     if len(encoders) < 2:
         return None
-    _, _, _, acts = _feeds(bundle, data, 1)
     models = [compose.add_prefix(onnx.load(str(bundle.path(f))), f"e{i}_") for i, (f, _) in enumerate(encoders)]
     merged = helper.make_model(
         helper.make_graph([n for m in models for n in m.graph.node], "concept_encoders",
@@ -126,7 +138,7 @@ def merged_encoders(bundle: Bundle, data: Path, n: int, tmp: Path) -> dict[str, 
     onnx.save(merged, str(tmp / "merged_encoders.onnx"))
     one = make_session(tmp / "merged_encoders.onnx", CPU, 1)
     sessions = [make_session(bundle.path(f), CPU, 1) for f, _ in encoders]
-    feeds = [{s.get_inputs()[0].name: acts[layer]} for s, (_, layer) in zip(sessions, encoders)]
+    feeds = [{s.get_inputs()[0].name: inputs.one(layer)} for s, (_, layer) in zip(sessions, encoders)]
     merged_feed = {f"e{i}_{k}": v for i, feed in enumerate(feeds) for k, v in feed.items()}
     for s, feed, merged_out in zip(sessions, feeds, one.run(None, merged_feed), strict=True):  # same codes
         assert np.allclose(s.run(None, feed)[0], merged_out, atol=1e-5)
@@ -136,7 +148,7 @@ def merged_encoders(bundle: Bundle, data: Path, n: int, tmp: Path) -> dict[str, 
             "speedup": round(ms["separate"] / ms["merged"], 2)}
 
 
-def saved_optimisation(bundle: Bundle, data: Path, n: int, tmp: Path) -> list[dict[str, Any]]:
+def saved_optimisation(bundle: Bundle, inputs: Inputs, n: int, tmp: Path) -> list[dict[str, Any]]:
     """The largest explanation graph and the classifier: session creation and batch-1 latency
     when optimised at load (what serving does) vs loading a model optimised and saved offline."""
     import onnxruntime as ort
@@ -145,7 +157,6 @@ def saved_optimisation(bundle: Bundle, data: Path, n: int, tmp: Path) -> list[di
     others = [(f, s) for _, f, s in _graphs(bundle)]
     if others:
         graphs.append(max(others, key=lambda g: bundle.path(g[0]).stat().st_size))
-    _, x_one, _, a_one = _feeds(bundle, data, 1)
     rows = []
     for file, source in graphs:
         variants = {"at load": bundle.path(file)}
@@ -157,7 +168,7 @@ def saved_optimisation(bundle: Bundle, data: Path, n: int, tmp: Path) -> list[di
             ort.InferenceSession(str(bundle.path(file)), opts, providers=list(CPU))
             variants[label] = Path(opts.optimized_model_filepath)
         sessions = {k: make_session(p, CPU, 1) for k, p in variants.items()}
-        feed_value = x_one if source == "input" else a_one[source]
+        feed_value = inputs.one(source)
         feeds = {k: {s.get_inputs()[0].name: feed_value} for k, s in sessions.items()}
         def runner(k: str) -> Callable[[], Any]:
             return lambda: sessions[k].run(None, feeds[k])
@@ -171,20 +182,19 @@ def saved_optimisation(bundle: Bundle, data: Path, n: int, tmp: Path) -> list[di
     return rows
 
 
-def image_formats(bundle: Bundle, data: Path, n: int) -> dict[str, Any] | None:
+def image_formats(bundle: Bundle, inputs: Inputs, n: int) -> dict[str, Any] | None:
     """Bytes and encode milliseconds of one answer's ClaDec images (every decoder and RefAE
     on one held-out image) as PNG (ours), lossless WebP (method 0, Pillow's fastest) and
     JPEG q90 (ours)."""
     from PIL import Image
     if "cladec" not in bundle.metadata.extra:
         return None
-    _, x_one, _, a_one = _feeds(bundle, data, 1)
     images = []
     for kind, file, source in _graphs(bundle):
         if kind == "concept_encoder":
             continue
         s = make_session(bundle.path(file), CPU, 1)
-        images.append(to_uint8_images(s.run(None, {s.get_inputs()[0].name: x_one if source == "input" else a_one[source]})[0])[0])
+        images.append(to_uint8_images(s.run(None, {s.get_inputs()[0].name: inputs.one(source)})[0])[0])
 
     def webp(img: np.ndarray) -> bytes:
         out = io.BytesIO()
@@ -297,11 +307,12 @@ def chunk_memory(bundle_dir: Path, data: Path, tmp: Path, repeats: int = 3) -> d
 def measure(bundle_dir: Path, data: Path, n: int = 50) -> dict[str, Any]:
     """Every lever above on one bundle."""
     bundle = load_bundle(bundle_dir)
+    inputs = load_inputs(bundle, data)
     with tempfile.TemporaryDirectory(prefix="levers-") as tmp:
-        return {"int8_vs_float": int8_vs_float(bundle, data, n, Path(tmp)),
-                "merged_concept_encoders": merged_encoders(bundle, data, n * 4, Path(tmp)),
-                "saved_optimisation": saved_optimisation(bundle, data, n, Path(tmp)),
-                "image_formats": image_formats(bundle, data, n),
+        return {"int8_vs_float": int8_vs_float(bundle, inputs, n, Path(tmp)),
+                "merged_concept_encoders": merged_encoders(bundle, inputs, n * 4, Path(tmp)),
+                "saved_optimisation": saved_optimisation(bundle, inputs, n, Path(tmp)),
+                "image_formats": image_formats(bundle, inputs, n),
                 "overlap_modes": overlap_modes(bundle_dir, data, n, Path(tmp)),
                 "chunk_memory": chunk_memory(bundle_dir, data, Path(tmp))}
 

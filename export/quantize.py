@@ -22,6 +22,7 @@ the quality measure against its threshold and the batch-1 latency of both; servi
 """
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 import time
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from handlers.runtime.bundle import Bundle, sha256_file
-from handlers.runtime.classifier import make_session
+from handlers.runtime.classifier import OnnxClassifier, make_session
 from handlers.runtime.concepts import ConceptSpec, discretise, pooled_values
 from handlers.runtime.imaging import normalize
 from handlers.runtime.quantized import FORMAT, INT8_SUFFIX
@@ -139,17 +140,9 @@ def build_quantized(bundle: Bundle, calibration_pixels: np.ndarray, eval_pixels:
     t0 = time.perf_counter()
     meta = bundle.metadata
     providers = ("CPUExecutionProvider",)
-    classifier = make_session(bundle.path(meta.classifier_file), providers, 0)
-    outputs = {l.name: l.output for l in meta.layers}
-    names = [o.name for o in classifier.get_outputs()]
-
-    def activations(pixels: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        x = normalize(pixels, meta.input)
-        parts = [dict(zip(names, classifier.run(None, {meta.input_name: b}))) for b in _batches(x, cfg.batch_size)]
-        return x, {layer: np.concatenate([p[out] for p in parts]) for layer, out in outputs.items()}
-
-    x_cal, a_cal = activations(calibration_pixels)
-    x_eval, a_eval = activations(eval_pixels)
+    classifier = OnnxClassifier.from_bundle(bundle, providers, 0)
+    x_cal, x_eval = normalize(calibration_pixels, meta.input), normalize(eval_pixels, meta.input)
+    a_cal, a_eval = classifier.activations(x_cal, cfg.batch_size), classifier.activations(x_eval, cfg.batch_size)
     results: list[GraphResult] = []
 
     def judge(source: str, kind: str, cal: np.ndarray, ev: np.ndarray,
@@ -181,7 +174,6 @@ def build_quantized(bundle: Bundle, calibration_pixels: np.ndarray, eval_pixels:
                 return "concept_state_agreement", same, cfg.min_state_agreement, same >= cfg.min_state_agreement
             judge(layer.encoder_file, "concept_encoder", a_cal[layer.layer], a_eval[layer.layer], states)
     if "cladec" in meta.extra:
-        import json
         doc = json.loads(bundle.path(meta.extra["cladec"]).read_text())
         for refae in dict.fromkeys(d["refae_file"] for d in doc["decoders"]):
             def close(float_images: np.ndarray, int8_images: np.ndarray) -> tuple[str, float, float, bool]:

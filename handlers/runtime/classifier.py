@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from handlers.runtime.bundle import Bundle
 from handlers.runtime.devices import ProviderSpec
 
 #: Opens a bundle's ONNX file (by its listed name) as a session: what the views' loaders get
@@ -59,11 +60,24 @@ class OnnxClassifier:
         if missing:
             raise ValueError(f"classifier graph lacks outputs {missing}; it has {sorted(graph_outputs)}")
 
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, providers: Sequence[ProviderSpec], intra_op_threads: int) -> OnnxClassifier:
+        """The bundle's classifier graph with every exported layer's activation as an output."""
+        meta = bundle.metadata
+        return cls(make_session(bundle.path(meta.classifier_file), providers, intra_op_threads), meta.input_name,
+                   meta.logits_name, {l.name: l.output for l in meta.layers})
+
     def __call__(self, x: np.ndarray) -> ClassifierOutput:
         """x: float32 (N, C, H, W), already normalised."""
         outs = self.session.run(self._names, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
         acts = {layer: out for layer, out in zip(self.layer_outputs, outs[1:])}
         return ClassifierOutput(logits=outs[0], activations=acts)
+
+    def activations(self, x: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+        """layer -> (N, ...) activations of x, normalised float32 (N, C, H, W), run
+        ``batch_size`` rows at a time (for offline tools with many images)."""
+        parts = [self(x[i:i + batch_size]).activations for i in range(0, len(x), batch_size)]
+        return {layer: np.concatenate([p[layer] for p in parts]) for layer in self.layer_outputs}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

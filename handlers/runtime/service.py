@@ -184,7 +184,7 @@ class ExplainerService:
             except Exception:  # noqa: BLE001 - system libraries may still serve; the session reports
                 log.warning("onnxruntime.preload_dlls() failed", exc_info=True)
         threads = settings.intra_op_threads
-        session = make_session(bundle.path(meta.classifier_file), plan.providers, threads)
+        classifier = OnnxClassifier.from_bundle(bundle, plan.providers, threads)
         # 8-bit explanation graphs (never the classifier), on the CPU provider only: on a GPU
         # the quantize/dequantize pairs would run around float kernels for nothing.
         int8 = int8_variants(bundle) if settings.cpu_int8 and plan.device == "cpu" else {}
@@ -192,8 +192,6 @@ class ExplainerService:
         def open_graph(name: str) -> Any:
             return make_session(bundle.path(int8.get(name, name)), plan.providers, threads)
 
-        classifier = OnnxClassifier(session, meta.input_name, meta.logits_name,
-                                    {l.name: l.output for l in meta.layers})
         concepts = cladec = features = None
         if "concepts" in meta.extra:
             concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], open_graph)
@@ -201,7 +199,7 @@ class ExplainerService:
             cladec = ClaDecView.load(bundle, meta.extra["cladec"], open_graph, settings.cladec_chunk_rows)
         if "features" in meta.extra:
             features = FeatureView.load(bundle, meta.extra["features"])
-        providers, device = in_use(session.get_providers(), plan)
+        providers, device = in_use(classifier.session.get_providers(), plan)
         service = cls(bundle, settings, classifier, concepts, cladec, features, device, providers, list(int8))
         release_freed_heap()
         log.info("loaded bundle %s (sha256 %s) on %s with %s; views %s; 8-bit graphs %s", bundle.root,
