@@ -123,7 +123,7 @@ def _data_uri(png: bytes, mime: str = "image/png") -> str:
 _SIGNATURES = {"png": (b"\x89PNG", "image/png"), "jpeg": (b"\xff\xd8\xff", "image/jpeg")}
 
 
-def _b64_png(text: str, where: str, kind: str = "png") -> str:
+def _b64_image(text: str, where: str, kind: str = "png") -> str:
     """A base64 image of the answer (PNG, or ``kind`` "jpeg") as a data URI, after checking
     that it decodes to that format."""
     try:
@@ -141,7 +141,7 @@ def _entry_image(entry: dict[str, Any], field: str, where: str) -> str | None:
     format the answer carries it, or None."""
     for kind in _SIGNATURES:
         if f"{field}_{kind}" in entry:
-            return _b64_png(entry[f"{field}_{kind}"], where, kind)
+            return _b64_image(entry[f"{field}_{kind}"], where, kind)
     return None
 
 
@@ -187,7 +187,7 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
     for c in concepts:
         heat = ""
         if "heatmap_png" in c:
-            heat = f'<img class="heat" alt="heatmap of {_e(c["id"])}" src="{_b64_png(c["heatmap_png"], c["id"])}">'
+            heat = f'<img class="heat" alt="heatmap of {_e(c["id"])}" src="{_b64_image(c["heatmap_png"], c["id"])}">'
         states = "".join(
             f'<span class="{"obs" if i["state"] == c["state"] else ""}" style="height:{max(i["probability"], 0.0) * 100:.0f}%"'
             f' title="P(target | do(state {i["state"]})) = {i["probability"]:.4f}"><em>{i["state"]}</em></span>'
