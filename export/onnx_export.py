@@ -162,3 +162,39 @@ def module_parity(module: nn.Module, path: str | Path, example_shape: Sequence[i
             raise AssertionError(f"shape mismatch {ref.shape} vs {got.shape} at batch {b}")
         worst = max(worst, float(np.abs(ref - got).max()))
     return worst
+
+
+class DecodeAndRest(nn.Module):
+    """``softmax(f_{>l}(D_l(code)))``: a concept layer's decoder followed by the rest of the
+    classifier after ``layer``, for the method's interventions in the network itself.
+
+    Input codes (M, K, h, w) -> class probabilities (M, classes). The classifier runs on a
+    zero image with ``layer``'s output replaced by the decoded codes (a forward hook, so any
+    eager module works); the part before ``layer`` no longer reaches the output, and the
+    exporter drops it from the graph.
+    """
+
+    def __init__(self, model: nn.Module, decoder: nn.Module, layer: str, spec: InputSpec) -> None:
+        super().__init__()
+        self.model, self.decoder = model, decoder
+        self.module = dict(model.named_modules())[layer]
+        self.input_shape = (spec.channels, spec.height, spec.width)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        decoded = self.decoder(code)
+        handle = self.module.register_forward_hook(lambda _m, _i, _o: decoded)
+        try:
+            x = torch.zeros(code.shape[0], *self.input_shape, dtype=code.dtype)
+            return torch.softmax(self.model(x), dim=1)
+        finally:
+            handle.remove()
+
+
+def export_intervention_graph(model: nn.Module, decoder: nn.Module, layer: str, spec: InputSpec,
+                              code_shape: Sequence[int], path: str | Path) -> float:
+    """Write :class:`DecodeAndRest` for ``layer`` to ``path`` (input ``code`` (M, K, h, w),
+    output ``probabilities``) and return its largest difference from torch (non-negative
+    random codes, batches 1 and 8)."""
+    wrapped = DecodeAndRest(model.eval(), decoder.eval(), layer, spec).eval()
+    export_module(wrapped, torch.zeros(2, *code_shape), path, "code", "probabilities")
+    return module_parity(wrapped, path, code_shape, nonneg=True)

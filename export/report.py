@@ -61,7 +61,7 @@ def summary_lines(body: dict[str, Any], concepts: int = 5) -> list[str]:
     lines.append(f"  predictions: {preds}; target: {body['target']['label']}")
     for c in body.get("concepts", [])[:concepts]:
         lines.append(f"  concept {c['id']:<10} name={c['name']:<10} state={c['state']} effect={c['effect']:+.4f} "
-                     f"sensitivity={c['sensitivity']:.4f}")
+                     f"sensitivity={c['sensitivity']:.4f} answered by the {c['source'].replace('_', ' ')}")
     if "features" in body:
         ft = body["features"]
         top = ", ".join(f"#{c['index']} {c['contribution']:+.2f}" for c in ft["contributions"])
@@ -75,9 +75,11 @@ def summary_lines(body: dict[str, Any], concepts: int = 5) -> list[str]:
                          f"{ru['decomposed_logit']:+.2f}, outside the subset {ru['outside_subset']['negative']:+.2f} negative")
     if "concepts" in body.get("validity", {}):
         v = body["validity"]["concepts"]
-        lines.append(f"  bundle validity: causal Spearman {v['causal_spearman']} (per image "
-                     f"{v['causal_spearman_per_image']}), fidelity {v['fidelity']}; failed checks: "
-                     f"{', '.join(v['failed_checks']) or 'none'}")
+        t = v.get("effect_truth")
+        if t:
+            lines.append(f"  bundle validity (held out, probability units): P(target | do) off by {t['mae_p']}, "
+                         f"effect skill {t['skill']}, CCC {t['ccc']}, nDCG@5 {t['ndcg5']}, recall@3 {t['recall3']}")
+        lines.append(f"  fidelity {v['fidelity']}; failed checks: {', '.join(v['failed_checks']) or 'none'}")
     lines.append("  timings (ms): " + ", ".join(f"{k}={v}" for k, v in body["timings_ms"].items()))
     return lines
 
@@ -197,7 +199,8 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
             f'<div class="concept" data-concept="{_e(c["id"])}">'
             f'<div class="stack tiny"><img alt="input" src="{input_uri}">{heat}</div>'
             f'<div class="meta"><b>{_e(name)}</b><div class="label">state {c["state"]} · activation '
-            f'{_fmt(c["activation"])} · effect <b>{c["effect"]:+.4f}</b> · sensitivity {c["sensitivity"]:.4f}</div>'
+            f'{_fmt(c["activation"])} · effect <b>{c["effect"]:+.4f}</b> · sensitivity {c["sensitivity"]:.4f}'
+            f' · answered by the {_e(c.get("source", "bayesian_network").replace("_", " "))}</div>'
             f'{_signed_bar(c["effect"], scale)}'
             f'<div class="label">P(target | do(state)) — observed state dark</div><div class="states">{states}</div>'
             f'</div></div>')
@@ -265,11 +268,17 @@ def _validity(body: dict[str, Any]) -> str:
     c = v.get("concepts")
     if c:
         layers = ", ".join(f"{k} {_fmt(x)}" for k, x in (c.get("causal_spearman_per_layer") or {}).items())
+        t = c.get("effect_truth")
+        if t:
+            rows += [("error of P(target | do(state)) against the network", _fmt(t.get("mae_p"))),
+                     ("effect skill over 'no effect' / Lin's CCC", f'{_fmt(t.get("skill"))} / {_fmt(t.get("ccc"))}'),
+                     ("per image nDCG@5 / recall@3", f'{_fmt(t.get("ndcg5"))} / {_fmt(t.get("recall3"))}'),
+                     ("CCC per layer", ", ".join(f"{k} {_fmt(x)}" for k, x in t["ccc_per_layer"].items()) or "–")]
         rows += [("autoencoder agreement (worst layer)", _fmt(c.get("agreement_min"))),
                  ("network fidelity", _fmt(c.get("fidelity"))),
-                 ("causal validity, Spearman pooled / per image", f'{_fmt(c.get("causal_spearman"))} / '
+                 ("Spearman pooled / per image (diagnostic)", f'{_fmt(c.get("causal_spearman"))} / '
                                                                   f'{_fmt(c.get("causal_spearman_per_image"))}'),
-                 ("causal validity per layer", layers or "–"),
+                 ("Spearman per layer (diagnostic)", layers or "–"),
                  ("interventions at unseen parent configurations", _fmt(c.get("unseen_configurations"))),
                  ("failed checks", ", ".join(c.get("failed_checks") or []) or "none")]
     f = v.get("features")

@@ -52,3 +52,32 @@ def offline_activations(bundle: Path, png: bytes) -> tuple[dict[str, np.ndarray]
     """Classifier activations by layer name for one image, and the normalised input."""
     meta, outs, x = classifier_outputs(bundle, png)
     return {l["name"]: outs[l["output"]] for l in meta["layers"]}, x
+
+
+def offline_network_interventions(bundle: Path, classifier: Path, png: bytes, concept: str, target: int) -> np.ndarray:
+    """P(target | do(concept = x)) for every state x, answered by the network with torch: the
+    concept's code channel (ONNX encoder) rescaled to each state's typical peak, decoded by the
+    ONNX decoder, and the torch classifier run with the layer's output replaced. Returns (S,)."""
+    import torch
+
+    from export.concepts import spliced_logits
+    from export.pipeline import ModelSource, load_classifier
+    layer_name, channel = concept.rsplit("/c", 1)
+    c = int(channel)
+    acts, x = offline_activations(bundle, png)
+    spec = json.loads((bundle / "concepts.json").read_text())
+    layer = next(l for l in spec["layers"] if l["layer"] == layer_name)
+    enc = ort.InferenceSession(str(bundle / layer["encoder_file"]), providers=["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(bundle / layer["decoder_file"]), providers=["CPUExecutionProvider"])
+    z = enc.run(None, {"activation": acts[layer_name]})[0]
+    model = load_classifier(ModelSource(classifier=classifier)).model.eval()
+    out = []
+    for value in layer["typical"][c]:
+        zz = z.astype(np.float64).copy()
+        peak = zz[0, c].max()
+        zz[0, c] = zz[0, c] * (value / peak) if peak > 1e-6 else value
+        a = dec.run(None, {"code": zz.astype(np.float32)})[0]
+        with torch.no_grad():
+            logits = spliced_logits(model, layer_name, torch.from_numpy(x), torch.from_numpy(a))
+        out.append(float(torch.softmax(logits.double(), dim=1)[0, target]))
+    return np.array(out)

@@ -22,7 +22,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import (
@@ -176,6 +176,9 @@ class Concept(Answer):
     state: int = Field(ge=0, description="the observed state (0 low ... states-1 high)")
     effect: Round6
     sensitivity: Round6
+    source: Literal["network", "bayesian_network"] = Field(description=(
+        "who answered the interventions: the network itself (code set, decoded, rest of the classifier run) "
+        "or the Bayesian network's tables"))
     interventions: list[Intervention] = Field(min_length=1, description="one per state")
     heatmap_png: Png | Absent = omitted("the concept's map: an overlay palette PNG or, with heatmap=blended, an RGB PNG; "
                                "absent with images=false")
@@ -270,6 +273,23 @@ class Features(Answer):
     held_out_images: int | None
 
 
+class EffectTruth(Answer):
+    """The served causal numbers against the network's own interventions, in probability
+    units, on the export's held-out images: error of P(target | do(state)), the effect's
+    error, skill over answering "no effect" and Lin's concordance (pooled and per layer),
+    per-image nDCG@5 (median) and recall@3 (mean) of the answer's order."""
+
+    mae_p: Round4 | None
+    effect_mae: Round4
+    skill: Round4 | None
+    ccc: Round4 | None
+    ccc_per_layer: dict[str, Round4 | None]
+    ndcg5: Round4 | None
+    recall3: Round4 | None
+    below_resolution: list[str] = Field(description="layers whose measured effects sit under the noise floor")
+    network_concepts: int = Field(ge=0, description="concepts per answer the network answered when measured")
+
+
 class ConceptValidity(Answer):
     """Short form of the concepts report: held-out agreement (worst layer), fidelity, causal
     validity (pooled, mean per image, per layer), the share of interventions read at an unseen
@@ -281,6 +301,7 @@ class ConceptValidity(Answer):
     causal_spearman_per_image: Round4 | None
     causal_spearman_per_layer: dict[str, Round4 | None]
     unseen_configurations: Round4 | Absent = omitted("absent for a bundle exported without it")
+    effect_truth: EffectTruth | Absent = omitted("absent for a bundle exported without it")
     failed_checks: list[str]
     checked: bool
 

@@ -297,24 +297,39 @@ class CompiledCausalModel:
         """``P(outcome | all concepts observed)`` = the outcome's CPT at its parents' states."""
         return self._at_parents(self.outcome, evidence)
 
-    def explain(self, evidence: Mapping[str, Hashable], target: Hashable) -> list[dict[str, Any]]:
-        """Per concept: observed state, ``effect``, ``sensitivity`` and the intervention table.
-
-        ``effect(X) = p[x_o] - sum_x pi(x) p[x]`` and ``sensitivity(X) = sum_x pi(x) |p[x] - p[x_o]|``
-        with ``p[x] = P(Y = target | do(X = x), e_ND)`` (docs/methods.md). Records are in
-        topological order; sort them as the caller needs.
-        """
+    def explain(self, evidence: Mapping[str, Hashable], target: Hashable) -> list[CausalRecord]:
+        """Per concept: observed state, ``pi`` and ``P(Y = target | do(X = x), e_ND)`` for
+        every state (docs/methods.md). Records are in topological order; sort them as the
+        caller needs."""
         t = self._index({self.outcome: target}, self.outcome)
-        records = []
-        for x in self.concepts:
-            p = self.interventions(evidence, x)[:, t]
-            pi = self.prior(evidence, x)
-            xo = self._index(evidence, x)
-            records.append({
-                "id": x,
-                "state": xo,
-                "effect": float(p[xo] - pi @ p),
-                "sensitivity": float(pi @ np.abs(p - p[xo])),
-                "interventions": [{"state": s, "probability": float(p[s])} for s in range(len(p))],
-            })
-        return records
+        return [CausalRecord(x, self._index(evidence, x), self.prior(evidence, x),
+                             self.interventions(evidence, x)[:, t]) for x in self.concepts]
+
+
+@dataclass(frozen=True)
+class CausalRecord:
+    """One concept's causal answer for one image.
+
+    ``prior`` (S,): ``pi(x) = P(X = x | parents as observed)``; ``probabilities`` (S,):
+    ``p[x] = P(target | do(X = x))``; ``state``: the observed state ``x_o``."""
+
+    concept: str
+    state: int
+    prior: np.ndarray
+    probabilities: np.ndarray
+
+    @property
+    def effect(self) -> float:
+        """``p[x_o] - sum_x pi(x) p[x]``."""
+        p = self.probabilities
+        return float(p[self.state] - self.prior @ p)
+
+    @property
+    def sensitivity(self) -> float:
+        """``sum_x pi(x) |p[x] - p[x_o]|``."""
+        p = self.probabilities
+        return float(self.prior @ np.abs(p - p[self.state]))
+
+    def answered_by(self, probabilities: np.ndarray) -> CausalRecord:
+        """The same concept with other ``P(target | do(x))`` (S,), e.g. the network's own."""
+        return CausalRecord(self.concept, self.state, self.prior, np.asarray(probabilities, dtype=np.float64))

@@ -34,6 +34,18 @@ def pooled_values(codes: np.ndarray) -> np.ndarray:
     return codes.max(axis=(2, 3))
 
 
+def set_code_peak(codes: np.ndarray, channel: int, value: float) -> np.ndarray:
+    """``do(concept = state)`` in code space: a copy of codes (N, K, H, W) whose ``channel``
+    is rescaled so its spatial max is ``value``, or is a flat map of ``value`` where the
+    channel is silent (max <= 1e-6)."""
+    out = np.array(codes, dtype=np.float32, copy=True)
+    peak = out[:, channel].max(axis=(1, 2))
+    live = peak > 1e-6
+    out[live, channel] *= (np.float32(value) / peak[live])[:, None, None]
+    out[~live, channel] = np.float32(value)
+    return out
+
+
 def fit_edges(values: np.ndarray, states: int) -> np.ndarray:
     """Quantile bin edges per channel: (N, K) -> (K, states - 1)."""
     qs = np.arange(1, states) / states
@@ -53,7 +65,12 @@ def discretise(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class ConceptLayer:
     """Concepts of one layer: the classifier output feeding it, its encoder/decoder ONNX files,
-    bin edges (K, S-1) and the typical pooled value of each state (K, S)."""
+    bin edges (K, S-1) and the typical pooled value of each state (K, S).
+
+    ``intervention_file``: the ONNX graph decoder + rest of the classifier (codes -> class
+    probabilities) that answers interventions in the network itself; None in bundles built
+    without it. ``screen`` (K,): each concept's mean |effect| measured in the network on
+    training images, the image-independent part of the order in which the network is asked."""
 
     layer: str
     activation: str
@@ -64,6 +81,8 @@ class ConceptLayer:
     names: tuple[str | None, ...]
     name_bits: tuple[float | None, ...]
     baseline: np.ndarray | None = None  # (K, S) share of training images in each state
+    intervention_file: str | None = None
+    screen: np.ndarray | None = None
 
     @property
     def k(self) -> int:
@@ -90,7 +109,9 @@ class ConceptSpec:
                             "decoder_file": l.decoder_file,
                             "edges": l.edges.tolist(), "typical": l.typical.tolist(),
                             "names": list(l.names), "name_bits": list(l.name_bits),
-                            "baseline": None if l.baseline is None else l.baseline.tolist()}
+                            "baseline": None if l.baseline is None else l.baseline.tolist(),
+                            **({} if l.intervention_file is None else {"intervention_file": l.intervention_file}),
+                            **({} if l.screen is None else {"screen": l.screen.tolist()})}
                            for l in self.layers]}
 
     @classmethod
@@ -104,7 +125,9 @@ class ConceptSpec:
             layers.append(ConceptLayer(l["layer"], l["activation"], l["encoder_file"], l["decoder_file"], edges,
                                        np.asarray(l["typical"], dtype=np.float64),
                                        tuple(l.get("names") or [None] * k), tuple(l.get("name_bits") or [None] * k),
-                                       None if l.get("baseline") is None else np.asarray(l["baseline"], dtype=np.float64)))
+                                       None if l.get("baseline") is None else np.asarray(l["baseline"], dtype=np.float64),
+                                       l.get("intervention_file"),
+                                       None if l.get("screen") is None else np.asarray(l["screen"], dtype=np.float64)))
         return cls(int(d["states"]), tuple(layers), d["network_file"], d.get("outcome", "Y"),
                    dict(d.get("report", {})))
 

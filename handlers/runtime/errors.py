@@ -1,13 +1,11 @@
 """Domain errors of the explainer and the one place that maps them to HTTP status.
 
 Everything a client can get wrong raises a subclass of :class:`ExplainerError` carrying
-its HTTP status; :func:`to_answer` turns any exception into ``(status, ErrorAnswer)``
-(:func:`to_http`: with the JSON body). Unknown exceptions are faults of the server (500)
+its HTTP status; :func:`to_answer` turns any exception into ``(status, ErrorAnswer)``.
+Unknown exceptions are faults of the server (500)
 and their details are not echoed to clients.
 """
 from __future__ import annotations
-
-from typing import Any
 
 from handlers.runtime.answer import ErrorAnswer, ErrorDetail
 
@@ -72,9 +70,3 @@ def to_answer(exc: BaseException) -> tuple[int, ErrorAnswer]:
     if isinstance(exc, ExplainerError):
         return exc.status, ErrorAnswer(error=ErrorDetail(type=exc.type, message=exc.message))
     return 500, ErrorAnswer(error=ErrorDetail(type="InternalError", message="internal server error"))
-
-
-def to_http(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """Map an exception to ``(status, {"error": {"type", "message"}})``."""
-    status, answer = to_answer(exc)
-    return status, answer.wire()

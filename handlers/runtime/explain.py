@@ -3,14 +3,15 @@ discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from handlers.runtime.answer import Concept, Intervention
 from handlers.runtime.bundle import Bundle
-from handlers.runtime.causal import CompiledCausalModel
+from handlers.runtime.causal import CausalRecord, CompiledCausalModel
 from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.concepts import (
     ConceptSpec,
@@ -20,6 +21,7 @@ from handlers.runtime.concepts import (
     heatmap_overlay,
     heatmap_palette,
     pooled_values,
+    set_code_peak,
 )
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_indexed_png, encode_png
@@ -48,18 +50,24 @@ class ConceptBatch:
 
 
 class ConceptExplainer:
-    """Loaded concept artifacts: encoder sessions, bins, names and the compiled network."""
+    """Loaded concept artifacts: encoder sessions, bins, names, the compiled network and, where
+    the bundle has them, the intervention graphs (decoder + rest of the classifier)."""
 
-    def __init__(self, spec: ConceptSpec, network: CompiledCausalModel, sessions: dict[str, Any]) -> None:
+    def __init__(self, spec: ConceptSpec, network: CompiledCausalModel, sessions: dict[str, Any],
+                 interventions: dict[str, Any] | None = None) -> None:
         self.spec = spec
         self.network = network
         self.sessions = sessions
+        self.interventions = dict(interventions or {})
         self.layers = {l.layer: l for l in spec.layers}
         self._palette = heatmap_palette()
         ids = [cid for l in spec.layers for cid in l.ids()]
         if sorted(ids) != sorted(network.concepts):
             raise ArtifactError("concepts.json and the causal network disagree on the concept ids")
         self.num_concepts = len(ids)
+        self._where = {cid: (l.layer, c) for l in spec.layers for c, cid in enumerate(l.ids())}
+        self._screen = {cid: float(l.screen[c]) if l.screen is not None else 0.0
+                        for l in spec.layers for c, cid in enumerate(l.ids())}
 
     @classmethod
     def load(cls, bundle: Bundle, file: str, open_graph: GraphOpener) -> ConceptExplainer:
@@ -70,12 +78,14 @@ class ConceptExplainer:
         if network.outcome != spec.outcome:
             raise ArtifactError(f"causal network outcome {network.outcome!r} != {spec.outcome!r}")
         outputs = {l.name: l.output for l in bundle.metadata.layers}
-        sessions = {}
+        sessions, interventions = {}, {}
         for layer in spec.layers:
             if outputs.get(layer.layer) != layer.activation:
                 raise ArtifactError(f"concept layer {layer.layer} needs classifier output {layer.activation}")
             sessions[layer.layer] = open_graph(layer.encoder_file)
-        return cls(spec, network, sessions)
+            if layer.intervention_file is not None:
+                interventions[layer.layer] = open_graph(layer.intervention_file)
+        return cls(spec, network, sessions, interventions)
 
     def encode(self, activations: dict[str, np.ndarray]) -> ConceptBatch:
         """Run the encoders on the activations the classifier already produced."""
@@ -88,24 +98,65 @@ class ConceptExplainer:
             states[layer.layer] = discretise(values[layer.layer], layer.edges)
         return ConceptBatch(codes, values, states)
 
+    def network_probabilities(self, batch: ConceptBatch, row: int, layer: str, channels: Sequence[int],
+                              target: int) -> np.ndarray:
+        """``P(target | do(c = x))`` answered by the network for the ``channels`` of ``layer`` on
+        image ``row``: each concept's code channel set to each state's typical value
+        (:func:`set_code_peak`), decoded and the rest of the classifier run, in one batch of
+        ``len(channels) * S`` rows. Returns float64 (len(channels), S)."""
+        session = self.interventions[layer]
+        spec = self.layers[layer]
+        code = batch.codes[layer][row:row + 1]
+        rows = [set_code_peak(code, c, float(v)) for c in channels for v in spec.typical[c]]
+        probs = session.run(None, {session.get_inputs()[0].name: np.concatenate(rows)})[0]
+        return probs[:, target].astype(np.float64).reshape(len(channels), spec.typical.shape[1])
+
+    def screening_order(self, records: Sequence[CausalRecord]) -> list[int]:
+        """Indices of ``records`` in the order the network is asked about them: largest
+        screening score first (ties by concept id); see :func:`screening_score`."""
+        return sorted(range(len(records)), key=lambda i: (-screening_score(records[i], self._screen[records[i].concept]),
+                                                          records[i].concept))
+
+    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int) -> list[SourcedRecord]:
+        """Every concept's causal answer for image ``row``, in the order an answer lists them:
+        the ``network_concepts`` concepts the network answered (first by screening order, then
+        sorted by |effect|), followed by the ones the Bayesian network answered (by |effect|).
+        Ties by concept id."""
+        records = self.network.explain(batch.evidence(row), target)
+        asked = set(self.screening_order(records)[:network_concepts]) if self.interventions else set()
+        by_layer: dict[str, list[int]] = {}
+        for i in sorted(asked, key=lambda i: records[i].concept):
+            by_layer.setdefault(self._where[records[i].concept][0], []).append(i)
+        answered: list[SourcedRecord] = []
+        for layer, idx in by_layer.items():
+            probs = self.network_probabilities(batch, row, layer, [self._where[records[i].concept][1] for i in idx],
+                                               target)
+            answered += [SourcedRecord(records[i].answered_by(p), "network") for i, p in zip(idx, probs)]
+        rest = [SourcedRecord(r, "bayesian_network") for i, r in enumerate(records) if i not in asked]
+
+        def key(s: SourcedRecord) -> tuple[float, str]:
+            return -abs(s.record.effect), s.record.concept
+        return sorted(answered, key=key) + sorted(rest, key=key)
+
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, heatmap: str = "overlay") -> ConceptsView:
-        """The ``concepts`` view for one image, sorted by |effect| (largest first; ties by id).
+                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int = 0) -> ConceptsView:
+        """The ``concepts`` view for one image, in the order of :meth:`answer`.
 
         row: the image's row in ``batch``; top: how many concepts (None: all).
         pixels: uint8 (H, W, C) model input for heatmaps, or None for no images.
         heatmap: "overlay" = a palette PNG with transparency, to draw over the input;
         "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
+        network_concepts: how many concepts the network answers (0: the Bayesian network
+        answers all).
         """
         t0 = time.perf_counter()
-        records = self.network.explain(batch.evidence(row), target)
-        records.sort(key=lambda r: (-abs(r["effect"]), r["id"]))
+        records = self.answer(batch, row, target, network_concepts)
         records = records[:top] if top else records
         t1 = time.perf_counter()
         concepts = []
-        for rec in records:
-            layer_name, c = rec["id"].rsplit("/c", 1)
-            channel = int(c)
+        for sourced in records:
+            rec = sourced.record
+            layer_name, channel = self._where[rec.concept]
             layer = self.layers[layer_name]
             png = None
             if pixels is not None:
@@ -116,10 +167,28 @@ class ConceptExplainer:
                 else:
                     png = encode_indexed_png(heatmap_levels(code_map, scale, *pixels.shape[:2]), *self._palette)
             concepts.append(Concept(
-                id=rec["id"], layer=layer_name, channel=channel, name=layer.names[channel] or rec["id"],
+                id=rec.concept, layer=layer_name, channel=channel, name=layer.names[channel] or rec.concept,
                 name_bits=layer.name_bits[channel], activation=float(batch.values[layer_name][row, channel]),
-                state=int(rec["state"]), effect=float(rec["effect"]), sensitivity=float(rec["sensitivity"]),
-                interventions=[Intervention(state=int(i["state"]), probability=float(i["probability"]))
-                               for i in rec["interventions"]],
+                state=rec.state, effect=rec.effect, sensitivity=rec.sensitivity, source=sourced.source,
+                interventions=[Intervention(state=s, probability=float(p)) for s, p in enumerate(rec.probabilities)],
                 heatmap_png=png))
         return ConceptsView(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000)
+
+
+Source = Literal["network", "bayesian_network"]
+
+
+@dataclass(frozen=True)
+class SourcedRecord:
+    """A concept's causal answer and who gave its probabilities: "network" (the intervention
+    graphs) or "bayesian_network" (the compiled tables)."""
+
+    record: CausalRecord
+    source: Source
+
+
+def screening_score(record: CausalRecord, screen: float) -> float:
+    """How likely the concept moves the target on this image: the larger of the Bayesian
+    network's |effect| for it and its mean |effect| measured in the network on training
+    images (``screen``)."""
+    return max(abs(record.effect), screen)

@@ -15,9 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from handlers.runtime.answer import IMAGE_FORMATS, Prediction
+from handlers.runtime.answer import IMAGE_FORMATS
 from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnknownTarget, UnsupportedMediaType
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
@@ -236,10 +234,3 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         alphas=_alphas(obj, alphas),
         image_format=image_format,
     )
-
-
-def top_predictions(probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
-    """probabilities: (K,) -> the k most probable classes, highest first (ties: lower index
-    first), as on the wire (``{"index", "label", "probability"}``; see
-    :meth:`handlers.runtime.answer.Prediction.top` for the typed form)."""
-    return [p.wire() for p in Prediction.top(probabilities, classes, k)]

@@ -370,7 +370,7 @@ class ExplainerService:
             assert concept_batch is not None
             top = min(req.top_concepts or self.settings.top_concepts, self.concepts.num_concepts)
             concepts = self.concepts.explain(concept_batch, row, target, top, pixels if req.images else None,
-                                             heatmap=req.heatmap)
+                                             heatmap=req.heatmap, network_concepts=self.settings.network_concepts)
         if "features" in views and self.features is not None:
             t0 = time.perf_counter()
             features = self.features.explain(activations[self.features.layer][row], target)

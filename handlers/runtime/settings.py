@@ -147,6 +147,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cladec_alphas": _parse_alpha_choice,
     "cladec_image_format": _parse_image_format,
     "cladec_chunk_rows": _parse_int,
+    "network_concepts": _parse_int,
 }
 
 
@@ -189,6 +190,11 @@ class HandlerSettings:
             ``batchSize``. Batch 8 at 224 px, medians of fresh processes: -12 to -54 MB of
             peak over three comparisons (runs spread over 50 MB), no latency cost;
             ``make bench`` repeats it.
+        network_concepts: how many concepts per explanation the network itself answers (their
+            ``P(target | do(state))`` comes from the archive's intervention graphs: code set,
+            decoded, rest of the classifier run); the others are answered by the Bayesian
+            network. Concepts are asked in the archive's screening order; 0: the Bayesian
+            network answers every concept; capped at the number of concepts.
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers
     accept integral numbers and integer strings. Anything else raises :class:`SettingsError`.
@@ -210,8 +216,12 @@ class HandlerSettings:
     cladec_alphas: str = "lowest"
     cladec_image_format: str = "png"
     cladec_chunk_rows: int = 2
+    network_concepts: int = 8
 
     def __post_init__(self) -> None:
+        if self.network_concepts < 0:
+            raise SettingsError(f"handler setting network_concepts must be >= 0 (0 = the Bayesian network answers "
+                                f"every concept), got {self.network_concepts}")
         if self.cladec_chunk_rows < 0:
             raise SettingsError(f"handler setting cladec_chunk_rows must be >= 0 (0 = the whole batch), "
                                 f"got {self.cladec_chunk_rows}")

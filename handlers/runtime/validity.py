@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from handlers.runtime.answer import ConceptValidity, FeaturesValidity, Validity
+from handlers.runtime.answer import ConceptValidity, EffectTruth, FeaturesValidity, Validity
 
 
 def _number(v: Any) -> float | None:
@@ -27,9 +27,19 @@ def concept_validity(report: Mapping[str, Any]) -> ConceptValidity:
         causal_spearman_per_image=_number(cv.get("spearman_per_image_mean")),
         causal_spearman_per_layer={k: _number(v) for k, v in cv.get("spearman_per_layer", {}).items()},
         unseen_configurations=_number(cv.get("interventions_on_unseen_configurations")),
+        effect_truth=effect_truth(report["effect_truth"]) if "effect_truth" in report else None,
         failed_checks=[c["name"] for c in checks if not c.get("passed", False)],
         checked=bool(checks),
     )
+
+
+def effect_truth(report: Mapping[str, Any]) -> EffectTruth:
+    """Short form of the concepts report's ``effect_truth`` block."""
+    a = report["answer"]
+    return EffectTruth(mae_p=_number(a["mae_p"]), effect_mae=float(a["mae"]), skill=_number(a["skill"]),
+                       ccc=_number(a["ccc"]), ccc_per_layer={l: _number(m["ccc"]) for l, m in report["per_layer"].items()},
+                       ndcg5=_number(a["ndcg5"]), recall3=_number(a["recall3"]),
+                       below_resolution=list(report["below_resolution"]), network_concepts=int(report["network_concepts"]))
 
 
 def bundle_validity(concepts: Mapping[str, Any] | None, features: Mapping[str, Any] | None) -> Validity:

@@ -15,7 +15,7 @@ from handlers.runtime.concepts import heatmap_palette
 from tests.answer_schema import assert_answer, is_explain
 from tests.handler.mock_context import make_context, prepare_batch, wire_request
 from tests.pgmpy_reference import do_query, load_pgmpy
-from tests.reference import offline_evidence
+from tests.reference import offline_evidence, offline_network_interventions
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +93,34 @@ def test_bad_heatmap_style_is_a_400(handler, model_dir, sample_pngs):
     assert status == 400 and body["error"]["type"] == "InvalidOption" and "heatmap" in body["error"]["message"]
 
 
-def test_effects_equal_an_offline_pgmpy_computation(handler, model_dir, tiny_concept_bundle, sample_pngs):
+def test_effects_equal_offline_pgmpy_and_torch_computations(handler, model_dir, tiny_concept_bundle, tiny_classifier,
+                                                            sample_pngs):
+    """Concepts the network answers equal torch's interventions in the classifier; the others
+    equal pgmpy's answer on the Bayesian network; both use the network's weights pi."""
     model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
     for png in sample_pngs[:3]:
         status, body = explain(handler, model_dir, png, images=False, top_concepts=12)
         assert status == 200 and len(body["concepts"]) == 12
+        sources = [c["source"] for c in body["concepts"]]
+        assert sources == ["network"] * 8 + ["bayesian_network"] * 4  # model-config network_concepts: 8
+        for part in (body["concepts"][:8], body["concepts"][8:]):
+            effects = [abs(c["effect"]) for c in part]
+            assert effects == sorted(effects, reverse=True)
         evidence, predicted = offline_evidence(tiny_concept_bundle, png)
         assert body["target"]["index"] == predicted
         for c in body["concepts"]:
             assert c["state"] == evidence[c["id"]]
-            p = np.array([do_query(model, c["id"], s, evidence)[predicted] for s in range(3)])
-            np.testing.assert_allclose([i["probability"] for i in c["interventions"]], p, atol=2e-6)
+            if c["source"] == "network":
+                p = offline_network_interventions(tiny_concept_bundle, tiny_classifier, png, c["id"], predicted)
+                atol = 1e-5
+            else:
+                p = np.array([do_query(model, c["id"], s, evidence)[predicted] for s in range(3)])
+                atol = 2e-6
+            np.testing.assert_allclose([i["probability"] for i in c["interventions"]], p, atol=atol)
             parents = model.get_parents(c["id"])
             cpd = model.get_cpds(c["id"])
             pi = cpd.reduce([(q, evidence[q]) for q in parents], inplace=False).values if parents else cpd.values
-            assert c["effect"] == pytest.approx(p[c["state"]] - float(pi @ p), abs=2e-6)
+            assert c["effect"] == pytest.approx(p[c["state"]] - float(pi @ p), abs=atol)
 
 
 def test_target_by_label_and_index(handler, model_dir, tiny_concept_bundle, sample_pngs):

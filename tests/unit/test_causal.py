@@ -109,16 +109,16 @@ def test_effect_and_sensitivity_follow_their_definitions():
     e = random_evidence(model, np.random.default_rng(3))
     for target in range(3):
         for rec in compiled.explain(e, target):
-            x = rec["id"]
-            p = np.array([i["probability"] for i in rec["interventions"]])
+            x = rec.concept
+            p = rec.probabilities
             parents = model.get_parents(x)
             cpd = model.get_cpds(x)
             pi = cpd.reduce([(q, e[q]) for q in parents], inplace=False).values if parents else cpd.values
             pi = pi / pi.sum()
             xo = e[x]
-            assert rec["state"] == xo
-            assert rec["effect"] == pytest.approx(p[xo] - float(pi @ p), abs=1e-12)
-            assert rec["sensitivity"] == pytest.approx(float(pi @ np.abs(p - p[xo])), abs=1e-12)
+            assert rec.state == xo
+            assert rec.effect == pytest.approx(p[xo] - float(pi @ p), abs=1e-12)
+            assert rec.sensitivity == pytest.approx(float(pi @ np.abs(p - p[xo])), abs=1e-12)
 
 
 def test_json_roundtrip_is_exact(tmp_path):
@@ -139,8 +139,8 @@ def test_concept_without_path_to_outcome_has_no_effect():
     compiled = CompiledCausalModel.from_pgmpy(model)
     e = random_evidence(model, np.random.default_rng(1))
     for rec in compiled.explain(e, 0):
-        if "Y" not in compiled.descendants(rec["id"]):
-            assert abs(rec["effect"]) < 1e-15 and abs(rec["sensitivity"]) < 1e-15
+        if "Y" not in compiled.descendants(rec.concept):
+            assert abs(rec.effect) < 1e-15 and abs(rec.sensitivity) < 1e-15
 
 
 def test_bad_evidence_and_inputs():

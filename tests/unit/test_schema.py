@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, to_http
-from handlers.runtime.schema import parse_predict, top_predictions
+from handlers.runtime.answer import Prediction
+from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, to_answer
+from handlers.runtime.schema import parse_predict
 
 PNG = b"\x89PNG\r\n\x1a\nrest"
 
@@ -52,21 +53,23 @@ def test_json_forms_decoded_by_torchserve_or_not():
 def test_bad_requests_raise_typed_errors(value, ctype, exc):
     with pytest.raises(exc) as info:
         parse(value, ctype)
-    status, body = to_http(info.value)
+    status, answer = to_answer(info.value)
+    body = answer.wire()
     assert 400 <= status < 500
     assert body["error"]["type"] == exc.__name__ and body["error"]["message"]
 
 
 def test_unknown_exceptions_are_500_without_details():
-    status, body = to_http(KeyError("secret internals"))
+    status, answer = to_answer(KeyError("secret internals"))
+    body = answer.wire()
     assert status == 500 and "secret" not in json.dumps(body)
 
 
 def test_top_predictions_sorted_and_labelled():
     p = np.array([0.1, 0.5, 0.05, 0.3, 0.05])
-    out = top_predictions(p, ["a", "b", "c", "d", "e"], 3)
+    out = [o.wire() for o in Prediction.top(p, ["a", "b", "c", "d", "e"], 3)]
     assert [o["label"] for o in out] == ["b", "d", "a"]
     assert [o["index"] for o in out] == [1, 3, 0]
     assert out[0]["probability"] == pytest.approx(0.5)
-    ties = top_predictions(np.array([0.25] * 4), list("wxyz"), 4)
+    ties = [o.wire() for o in Prediction.top(np.array([0.25] * 4), list("wxyz"), 4)]
     assert [o["index"] for o in ties] == [0, 1, 2, 3]

@@ -1,0 +1,58 @@
+"""What it costs the concepts view to let the network answer interventions itself.
+
+For test images of a data folder, side by side in one process: the classifier run, and the
+causal answer (:meth:`ConceptExplainer.answer`) with the Bayesian network alone and with
+the network answering 8 and every concept. Prints medians in milliseconds.
+
+    python -m bench.network_answers --bundle build/shapes/bundle --data data/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from handlers.runtime.bundle import load_bundle
+from handlers.runtime.classifier import OnnxClassifier, make_session
+from handlers.runtime.explain import ConceptExplainer
+from handlers.runtime.imaging import decode_image, normalize, to_pixels
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    bundle = load_bundle(args.bundle)
+    spec = bundle.metadata.input
+    classifier = OnnxClassifier.from_bundle(bundle, ["CPUExecutionProvider"], 1)
+    explainer = ConceptExplainer.load(bundle, bundle.metadata.extra["concepts"],
+                                      lambda name: make_session(bundle.path(name), ["CPUExecutionProvider"], 1))
+    files = sorted((args.data / "test").glob("*/*.png"))
+    files = files[:: max(1, len(files) // args.images)][: args.images]
+    counts = (0, 8, explainer.num_concepts)
+    times: dict[str, list[float]] = {"classifier": [], **{f"network_concepts={n}": [] for n in counts}}
+    for f in files:
+        x = normalize(to_pixels(decode_image(f.read_bytes(), max_pixels=10**8, allowed_formats=("PNG", "JPEG")),
+                                spec)[None], spec)
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            out = classifier(x)
+            times["classifier"].append((time.perf_counter() - t0) * 1000)
+            batch, target = explainer.encode(out.activations), int(out.logits[0].argmax())
+            for n in counts:
+                t0 = time.perf_counter()
+                explainer.answer(batch, 0, target, n)
+                times[f"network_concepts={n}"].append((time.perf_counter() - t0) * 1000)
+    for name, values in times.items():
+        print(f"{name:<22} median {np.median(values):7.2f} ms over {len(values)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

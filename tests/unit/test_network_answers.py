@@ -1,0 +1,111 @@
+"""The concepts view asking the network itself: which concepts, what it sends, what it serves."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from handlers.runtime.causal import CPT, CompiledCausalModel
+from handlers.runtime.concepts import ConceptLayer, ConceptSpec
+from handlers.runtime.explain import ConceptBatch, ConceptExplainer, screening_score
+
+S = 3
+W = np.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 1.0], [2.0, 0.0]])  # (4 concepts over both layers, 2 classes)
+
+
+class _Input:
+    name = "code"
+
+
+class FakeInterventionGraph:
+    """codes (M, 2, h, w) -> softmax(peaks @ W[layer's rows]); records every batch it gets."""
+
+    def __init__(self, rows: slice) -> None:
+        self.rows, self.calls = rows, []
+
+    def get_inputs(self):
+        return [_Input()]
+
+    def run(self, _outputs, feeds):
+        code = feeds["code"]
+        self.calls.append(code.shape)
+        logits = code.max(axis=(2, 3)) @ W[self.rows]
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return [(e / e.sum(axis=1, keepdims=True)).astype(np.float32)]
+
+
+def _explainer() -> tuple[ConceptExplainer, ConceptBatch, dict[str, FakeInterventionGraph]]:
+    rng = np.random.default_rng(0)
+    layers = []
+    for name, screen in (("a", [0.9, 0.0]), ("b", [0.0, 0.05])):
+        typical = np.array([[0.0, 1.0, 2.0], [0.0, 0.5, 3.0]])
+        layers.append(ConceptLayer(name, f"act_{name}", f"enc_{name}.onnx", f"dec_{name}.onnx",
+                                   np.array([[0.5, 1.5], [0.25, 1.0]]), typical, (None, None), (None, None),
+                                   None, f"iv_{name}.onnx", np.array(screen)))
+    spec = ConceptSpec(S, tuple(layers), "net.json", "Y", {})
+    cpts = [CPT(f"a/c{i}", (0, 1, 2), (), rng.dirichlet(np.ones(S))) for i in range(2)]
+    cpts += [CPT(f"b/c{i}", (0, 1, 2), ("a/c0", "a/c1"), rng.dirichlet(np.ones(S), (S, S)).transpose(2, 0, 1))
+             for i in range(2)]
+    cpts.append(CPT("Y", (0, 1), ("b/c0", "b/c1"), rng.dirichlet(np.ones(2), (S, S)).transpose(2, 0, 1)))
+    graphs = {"a": FakeInterventionGraph(slice(0, 2)), "b": FakeInterventionGraph(slice(2, 4))}
+    explainer = ConceptExplainer(spec, CompiledCausalModel(cpts, "Y"), {}, graphs)
+    codes = {"a": rng.uniform(0, 2, (2, 2, 4, 4)).astype(np.float32),
+             "b": rng.uniform(0, 2, (2, 2, 2, 2)).astype(np.float32)}
+    codes["b"][1, 1] = 0.0  # a silent channel: do() sets a flat map
+    values = {k: v.max(axis=(2, 3)) for k, v in codes.items()}
+    states = {k: (values[k][:, :, None] > l.edges[None]).sum(2) for k, l in zip("ab", layers)}
+    return explainer, ConceptBatch(codes, values, states), graphs
+
+
+def _by_hand(batch: ConceptBatch, explainer: ConceptExplainer, row: int, layer: str, c: int, target: int) -> np.ndarray:
+    """P(target | do(c = x)) with the fake network, written out without set_code_peak."""
+    out = []
+    rows = slice(0, 2) if layer == "a" else slice(2, 4)
+    for value in explainer.layers[layer].typical[c]:
+        peaks = batch.codes[layer][row].max(axis=(1, 2)).astype(np.float64)
+        peaks[c] = value  # rescaling a live channel, or a flat map of a silent one, both peak at value
+        logits = peaks @ W[rows]
+        out.append(np.exp(logits[target]) / np.exp(logits).sum())
+    return np.array(out)
+
+
+def test_no_network_concepts_serves_the_bayesian_network():
+    explainer, batch, graphs = _explainer()
+    answer = explainer.answer(batch, 0, 1, network_concepts=0)
+    assert {s.source for s in answer} == {"bayesian_network"}
+    expected = {r.concept: r for r in explainer.network.explain(batch.evidence(0), 1)}
+    for s in answer:
+        np.testing.assert_array_equal(s.record.probabilities, expected[s.record.concept].probabilities)
+    assert not graphs["a"].calls and not graphs["b"].calls
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_the_screened_concepts_are_answered_by_the_network(row):
+    explainer, batch, graphs = _explainer()
+    records = explainer.network.explain(batch.evidence(row), 0)
+    scores = {r.concept: screening_score(r, explainer._screen[r.concept]) for r in records}
+    chosen = sorted(scores, key=lambda c: (-scores[c], c))[:2]
+    answer = explainer.answer(batch, row, 0, network_concepts=2)
+    assert [s.source for s in answer] == ["network"] * 2 + ["bayesian_network"] * 2
+    assert {s.record.concept for s in answer[:2]} == set(chosen)
+    for part in (answer[:2], answer[2:]):
+        assert [abs(s.record.effect) for s in part] == sorted((abs(s.record.effect) for s in part), reverse=True)
+    for s in answer[:2]:
+        layer, c = s.record.concept.split("/c")
+        np.testing.assert_allclose(s.record.probabilities, _by_hand(batch, explainer, row, layer, int(c), 0),
+                                   rtol=1e-6)
+        bn = next(r for r in records if r.concept == s.record.concept)
+        np.testing.assert_array_equal(s.record.prior, bn.prior)  # pi stays the Bayesian network's
+        assert s.record.effect == pytest.approx(s.record.probabilities[s.record.state]
+                                                - bn.prior @ s.record.probabilities)
+    sent = [shape for g in graphs.values() for shape in g.calls]
+    assert sum(shape[0] for shape in sent) == 2 * S and len(sent) == len({c.split("/")[0] for c in chosen})
+
+
+def test_every_concept_asked_when_network_concepts_exceeds_them():
+    explainer, batch, graphs = _explainer()
+    answer = explainer.answer(batch, 1, 1, network_concepts=99)
+    assert [s.source for s in answer] == ["network"] * 4
+    assert [g.calls for g in graphs.values()] == [[(2 * S, 2, 4, 4)], [(2 * S, 2, 2, 2)]]
+    view = explainer.explain(batch, 1, 1, top=3, pixels=None, network_concepts=99)
+    assert [c.id for c in view.concepts] == [s.record.concept for s in answer[:3]]
+    assert all(c.source == "network" and c.heatmap_png is None for c in view.concepts)
