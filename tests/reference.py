@@ -54,9 +54,11 @@ def offline_activations(bundle: Path, png: bytes) -> tuple[dict[str, np.ndarray]
     return {l["name"]: outs[l["output"]] for l in meta["layers"]}, x
 
 
-def offline_network_interventions(bundle: Path, classifier: Path, png: bytes, concept: str, target: int) -> np.ndarray:
+def offline_network_interventions(bundle: Path, classifier: Path, png: bytes, concept: str, target: int,
+                                  int8: bool = True) -> np.ndarray:
     """P(target | do(concept = x)) for every state x, answered by the network with torch: the
-    concept's code channel (ONNX encoder) rescaled to each state's typical peak, decoded by the
+    concept's code channel (ONNX encoder; its accepted 8-bit version with ``int8``, as a CPU
+    worker with ``cpu_int8`` opens it) rescaled to each state's typical peak, decoded by the
     ONNX decoder, and the torch classifier run with the layer's output replaced. Returns (S,)."""
     import torch
 
@@ -67,7 +69,12 @@ def offline_network_interventions(bundle: Path, classifier: Path, png: bytes, co
     acts, x = offline_activations(bundle, png)
     spec = json.loads((bundle / "concepts.json").read_text())
     layer = next(l for l in spec["layers"] if l["layer"] == layer_name)
-    enc = ort.InferenceSession(str(bundle / layer["encoder_file"]), providers=["CPUExecutionProvider"])
+    encoder = layer["encoder_file"]
+    if int8:
+        from handlers.runtime.bundle import load_bundle
+        from handlers.runtime.quantized import int8_variants
+        encoder = int8_variants(load_bundle(bundle)).get(encoder, encoder)
+    enc = ort.InferenceSession(str(bundle / encoder), providers=["CPUExecutionProvider"])
     dec = ort.InferenceSession(str(bundle / layer["decoder_file"]), providers=["CPUExecutionProvider"])
     z = enc.run(None, {"activation": acts[layer_name]})[0]
     model = load_classifier(ModelSource(classifier=classifier)).model.eval()

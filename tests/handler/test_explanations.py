@@ -93,8 +93,8 @@ def test_bad_heatmap_style_is_a_400(handler, model_dir, sample_pngs):
     assert status == 400 and body["error"]["type"] == "InvalidOption" and "heatmap" in body["error"]["message"]
 
 
-def test_effects_equal_offline_pgmpy_and_torch_computations(handler, model_dir, tiny_concept_bundle, tiny_classifier,
-                                                            sample_pngs):
+def test_effects_equal_offline_pgmpy_and_torch_computations(handler, model_dir, tiny_concept_bundle, tiny_full_bundle,
+                                                            tiny_classifier, sample_pngs):
     """Concepts the network answers equal torch's interventions in the classifier; the others
     equal pgmpy's answer on the Bayesian network; both use the network's weights pi."""
     model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
@@ -111,7 +111,7 @@ def test_effects_equal_offline_pgmpy_and_torch_computations(handler, model_dir, 
         for c in body["concepts"]:
             assert c["state"] == evidence[c["id"]]
             if c["source"] == "network":
-                p = offline_network_interventions(tiny_concept_bundle, tiny_classifier, png, c["id"], predicted)
+                p = offline_network_interventions(tiny_full_bundle, tiny_classifier, png, c["id"], predicted)
                 atol = 1e-5
             else:
                 p = np.array([do_query(model, c["id"], s, evidence)[predicted] for s in range(3)])

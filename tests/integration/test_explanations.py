@@ -16,8 +16,8 @@ from tests.reference import offline_evidence, offline_network_interventions
 pytestmark = pytest.mark.integration
 
 
-def test_batched_explanations_equal_offline_computation(server, tiny_concept_bundle: Path, tiny_classifier: Path,
-                                                        sample_pngs):
+def test_batched_explanations_equal_offline_computation(server, tiny_concept_bundle: Path, tiny_full_bundle: Path,
+                                                        tiny_classifier: Path, sample_pngs):
     pngs = sample_pngs * 2
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda p: post(server, p, endpoint="explanations", model="tinyx"), pngs))
@@ -30,7 +30,7 @@ def test_batched_explanations_equal_offline_computation(server, tiny_concept_bun
         assert len(body["concepts"]) == 8
         for c in body["concepts"][:4]:
             assert c["state"] == evidence[c["id"]] and c["source"] == "network"
-            p = offline_network_interventions(tiny_concept_bundle, tiny_classifier, png, c["id"], predicted)
+            p = offline_network_interventions(tiny_full_bundle, tiny_classifier, png, c["id"], predicted)
             np.testing.assert_allclose([i["probability"] for i in c["interventions"]], p, atol=1e-5)
     assert max(r.json()["timings_ms"]["batch_size"] for r in responses) > 1
 

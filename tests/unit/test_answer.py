@@ -33,7 +33,7 @@ def test_check_reports_a_stale_schema(tmp_path):
 
 def _explanation(**parts) -> A.Explanation:
     concept = A.Concept(id="layer1/c0", layer="layer1", channel=0, name="shape", name_bits=1.25,
-                        activation=8.769084321, state=2, effect=0.46759812345, sensitivity=-0.0000004,
+                        activation=8.769084321, state=2, effect=0.46759812345, sensitivity=-0.0000004, source="network",
                         interventions=[A.Intervention(state=s, probability=p)
                                        for s, p in enumerate([0.1, 0.1000004, 0.99863049])],
                         heatmap_png=b"\x89PNG")
