@@ -506,6 +506,10 @@ def _alpha_file(safe: str, alpha: float) -> str:
     return f"cladec_{safe}_a{alpha:g}".replace(".", "p") + ".onnx"
 
 
+#: Largest accepted onnxruntime-vs-torch difference of a ClaDec decoder or RefAE output.
+CLADEC_PARITY = 5e-4
+
+
 def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec, train: ImageDataset,
                  test: ImageDataset, out: Path, cfg: ClaDecConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and export every decoder. Writes ONNX files and ``cladec.json`` into ``out``.
@@ -601,7 +605,9 @@ def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec,
                 "train_seconds_refae": ref_log.seconds,
             })
             entries.append({"layer": layer, "alpha": alpha, "decoder_file": dec_file, "refae_file": ref_file})
-    bad = {k: v for k, v in parity.items() if v > 1e-4}
+    # Pixels in [0, 1], served as 8-bit images (one level = 3.9e-3): float32 differences of a
+    # few 1e-4 through the transposed convolutions cannot move a served pixel by a level.
+    bad = {k: v for k, v in parity.items() if v > CLADEC_PARITY}
     if bad:
         raise RuntimeError(f"ClaDec ONNX files differ from torch: {bad}")
     report = {"config": {**asdict(cfg), "layers": list(cfg.layers), "alphas": list(cfg.alphas),

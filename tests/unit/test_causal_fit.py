@@ -101,7 +101,12 @@ def test_concept_report_has_checks_and_interventional_rows(tiny_concept_bundle: 
     net = report["network"]
     assert net["rows_interventional"] == 60 * 3 * 4 * 3  # images x layers x concepts x states
     names = {c["name"] for c in report["checks"]}
-    assert {"fidelity", "causal validity spearman", "causal validity spearman_per_image_mean"} <= names
+    assert {"fidelity", "effect truth mae of P(target | do)", "effect truth ccc", "effect truth ndcg@5 median",
+            "effect truth recall@3 mean", "effect truth beats baseline mean_effect",
+            "effect truth beats baseline shuffled_concepts"} <= names
+    truth = report["effect_truth"]
+    assert set(truth["per_layer"]) == {"layer1", "layer2", "layer3"} and truth["network_concepts"] == 8
+    assert 0.0 <= truth["answer"]["mae_p"] <= 1.0
     cv = report["causal_validity"]
     assert 0.0 <= cv["interventions_on_unseen_configurations"] <= 1.0
     assert set(cv["spearman_per_layer"]) == {"layer1", "layer2", "layer3"}
