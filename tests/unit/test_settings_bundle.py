@@ -80,6 +80,7 @@ def test_counts_below_one_are_rejected_naming_the_setting(name, value):
     ("allowed_formats", 5), ("providers", "CUDAExecutionprovider"), ("providers", [None]), ("providers", 3),
     ("cladec_alphas", "highest"), ("cladec_alphas", 0.0), ("cladec_alphas", None), ("cladec_image_format", "webp"),
     ("cladec_image_format", ""), ("cladec_image_format", 3), ("cladec_chunk_rows", -1), ("cladec_chunk_rows", 1.5),
+    ("network_concepts", -1), ("network_concepts", "all"), ("network_concepts", True),
 ])
 def test_malformed_values_name_the_setting(name, value):
     with pytest.raises(SettingsError, match=name):
@@ -90,8 +91,9 @@ def test_lenient_but_exact_conversions():
     s = HandlerSettings.from_mapping({"max_request_bytes": 1.0e7, "top_concepts": " 4 ", "monitor_fraction": "0.5",
                                       "intra_op_threads": 0, "allowed_formats": ["png", "Jpeg"],
                                       "providers": "CPUExecutionProvider", "cladec_image_format": " JPEG ",
-                                      "cladec_alphas": "all", "cladec_chunk_rows": "0"})
+                                      "cladec_alphas": "all", "cladec_chunk_rows": "0", "network_concepts": "0"})
     assert (s.cladec_image_format, s.cladec_alphas, s.cladec_chunk_rows) == ("jpeg", "all", 0)
+    assert s.network_concepts == 0
     assert s.max_request_bytes == 10_000_000 and s.top_concepts == 4 and s.intra_op_threads == 0
     assert s.allowed_formats == ("PNG", "JPEG") and s.providers == ("CPUExecutionProvider",)
     assert s.monitor_fraction == 0.5 and HandlerSettings.from_mapping({"monitor_fraction": 0}).monitor_fraction == 0.0
