@@ -178,7 +178,8 @@ class Concept(Answer):
     sensitivity: Round6
     source: Literal["network", "bayesian_network"] = Field(description=(
         "who answered the interventions: the network itself (code set, decoded, rest of the classifier run) "
-        "or the Bayesian network's tables"))
+        "or the Bayesian network's tables (their differences between states, anchored at the network's P(target) "
+        "with the concept's layer spliced in, where the bundle has intervention graphs)"))
     interventions: list[Intervention] = Field(min_length=1, description="one per state")
     heatmap_png: Png | Absent = omitted("the concept's map: an overlay palette PNG or, with heatmap=blended, an RGB PNG; "
                                "absent with images=false")

@@ -333,3 +333,11 @@ class CausalRecord:
     def answered_by(self, probabilities: np.ndarray) -> CausalRecord:
         """The same concept with other ``P(target | do(x))`` (S,), e.g. the network's own."""
         return CausalRecord(self.concept, self.state, self.prior, np.asarray(probabilities, dtype=np.float64))
+
+    def anchored_at(self, level: float) -> CausalRecord:
+        """The same differences between states, moved so that ``p[x_o] = level``:
+        ``p'[x] = clip(level + p[x] - p[x_o], 0, 1)``. Used to put the Bayesian network's answer
+        at the network's own ``P(target)``; the effect and sensitivity are unchanged unless a
+        value is clipped."""
+        p = self.probabilities
+        return self.answered_by(np.clip(level + p - p[self.state], 0.0, 1.0))

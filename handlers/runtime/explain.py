@@ -99,17 +99,22 @@ class ConceptExplainer:
         return ConceptBatch(codes, values, states)
 
     def network_probabilities(self, batch: ConceptBatch, row: int, layer: str, channels: Sequence[int],
-                              target: int) -> np.ndarray:
-        """``P(target | do(c = x))`` answered by the network for the ``channels`` of ``layer`` on
-        image ``row``: each concept's code channel set to each state's typical value
-        (:func:`set_code_peak`), decoded and the rest of the classifier run, in one batch of
-        ``len(channels) * S`` rows. Returns float64 (len(channels), S)."""
+                              target: int) -> tuple[float, np.ndarray]:
+        """The network's own answers on image ``row`` for the ``channels`` of ``layer``, in one
+        batch of ``1 + len(channels) * S`` rows through the layer's intervention graph:
+
+        - the anchor: ``P(target)`` with the layer's autoencoder spliced in and its code unchanged;
+        - ``P(target | do(c = x))``: each concept's code channel set to each state's typical
+          value (:func:`set_code_peak`), decoded and the rest of the classifier run.
+
+        Returns (anchor, float64 (len(channels), S))."""
         session = self.interventions[layer]
         spec = self.layers[layer]
         code = batch.codes[layer][row:row + 1]
-        rows = [set_code_peak(code, c, float(v)) for c in channels for v in spec.typical[c]]
-        probs = session.run(None, {session.get_inputs()[0].name: np.concatenate(rows)})[0]
-        return probs[:, target].astype(np.float64).reshape(len(channels), spec.typical.shape[1])
+        rows = [code] + [set_code_peak(code, c, float(v)) for c in channels for v in spec.typical[c]]
+        probs = session.run(None, {session.get_inputs()[0].name: np.concatenate(rows)})[0][:, target]
+        probs = probs.astype(np.float64)
+        return float(probs[0]), probs[1:].reshape(len(channels), spec.typical.shape[1])
 
     def screening_order(self, records: Sequence[CausalRecord]) -> list[int]:
         """Indices of ``records`` in the order the network is asked about them: largest
@@ -121,22 +126,31 @@ class ConceptExplainer:
         """Every concept's causal answer for image ``row``, in the order an answer lists them:
         the ``network_concepts`` concepts the network answered (first by screening order, then
         sorted by |effect|), followed by the ones the Bayesian network answered (by |effect|).
-        Ties by concept id."""
-        records = self.network.explain(batch.evidence(row), target)
-        asked = set(self.screening_order(records)[:network_concepts]) if self.interventions else set()
-        by_layer: dict[str, list[int]] = {}
-        for i in sorted(asked, key=lambda i: records[i].concept):
-            by_layer.setdefault(self._where[records[i].concept][0], []).append(i)
-        answered: list[SourcedRecord] = []
-        for layer, idx in by_layer.items():
-            probs = self.network_probabilities(batch, row, layer, [self._where[records[i].concept][1] for i in idx],
-                                               target)
-            answered += [SourcedRecord(records[i].answered_by(p), "network") for i, p in zip(idx, probs)]
-        rest = [SourcedRecord(r, "bayesian_network") for i, r in enumerate(records) if i not in asked]
+        Ties by concept id.
 
-        def key(s: SourcedRecord) -> tuple[float, str]:
-            return -abs(s.record.effect), s.record.concept
-        return sorted(answered, key=key) + sorted(rest, key=key)
+        Where the bundle has intervention graphs, a Bayesian-network answer keeps the tables'
+        differences between states but is anchored at the network's level: its probability at
+        the observed state is the network's ``P(target)`` with the concept's layer spliced in
+        unchanged (:meth:`CausalRecord.anchored_at`). Effects are unchanged by the anchor unless
+        a probability had to be clipped to [0, 1]. Without the graphs the tables answer alone."""
+        records = self.network.explain(batch.evidence(row), target)
+        if not self.interventions:
+            return sorted((SourcedRecord(r, "bayesian_network") for r in records), key=_by_effect)
+        asked = set(self.screening_order(records)[:network_concepts])
+        by_layer: dict[str, list[int]] = {}
+        for i in sorted(range(len(records)), key=lambda i: records[i].concept):
+            by_layer.setdefault(self._where[records[i].concept][0], [])
+            if i in asked:
+                by_layer[self._where[records[i].concept][0]].append(i)
+        answered: list[SourcedRecord] = []
+        anchors: dict[str, float] = {}
+        for layer, idx in by_layer.items():
+            anchors[layer], probs = self.network_probabilities(
+                batch, row, layer, [self._where[records[i].concept][1] for i in idx], target)
+            answered += [SourcedRecord(records[i].answered_by(p), "network") for i, p in zip(idx, probs)]
+        rest = [SourcedRecord(r.anchored_at(anchors[self._where[r.concept][0]]), "bayesian_network")
+                for i, r in enumerate(records) if i not in asked]
+        return sorted(answered, key=_by_effect) + sorted(rest, key=_by_effect)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
                 pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int = 0) -> ConceptsView:
@@ -181,10 +195,15 @@ Source = Literal["network", "bayesian_network"]
 @dataclass(frozen=True)
 class SourcedRecord:
     """A concept's causal answer and who gave its probabilities: "network" (the intervention
-    graphs) or "bayesian_network" (the compiled tables)."""
+    graphs) or "bayesian_network" (the compiled tables' differences between states, anchored
+    at the network's level where the bundle has intervention graphs)."""
 
     record: CausalRecord
     source: Source
+
+
+def _by_effect(s: SourcedRecord) -> tuple[float, str]:
+    return -abs(s.record.effect), s.record.concept
 
 
 def screening_score(record: CausalRecord, screen: float) -> float:

@@ -193,7 +193,8 @@ class HandlerSettings:
         network_concepts: how many concepts per explanation the network itself answers (their
             ``P(target | do(state))`` comes from the archive's intervention graphs: code set,
             decoded, rest of the classifier run); the others are answered by the Bayesian
-            network. Concepts are asked in the archive's screening order; 0: the Bayesian
+            network, anchored at the network's level (one unchanged row per layer in the same
+            run). Concepts are asked in the archive's screening order; 0: the Bayesian
             network answers every concept; capped at the number of concepts.
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers

@@ -16,7 +16,7 @@ from tests.reference import offline_evidence, offline_network_interventions
 pytestmark = pytest.mark.integration
 
 
-def test_batched_explanations_equal_offline_computation(server, tiny_concept_bundle: Path, tiny_full_bundle: Path,
+def test_batched_explanations_equal_offline_computation(server, tiny_full_bundle: Path,
                                                         tiny_classifier: Path, sample_pngs):
     pngs = sample_pngs * 2
     with ThreadPoolExecutor(8) as pool:
@@ -25,7 +25,7 @@ def test_batched_explanations_equal_offline_computation(server, tiny_concept_bun
         assert r.status_code == 200, r.text
         body = r.json()
         assert_valid(body, "explanations")
-        evidence, predicted = offline_evidence(tiny_concept_bundle, png)
+        evidence, predicted = offline_evidence(tiny_full_bundle, png, int8=True)
         assert body["target"]["index"] == predicted
         assert len(body["concepts"]) == 8
         for c in body["concepts"][:4]:

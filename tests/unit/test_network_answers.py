@@ -68,14 +68,45 @@ def _by_hand(batch: ConceptBatch, explainer: ConceptExplainer, row: int, layer: 
     return np.array(out)
 
 
-def test_no_network_concepts_serves_the_bayesian_network():
-    explainer, batch, graphs = _explainer()
-    answer = explainer.answer(batch, 0, 1, network_concepts=0)
+def _spliced_by_hand(batch: ConceptBatch, row: int, layer: str, target: int) -> float:
+    """P(target) with the fake network on the unchanged code: the anchor of the layer."""
+    rows = slice(0, 2) if layer == "a" else slice(2, 4)
+    logits = batch.codes[layer][row].max(axis=(1, 2)).astype(np.float64) @ W[rows]
+    return float(np.exp(logits[target]) / np.exp(logits).sum())
+
+
+def test_without_intervention_graphs_the_bayesian_network_answers_alone():
+    explainer, batch, _ = _explainer()
+    explainer = ConceptExplainer(explainer.spec, explainer.network, {}, None)
+    answer = explainer.answer(batch, 0, 1, network_concepts=8)
     assert {s.source for s in answer} == {"bayesian_network"}
     expected = {r.concept: r for r in explainer.network.explain(batch.evidence(0), 1)}
     for s in answer:
         np.testing.assert_array_equal(s.record.probabilities, expected[s.record.concept].probabilities)
-    assert not graphs["a"].calls and not graphs["b"].calls
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_bayesian_network_answers_are_anchored_at_the_spliced_network(row):
+    """network_concepts 0: each layer's graph runs once, on its unchanged code, and every
+    answer is the tables' differences moved to that level (clipped to [0, 1])."""
+    explainer, batch, graphs = _explainer()
+    answer = explainer.answer(batch, row, 1, network_concepts=0)
+    assert {s.source for s in answer} == {"bayesian_network"}
+    assert [g.calls for g in graphs.values()] == [[(1, 2, 4, 4)], [(1, 2, 2, 2)]]
+    tables = {r.concept: r for r in explainer.network.explain(batch.evidence(row), 1)}
+    clipped = 0
+    for s in answer:
+        bn = tables[s.record.concept]
+        level = _spliced_by_hand(batch, row, s.record.concept.split("/")[0], 1)
+        raw = level + bn.probabilities - bn.probabilities[bn.state]
+        np.testing.assert_allclose(s.record.probabilities, np.clip(raw, 0, 1), atol=1e-6)
+        assert s.record.probabilities[s.record.state] == pytest.approx(level, abs=1e-6)
+        np.testing.assert_array_equal(s.record.prior, bn.prior)
+        if np.all((raw >= 0) & (raw <= 1)):
+            assert s.record.effect == pytest.approx(bn.effect, abs=1e-6)
+        else:
+            clipped += 1
+    assert clipped < len(answer)  # the effect-preserving case is exercised
 
 
 @pytest.mark.parametrize("row", [0, 1])
@@ -89,6 +120,13 @@ def test_the_screened_concepts_are_answered_by_the_network(row):
     assert {s.record.concept for s in answer[:2]} == set(chosen)
     for part in (answer[:2], answer[2:]):
         assert [abs(s.record.effect) for s in part] == sorted((abs(s.record.effect) for s in part), reverse=True)
+    tables = {r.concept: r for r in records}
+    for s in answer[2:]:
+        level = _spliced_by_hand(batch, row, s.record.concept.split("/")[0], 0)
+        assert s.record.probabilities[s.record.state] == pytest.approx(level, abs=1e-6)
+        bn = tables[s.record.concept]
+        np.testing.assert_allclose(s.record.probabilities,
+                                   np.clip(level + bn.probabilities - bn.probabilities[bn.state], 0, 1), atol=1e-6)
     for s in answer[:2]:
         layer, c = s.record.concept.split("/c")
         np.testing.assert_allclose(s.record.probabilities, _by_hand(batch, explainer, row, layer, int(c), 0),
@@ -98,14 +136,14 @@ def test_the_screened_concepts_are_answered_by_the_network(row):
         assert s.record.effect == pytest.approx(s.record.probabilities[s.record.state]
                                                 - bn.prior @ s.record.probabilities)
     sent = [shape for g in graphs.values() for shape in g.calls]
-    assert sum(shape[0] for shape in sent) == 2 * S and len(sent) == len({c.split("/")[0] for c in chosen})
+    assert sum(shape[0] for shape in sent) == 2 * S + 2 and len(sent) == 2  # one run per layer, with its anchor
 
 
 def test_every_concept_asked_when_network_concepts_exceeds_them():
     explainer, batch, graphs = _explainer()
     answer = explainer.answer(batch, 1, 1, network_concepts=99)
     assert [s.source for s in answer] == ["network"] * 4
-    assert [g.calls for g in graphs.values()] == [[(2 * S, 2, 4, 4)], [(2 * S, 2, 2, 2)]]
+    assert [g.calls for g in graphs.values()] == [[(1 + 2 * S, 2, 4, 4)], [(1 + 2 * S, 2, 2, 2)]]
     view = explainer.explain(batch, 1, 1, top=3, pixels=None, network_concepts=99)
     assert [c.id for c in view.concepts] == [s.record.concept for s in answer[:3]]
     assert all(c.source == "network" and c.heatmap_png is None for c in view.concepts)
