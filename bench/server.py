@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,6 +72,7 @@ class TorchServe:
         self.timeout = timeout
         self.config_path, self.ports = config_from_shipped(self.workdir, self.model_store, **config)
         self.proc: subprocess.Popen | None = None
+        self.tmp: Path | None = None
         self.client = TorchServeClient(f"http://127.0.0.1:{self.ports['inference']}",
                                        f"http://127.0.0.1:{self.ports['management']}",
                                        key_file=self.workdir / "key_file.json")
@@ -85,10 +88,12 @@ class TorchServe:
     def start(self, wait: bool = True) -> TorchServe:
         """Start the server; with ``wait``, block until every model has a READY worker."""
         torchserve = Path(sys.executable).parent / "torchserve"
-        tmp = self.workdir / "tmp"
-        tmp.mkdir(exist_ok=True)
-        # A private TMPDIR gives this server its own pid file, so it starts beside a running demo server.
-        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), TMPDIR=str(tmp),
+        # A private temporary folder gives this server its own pid file (TMPDIR, read by the
+        # launcher) and its own worker sockets (TEMP: the launcher passes it to Java as
+        # java.io.tmpdir, where the frontend puts .ts.sock.<port>), so it runs beside a demo
+        # server or another test's. Short, under /tmp: a Unix socket path has at most 107 bytes.
+        self.tmp = Path(tempfile.mkdtemp(prefix="ts-"))
+        env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), TMPDIR=str(self.tmp), TEMP=str(self.tmp),
                    METRICS_LOCATION=str(self.workdir / "logs"), TS_CONFIG_FILE=str(self.config_path))
         cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
                "--model-store", str(self.model_store),
@@ -109,6 +114,9 @@ class TorchServe:
     def stop(self) -> None:
         stop_group(self.proc)
         self.proc = None
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
 
     def __enter__(self) -> TorchServe:
         return self.start()
@@ -126,14 +134,32 @@ def post(ts: TorchServe, body: bytes, content_type: str = "image/png", endpoint:
     return requests.post(f"{ts.client.url}/{endpoint}/{model}", data=body, headers=headers, timeout=timeout)
 
 
+_PLAIN_MODEL_SERVER = """
+import sys, tempfile
+from pathlib import Path
+mar, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sys.argv = sys.argv[:1]  # kserve parses the command line when imported
+import kserve
+from handlers.kserve_model import create_model
+from handlers.runtime.source import ModelSource, from_mar
+src = from_mar(Path(mar), Path(tempfile.mkdtemp(prefix="kserve-plain-")))
+model = create_model(ModelSource(name, src.model_dir, src.handler), gpu_id=None)
+model.load()
+kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([model])
+"""
+
+
 class KServeServer:
     """KServe's Python model server with the explainer (``handlers/kserve_model.py``) on a free
     loopback port: ``with KServeServer(workdir, mar=path, name="m") as ks: ks.url``."""
 
-    def __init__(self, workdir: Path, mar: Path, name: str, timeout: float = 120) -> None:
+    def __init__(self, workdir: Path, mar: Path, name: str, timeout: float = 120, plain: bool = False) -> None:
+        """``plain``: run the model as a host that builds it with ``create_model`` under its own
+        ``kserve.ModelServer`` would (binds every interface: KServe's server has no host
+        option), instead of through ``concept-explainer-kserve``."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.mar, self.name, self.timeout = Path(mar), name, timeout
+        self.mar, self.name, self.timeout, self.plain = Path(mar), name, timeout, plain
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -148,6 +174,8 @@ class KServeServer:
     def start(self) -> KServeServer:
         cmd = [sys.executable, "-m", "handlers.kserve_model", "--mar", str(self.mar), "--name", self.name,
                "--http-port", str(self.port)]
+        if self.plain:
+            cmd = [sys.executable, "-c", _PLAIN_MODEL_SERVER, str(self.mar), self.name, str(self.port)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.workdir / "kserve.out", "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.timeout

@@ -79,9 +79,13 @@ class ExplainerModelCore:
     def answer(self, payload: Any, explain: bool) -> dict[str, Any]:
         """The protocol's JSON answer; a non-200 answer raises :class:`ProtocolReply`."""
         assert self.service is not None, "model used before load()"
-        value = payload if isinstance(payload, dict) else _infer_request_as_dict(payload)
+        if isinstance(payload, (bytes, bytearray, str)):  # a body KServe did not decode (no JSON content type)
+            raw = RawRequest(payload, None, explain)
+        else:
+            raw = RawRequest(payload if isinstance(payload, dict) else _infer_request_as_dict(payload),
+                             "application/json", explain)
         batch_metrics = metrics_mod.BatchMetrics()
-        (wire,) = protocols.answer_requests(self.service, [RawRequest(value, "application/json", explain)],
+        (wire,) = protocols.answer_requests(self.service, [raw],
                                             self.source.name, self.service.meta.version, batch_metrics)
         try:
             self.exporter.emit(batch_metrics.samples())
@@ -96,13 +100,28 @@ class ExplainerModelCore:
             self.service.close()
 
 
+async def _protocol_reply(_: Any, exc: Exception) -> Any:
+    """FastAPI exception handler: a :class:`ProtocolReply` as the response it carries."""
+    from fastapi.responses import Response
+    assert isinstance(exc, ProtocolReply)
+    return Response(content=exc.wire.body, status_code=exc.wire.status, media_type="application/json")
+
+
 def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None,
                  gpu_id: int | None = 0) -> Any:
     """A ``kserve.Model`` named ``source.name`` over :class:`ExplainerModelCore`.
 
+    A host may run it under its own ``kserve.ModelServer`` instead of :func:`serve`: non-200
+    answers keep their status either way, because the handler that turns
+    :class:`ProtocolReply` into a response is registered here, on the FastAPI application
+    KServe's REST server runs (kserve 0.21 otherwise answers 500 for any exception a model
+    raises other than its own error types).
+
     kserve is imported here, not with this module: it parses ``sys.argv`` when imported."""
     import kserve
+    from kserve.model_server import app
 
+    app.add_exception_handler(ProtocolReply, _protocol_reply)
     core = ExplainerModelCore(source, exporter, gpu_id)
 
     class ConceptExplainerModel(kserve.Model):
@@ -132,15 +151,9 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
 def serve(model: Any, host: str, port: int) -> None:
     """Load the model and run KServe's REST server (v1, v2, /metrics) on ``host:port`` until
     SIGINT/SIGTERM. gRPC is off: the REST protocols are this front door's contract."""
-    from fastapi import Request
-    from fastapi.responses import Response
     from kserve import ModelServer
-    from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
+    from kserve.model_server import FASTAPI_APP_IMPORT_STRING
     from kserve.protocol.rest.server import RESTServer
-
-    async def protocol_reply(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ProtocolReply)
-        return Response(content=exc.wire.body, status_code=exc.wire.status, media_type="application/json")
 
     # kserve 0.21 answers v1 with FastAPI's ORJSONResponse, which FastAPI now flags on every request.
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
@@ -150,7 +163,6 @@ def serve(model: Any, host: str, port: int) -> None:
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port,
                       workers=1)
     rest.config.host = host  # KServe binds every interface; a local server stays on loopback
-    app.add_exception_handler(ProtocolReply, protocol_reply)
     log.info("serving %s on http://%s:%d (KServe v1, v2)", model.name, host, port)
     try:
         rest.run()

@@ -7,15 +7,29 @@ and their details are not echoed to clients.
 """
 from __future__ import annotations
 
+import re
+
 from handlers.runtime.answer import ErrorAnswer, ErrorDetail
+
+#: An object's default repr, e.g. ``<_io.BytesIO object at 0x7f528bffe6b0>``, and a bare address.
+_INTERNAL = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>|\b0x[0-9a-fA-F]{6,}\b")
+
+
+def client_text(message: str) -> str:
+    """``message`` as a client may read it: object reprs and memory addresses that a library's
+    message carries (Pillow names the ``BytesIO`` it read) are removed."""
+    text = re.sub(r"\s+([:;,.])", r"\1", re.sub(r"\s{2,}", " ", _INTERNAL.sub("", message)))
+    return text.strip().rstrip(":").strip()
 
 
 class ExplainerError(Exception):
-    """Base of all errors a request can cause. ``status`` is the HTTP status code."""
+    """Base of all errors a request can cause. ``status`` is the HTTP status code; the
+    message is what the client reads (:func:`client_text`)."""
 
     status: int = 400
 
     def __init__(self, message: str) -> None:
+        message = client_text(message)
         super().__init__(message)
         self.message = message
 

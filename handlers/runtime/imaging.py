@@ -103,7 +103,9 @@ def decode_image(data: bytes, *, max_pixels: int, allowed_formats: tuple[str, ..
         raise
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"image exceeds the decoder's pixel limit: {exc}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+    except UnidentifiedImageError:
+        raise InvalidImage(f"corrupt or truncated {fmt} image: the decoder cannot read it") from None
+    except (OSError, SyntaxError, ValueError, EOFError,
             IndexError, TypeError, struct.error) as exc:
         raise InvalidImage(f"corrupt or truncated {fmt} image: {exc}") from None
     return image

@@ -142,6 +142,28 @@ def test_mixed_instances_and_the_error_shape(door, sample_pngs):
             InferInput("x", [1], "FP32", data=[1.0])]))
 
 
+def test_a_hosts_own_model_server_keeps_the_answers_statuses(tiny_explainer_mar, tmp_path, sample_pngs):
+    """create_model under a plain kserve.ModelServer (no concept-explainer-kserve): a bad
+    instance is still a 400 in the protocol's error shape, a bad v2 tensor too, and a good
+    request still answers."""
+    with KServeServer(tmp_path, tiny_explainer_mar, "tinyx", plain=True) as ks:
+        r = requests.post(f"{ks.url}/v1/models/tinyx:predict", timeout=60, json={"instances": [{"data": "AAAA"}]})
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json"), r.text
+        assert_valid(r.json(), "protocol-error")
+        assert r.json()["error"].startswith("InvalidImage: ")
+        # without a JSON content type KServe hands the model the undecoded bytes
+        r = requests.post(f"{ks.url}/v1/models/tinyx:predict", timeout=60, data=b'{"instances": [{"data": "AAAA"}]}')
+        assert r.status_code == 400 and r.json()["error"].startswith("InvalidImage: "), r.text
+        r = requests.post(f"{ks.url}/v1/models/tinyx:predict", timeout=60, data=b"\x89PNG not json")
+        assert r.status_code == 400, r.text
+        r = requests.post(f"{ks.url}/v2/models/tinyx/infer", timeout=60,
+                          json={"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": [1.0]}]})
+        assert r.status_code == 400, r.text
+        r = requests.post(f"{ks.url}/v1/models/tinyx:predict", timeout=60,
+                          json={"instances": [{"data": b64(sample_pngs[0])}]})
+        assert r.status_code == 200 and "predictions" in r.json()
+
+
 def test_torchserve_token_auth_holds_on_the_kserve_routes(server, sample_pngs):
     """The handler is never reached without the inference token."""
     body = {"instances": [{"data": b64(sample_pngs[0])}]}

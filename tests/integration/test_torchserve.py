@@ -83,3 +83,28 @@ def test_explanations_endpoint_answers_501_without_artifacts(server, sample_pngs
     r = post(server, sample_pngs[0], endpoint="explanations")
     assert r.status_code == 501 and r.json()["error"]["type"] == "ExplanationsUnavailable"
     assert_valid(r.json(), "error")
+
+
+def _worker_sockets(session: int) -> list[str]:
+    """The ``--sock-name`` of every process in the server's session (its Python workers)."""
+    names = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
+                continue
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        names += [args[i + 1].decode() for i, a in enumerate(args[:-1]) if a == b"--sock-name"]
+    return names
+
+
+def test_workers_listen_on_sockets_of_their_own_server(server):
+    """TorchServe names worker sockets .ts.sock.<n> counted from 9000 in Java's temporary
+    folder; a server the tests start puts them in its private folder, so it never shares them
+    with a demo server (in /tmp) or another test's server."""
+    sockets = _worker_sockets(server.proc.pid)
+    assert sockets, "no worker processes found"
+    assert all(Path(s).parent == server.tmp and Path(s).name.startswith(".ts.sock.") for s in sockets), sockets

@@ -11,7 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from handlers.runtime.errors import InvalidImage, PayloadTooLarge, UnsupportedMediaType
+from handlers.runtime.errors import (
+    ExplanationsUnavailable,
+    InvalidImage,
+    InvalidOption,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnknownTarget,
+    UnsupportedMediaType,
+    to_answer,
+)
 from handlers.runtime.imaging import InputSpec, decode_image, encode_indexed_png, encode_png, normalize, sniff_format, to_pixels
 
 FORMATS = ("PNG", "JPEG")
@@ -64,6 +73,34 @@ def test_corrupt_png_body_is_invalid():
     data[60:90] = b"\xff" * 30
     with pytest.raises(InvalidImage):
         decode_image(bytes(data), max_pixels=10**6, allowed_formats=FORMATS)
+
+
+def _bad_bodies() -> list[bytes]:
+    good = encode(rgb_image(64, 64))
+    corrupt = bytearray(good)
+    corrupt[60:90] = b"\xff" * 30
+    jpeg = encode(rgb_image(64, 64), "JPEG")
+    return [good[:8], good[:30], good[:60], good[: len(good) // 2], bytes(corrupt), jpeg[:20], jpeg[: len(jpeg) // 2]]
+
+
+@pytest.mark.parametrize("data", _bad_bodies())
+def test_bad_image_messages_name_no_internal_object(data):
+    """Pillow's own message names the BytesIO it read (``<_io.BytesIO object at 0x...>``);
+    what a client reads must not."""
+    with pytest.raises(InvalidImage) as info:
+        decode_image(data, max_pixels=10**6, allowed_formats=FORMATS)
+    message = info.value.message
+    assert "0x" not in message and "BytesIO" not in message and "object at" not in message, message
+    assert message.startswith(("corrupt or truncated", "body is not"))
+
+
+@pytest.mark.parametrize("error", [InvalidImage, InvalidOption, InvalidRequest, UnknownTarget, UnsupportedMediaType,
+                                   PayloadTooLarge, ExplanationsUnavailable])
+def test_every_client_error_drops_object_reprs_and_addresses(error):
+    exc = error("cannot identify image file <_io.BytesIO object at 0x7f528bffe6b0>: at 0x7f528bffe6b0 too")
+    assert exc.message == str(exc) == "cannot identify image file: at too"
+    status, answer = to_answer(exc)
+    assert status == error.status and "0x" not in answer.error.message
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
