@@ -94,13 +94,16 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<44}" + "".join(f"{cell(v):>10}" for v in c["values"]) + f"{cell(c['median']):>10}"
                      f"{cell(c['min']) + '..' + cell(c['max']):>18}   {c['target']:<10} "
                      f"{'n/a' if ok is None else 'yes' if ok else 'NO'}")
+    def short(v: float) -> str:
+        return f"{v:.3f}"
     lines += ["", f"effect units, median (range) over seeds {', '.join(map(str, seeds))}:",
-              f"{'':<36}" + "".join(f"{col:>22}" for col, _ in COLUMNS)]
+              f"{'':<36}" + "".join(f"{col:>24}" for col, _ in COLUMNS)]
     for key, label in TRUTH_ROWS:
         row = f"{label:<36}"
         for col, _ in COLUMNS:
             s = summary["effect_truth"][col][key]
-            row += f"{'' if s['median'] is None else cell(s['median']) + ' (' + cell(s['min']) + '..' + cell(s['max']) + ')':>22}"
+            text = "" if s["median"] is None else f"{short(s['median'])} ({short(s['min'])}..{short(s['max'])})"
+            row += f"{text:>24}"
         lines.append(row)
     return "\n".join(lines)
 

@@ -1,8 +1,10 @@
 """What it costs the concepts view to let the network answer interventions itself.
 
 For test images of a data folder, side by side in one process: the classifier run, and the
-causal answer (:meth:`ConceptExplainer.answer`) with the Bayesian network alone and with
-the network answering 8 and every concept. Prints medians in milliseconds.
+causal answer (:meth:`ConceptExplainer.answer`) from the Bayesian network's tables alone (no
+intervention graphs), and with the graphs for each ``--counts`` value of ``network_concepts``
+(0: the tables anchored at the network's level; the largest: every concept). Prints medians
+in milliseconds.
 
     python -m bench.network_answers --bundle build/shapes/bundle --data data/shapes
 """
@@ -27,6 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--counts", type=int, nargs="+", default=[0, 3, 5, 8, 10**6],
+                        help="network_concepts values to time (capped at the number of concepts)")
     args = parser.parse_args(argv)
     bundle = load_bundle(args.bundle)
     spec = bundle.metadata.input
@@ -35,8 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       lambda name: make_session(bundle.path(name), ["CPUExecutionProvider"], 1))
     files = sorted((args.data / "test").glob("*/*.png"))
     files = files[:: max(1, len(files) // args.images)][: args.images]
-    counts = (0, 8, explainer.num_concepts)
-    times: dict[str, list[float]] = {"classifier": [], **{f"network_concepts={n}": [] for n in counts}}
+    counts = tuple(dict.fromkeys(min(n, explainer.num_concepts) for n in args.counts))
+    tables = ConceptExplainer(explainer.spec, explainer.network, explainer.sessions, None)
+    times: dict[str, list[float]] = {"classifier": [], "tables alone (no anchor)": [],
+                                     **{f"network_concepts={n}": [] for n in counts}}
     for f in files:
         x = normalize(to_pixels(decode_image(f.read_bytes(), max_pixels=10**8, allowed_formats=("PNG", "JPEG")),
                                 spec)[None], spec)
@@ -45,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = classifier(x)
             times["classifier"].append((time.perf_counter() - t0) * 1000)
             batch, target = explainer.encode(out.activations), int(out.logits[0].argmax())
+            t0 = time.perf_counter()
+            tables.answer(batch, 0, target, 0)
+            times["tables alone (no anchor)"].append((time.perf_counter() - t0) * 1000)
             for n in counts:
                 t0 = time.perf_counter()
                 explainer.answer(batch, 0, target, n)

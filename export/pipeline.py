@@ -737,6 +737,15 @@ class BuildDemoStep:
         "redo data and training even if present (default: reuse them)"))
     accept_failed_checks: bool = field(default=False, metadata=_help(
         "archive the demo even if its concept validity checks failed (default: refuse)"))
+    cladec_sweep: bool = field(default=False, metadata=_help(
+        "also train and judge ClaDec's report-only alphas (the trade-off sweep; default: only the served "
+        "alphas, which keeps make demo within 15 minutes on 2 cores; concept-explainer cladec sweeps them)"))
+
+
+def demo_cladec_config(sweep: bool) -> ClaDecConfig:
+    """ClaDec's defaults for the demo: without ``sweep`` only the served alphas are trained and
+    judged (the report-only ones and their fresh classifiers were about 200 s of a demo build)."""
+    return ClaDecConfig() if sweep else ClaDecConfig(sweep_alphas=ClaDecConfig().alphas)
 
 
 def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, cladec: ClaDecConfig | None = None
@@ -757,7 +766,8 @@ def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, clade
     report["export"] = export_bundle(ExportStep(out=bundle, model=source, name=step.name, version=step.version))
     report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=source,
                                                    concepts=concepts or ConceptConfig()))
-    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source, cladec=cladec or ClaDecConfig()))
+    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source,
+                                             cladec=cladec or demo_cladec_config(step.cladec_sweep)))
     report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=source))
     report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=data))
     if (data / "factors.csv").is_file():

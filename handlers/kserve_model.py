@@ -5,7 +5,9 @@ KServe v1 ``/v1/models/{m}:predict`` and ``:explain``, and the Open Inference Pr
 ``/v2/models/{m}/infer`` (``"parameters": {"explain": true}`` for explanations: KServe's
 server has no v2 explain route). Requests and answers are those of the TorchServe routes
 (:mod:`handlers.runtime.protocols`), and the handler's metrics appear on ``/metrics`` under
-TorchServe's names and labels.
+TorchServe's names and labels. Bodies over the model's ``max_request_bytes`` are refused with
+413 before KServe reads them whole (:class:`BodyLimit`), as TorchServe's frontend refuses
+bodies over its ``max_request_size``.
 
 Start it (loopback by default)::
 
@@ -100,6 +102,65 @@ class ExplainerModelCore:
             self.service.close()
 
 
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` with 413 before the server
+    parses it. A ``Content-Length`` over the limit is refused unread; a body without one (or
+    longer than it said) is read chunk by chunk and refused at the first byte past the limit.
+    An accepted body is buffered (at most ``max_bytes``) and handed to the application."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _too_large(send, f"request body is {int(declared)} bytes; the limit is {self.max_bytes}")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _too_large(send, f"request body exceeds the limit of {self.max_bytes} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, delivered = b"".join(chunks), False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+        await self.app(scope, replay, send)
+
+
+async def _too_large(send: Any, message: str) -> None:
+    payload = json.dumps({"error": f"PayloadTooLarge: {message}"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def _limit_bodies(app: Any, max_bytes: int) -> None:
+    """Put :class:`BodyLimit` in front of KServe's application once (the largest limit of the
+    models created in this process applies: the application is shared)."""
+    for m in app.user_middleware:
+        if m.cls is BodyLimit:
+            m.kwargs["max_bytes"] = max(m.kwargs["max_bytes"], max_bytes)
+            return
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+
+
 async def _protocol_reply(_: Any, exc: Exception) -> Any:
     """FastAPI exception handler: a :class:`ProtocolReply` as the response it carries."""
     from fastapi.responses import Response
@@ -121,8 +182,9 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
     import kserve
     from kserve.model_server import app
 
-    app.add_exception_handler(ProtocolReply, _protocol_reply)
     core = ExplainerModelCore(source, exporter, gpu_id)
+    app.add_exception_handler(ProtocolReply, _protocol_reply)
+    _limit_bodies(app, core.settings.max_request_bytes)
 
     class ConceptExplainerModel(kserve.Model):
         def load(self) -> bool:

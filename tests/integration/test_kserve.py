@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import http.client
 import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import requests
 
@@ -162,6 +165,39 @@ def test_a_hosts_own_model_server_keeps_the_answers_statuses(tiny_explainer_mar,
         r = requests.post(f"{ks.url}/v1/models/tinyx:predict", timeout=60,
                           json={"instances": [{"data": b64(sample_pngs[0])}]})
         assert r.status_code == 200 and "predictions" in r.json()
+
+
+def _rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(kserve_server):
+    """max_request_bytes (10 MiB, TorchServe's max_request_size) holds on the KServe door
+    before any parsing: a declared 300 MB body is refused unread, a chunked one at the
+    first 10 MiB; the server's memory does not grow by the body, and it answers after."""
+    before = _rss(kserve_server.proc.pid)
+    conn = http.client.HTTPConnection("127.0.0.1", kserve_server.port, timeout=30)
+    conn.putrequest("POST", "/v1/models/tinyx:predict")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(300 * 2**20))
+    conn.endheaders()
+    sent = 0
+    with contextlib.suppress(OSError):  # the server closes the connection once it has refused
+        for _ in range(300):
+            conn.send(b"a" * 2**20)
+            sent += 1
+    r = conn.getresponse()
+    assert r.status == 413 and json.loads(r.read())["error"].startswith("PayloadTooLarge: request body is 314572800")
+    assert sent < 300
+    chunks = (b"a" * 2**20 for _ in range(300))  # no Content-Length: chunked transfer
+    r2 = requests.post(f"{kserve_server.url}/v1/models/tinyx:predict", data=chunks, timeout=60,
+                       headers={"Content-Type": "application/json"})
+    assert r2.status_code == 413 and r2.json()["error"].startswith("PayloadTooLarge: ")
+    assert_valid(r2.json(), "protocol-error")
+    assert _rss(kserve_server.proc.pid) - before < 50 * 2**20
+    ok = requests.post(f"{kserve_server.url}/v1/models/tinyx:predict", json={"instances": [{"data": "AAAA"}]},
+                       timeout=60)
+    assert ok.status_code == 400
 
 
 def test_torchserve_token_auth_holds_on_the_kserve_routes(server, sample_pngs):

@@ -11,7 +11,7 @@ from export import cli
 from export.concepts import failed_checks
 from export.cladec import ClaDecConfig
 from export.concepts import ConceptConfig
-from export.pipeline import PARITY_TOLERANCE, BuildDemoStep, build_demo
+from export.pipeline import PARITY_TOLERANCE, BuildDemoStep, build_demo, demo_cladec_config
 
 
 @pytest.mark.slow
@@ -74,3 +74,10 @@ def test_build_demo_produces_a_complete_archive(tmp_path):
     status = cli.main(["archive", "--bundle", str(bundle), "--model-store", str(again)])
     assert status == (1 if report["archive"]["failed_checks"] else 0)
     assert (again / "mini.mar").is_file() == (status == 0)
+
+
+def test_the_demo_trains_only_the_served_cladec_alphas_unless_asked_to_sweep():
+    quick, full = demo_cladec_config(False), demo_cladec_config(True)
+    assert quick.sweep_alphas == quick.alphas == ClaDecConfig().alphas
+    assert full == ClaDecConfig() and set(full.alphas) < set(full.sweep_alphas)
+    assert BuildDemoStep().cladec_sweep is False
