@@ -2,6 +2,7 @@
 tests), configured from the repository's ``config.properties`` and ``metrics.yaml``."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -153,13 +154,16 @@ class KServeServer:
     """KServe's Python model server with the explainer (``handlers/kserve_model.py``) on a free
     loopback port: ``with KServeServer(workdir, mar=path, name="m") as ks: ks.url``."""
 
-    def __init__(self, workdir: Path, mar: Path, name: str, timeout: float = 120, plain: bool = False) -> None:
+    def __init__(self, workdir: Path, mar: Path, name: str, timeout: float = 120, plain: bool = False,
+                 settings: dict[str, object] | None = None) -> None:
         """``plain``: run the model as a host that builds it with ``create_model`` under its own
         ``kserve.ModelServer`` would (binds every interface: KServe's server has no host
-        option), instead of through ``concept-explainer-kserve``."""
+        option), instead of through ``concept-explainer-kserve``. ``settings``: handler
+        settings over the archive's (``--config``), e.g. ``{"max_inflight": 2}``."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mar, self.name, self.timeout, self.plain = Path(mar), name, timeout, plain
+        self.settings = settings
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -174,6 +178,10 @@ class KServeServer:
     def start(self) -> KServeServer:
         cmd = [sys.executable, "-m", "handlers.kserve_model", "--mar", str(self.mar), "--name", self.name,
                "--http-port", str(self.port)]
+        if self.settings is not None:
+            config = self.workdir / "model-config.yaml"
+            config.write_text(json.dumps({"handler": self.settings}))  # JSON is YAML
+            cmd += ["--config", str(config)]
         if self.plain:
             cmd = [sys.executable, "-c", _PLAIN_MODEL_SERVER, str(self.mar), self.name, str(self.port)]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(self.workdir / "kserve.out", "wb"),

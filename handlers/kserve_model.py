@@ -7,7 +7,8 @@ server has no v2 explain route). Requests and answers are those of the TorchServ
 (:mod:`handlers.runtime.protocols`), and the handler's metrics appear on ``/metrics`` under
 TorchServe's names and labels. Bodies over the model's ``max_request_bytes`` are refused with
 413 before KServe reads them whole (:class:`BodyLimit`), as TorchServe's frontend refuses
-bodies over its ``max_request_size``.
+bodies over its ``max_request_size``; beyond ``max_inflight`` requests at once the door answers
+503 with ``Retry-After`` (:class:`InflightLimit`), as TorchServe does past its job queue.
 
 Start it (loopback by default)::
 
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 import tempfile
 import warnings
@@ -32,7 +34,7 @@ from handlers.runtime import metrics as metrics_mod
 from handlers.runtime import protocols
 from handlers.runtime import settings as settings_mod
 from handlers.runtime.service import ExplainerService, RawRequest
-from handlers.runtime.source import ModelSource, from_bundle, from_mar
+from handlers.runtime.source import ModelSource, from_bundle, from_mar, read_handler_section
 
 log = logging.getLogger(__name__)
 
@@ -143,22 +145,58 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class InflightLimit:
+    """ASGI middleware: at most ``max_inflight`` inference requests (v1 ``:predict`` /
+    ``:explain``, v2 ``/infer``) in the server at once; the next one is answered 503 with
+    ``Retry-After`` immediately, so a load balancer or autoscaler sees saturation instead of a
+    queue that grows without bound. Health, metadata and ``/metrics`` are never refused."""
+
+    def __init__(self, app: Any, max_inflight: int, retry_after_s: int = 1) -> None:
+        self.app, self.max_inflight, self.retry_after_s = app, max_inflight, retry_after_s
+        self.inflight = 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.endswith((":predict", ":explain", "/infer")):
+            await self.app(scope, receive, send)
+            return
+        if self.inflight >= self.max_inflight:
+            await _refuse(send, 503, f"ServiceUnavailable: {self.inflight} requests in flight, the limit is "
+                                     f"{self.max_inflight}; retry after {self.retry_after_s} s",
+                          [(b"retry-after", str(self.retry_after_s).encode())])
+            return
+        self.inflight += 1  # one event loop: no lock needed
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.inflight -= 1
+
+
 async def _too_large(send: Any, message: str) -> None:
-    payload = json.dumps({"error": f"PayloadTooLarge: {message}"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+    await _refuse(send, 413, f"PayloadTooLarge: {message}", [(b"connection", b"close")])
+
+
+async def _refuse(send: Any, status: int, message: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """Answer ``status`` with KServe's error shape ``{"error": message}``."""
+    payload = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()), *headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
-def _limit_bodies(app: Any, max_bytes: int) -> None:
-    """Put :class:`BodyLimit` in front of KServe's application once (the largest limit of the
-    models created in this process applies: the application is shared)."""
+def _guard(app: Any, settings: settings_mod.HandlerSettings) -> None:
+    """Put :class:`BodyLimit` and :class:`InflightLimit` in front of KServe's application,
+    once each; the application is shared by the models of a process, so the largest body
+    limit and the largest in-flight bound of the models created here apply."""
+    wanted: dict[Any, tuple[str, int]] = {BodyLimit: ("max_bytes", settings.max_request_bytes),
+                                          InflightLimit: ("max_inflight", settings.max_inflight)}
     for m in app.user_middleware:
-        if m.cls is BodyLimit:
-            m.kwargs["max_bytes"] = max(m.kwargs["max_bytes"], max_bytes)
-            return
-    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+        if m.cls in wanted:
+            key, value = wanted.pop(m.cls)
+            m.kwargs[key] = max(m.kwargs[key], value)
+    for cls, (key, value) in wanted.items():
+        app.add_middleware(cls, **{key: value})
 
 
 async def _protocol_reply(_: Any, exc: Exception) -> Any:
@@ -184,7 +222,7 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
 
     core = ExplainerModelCore(source, exporter, gpu_id)
     app.add_exception_handler(ProtocolReply, _protocol_reply)
-    _limit_bodies(app, core.settings.max_request_bytes)
+    _guard(app, core.settings)
 
     class ConceptExplainerModel(kserve.Model):
         def load(self) -> bool:
@@ -210,9 +248,15 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
     return model
 
 
-def serve(model: Any, host: str, port: int) -> None:
+def serve(model: Any, host: str, port: int, grace_period_s: int = 30) -> None:
     """Load the model and run KServe's REST server (v1, v2, /metrics) on ``host:port`` until
-    SIGINT/SIGTERM. gRPC is off: the REST protocols are this front door's contract."""
+    SIGINT/SIGTERM. gRPC is off: the REST protocols are this front door's contract.
+
+    SIGTERM (what Kubernetes sends on a rolling update or scale-down) shuts down gracefully:
+    the server stops accepting connections, so readiness fails first, finishes the requests
+    in flight within ``grace_period_s`` and returns; the process then exits 0. (uvicorn
+    re-raises the signal it caught once it has stopped; the no-op handler installed here
+    receives it instead of the default one, which would end the process with -15.)"""
     from kserve import ModelServer
     from kserve.model_server import FASTAPI_APP_IMPORT_STRING
     from kserve.protocol.rest.server import RESTServer
@@ -223,13 +267,17 @@ def serve(model: Any, host: str, port: int) -> None:
     server = ModelServer(http_port=port, enable_grpc=False, workers=1, enable_latency_logging=False)
     server.register_model(model)
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port,
-                      workers=1)
+                      workers=1, grace_period=grace_period_s)
     rest.config.host = host  # KServe binds every interface; a local server stays on loopback
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     log.info("serving %s on http://%s:%d (KServe v1, v2)", model.name, host, port)
     try:
         rest.run()
     finally:
         model.core.close()
+    log.info("stopped%s", f" on signal {stopping[0]}" if stopping else "")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,10 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--mar", type=Path, help="a .mar built by concept-explainer archive")
     source.add_argument("--bundle", type=Path, help="a bundle folder (build/NAME/bundle)")
     parser.add_argument("--name", help="model name (default: the .mar's or the bundle's)")
-    parser.add_argument("--config", type=Path, help="model-config.yaml whose handler: section to use with --bundle "
-                                                    "(default: the built-in defaults)")
+    parser.add_argument("--config", type=Path, help="model-config.yaml whose handler: settings to serve with: over the "
+                                                    ".mar's own, or over the built-in defaults for --bundle")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: %(default)s)")
     parser.add_argument("--http-port", type=int, default=8085, help="HTTP port (default: %(default)s)")
+    parser.add_argument("--grace-period", type=int, default=30,
+                        help="seconds SIGTERM waits for the requests in flight before the server stops; keep it "
+                             "below the pod's terminationGracePeriodSeconds (default: %(default)s)")
     parser.add_argument("--gpu-id", type=int, default=-1,
                         help="GPU for every session when the providers include CUDA ([gpu] flavour); -1: the CPU "
                              "(default: %(default)s)")
@@ -258,13 +309,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.mar is not None:
                 src = from_mar(args.mar, Path(tmp))
-                src = ModelSource(args.name or src.name, src.model_dir, src.handler)
+                handler = {**src.handler, **(read_handler_section(args.config) if args.config else {})}
+                src = ModelSource(args.name or src.name, src.model_dir, handler)
             else:
                 src = from_bundle(args.bundle, args.name, args.config)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             print(f"concept-explainer-kserve: cannot read the model: {exc}", file=sys.stderr)
             return 2
-        serve(create_model(src, gpu_id=None if args.gpu_id < 0 else args.gpu_id), args.host, args.http_port)
+        serve(create_model(src, gpu_id=None if args.gpu_id < 0 else args.gpu_id), args.host, args.http_port,
+              args.grace_period)
     return 0
 
 

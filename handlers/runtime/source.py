@@ -49,9 +49,14 @@ def from_mar(mar: Path, into: Path) -> ModelSource:
     return ModelSource(model.get("modelName") or mar.stem, into, (config or {}).get("handler") or {})
 
 
+def read_handler_section(config: Path) -> dict[str, Any]:
+    """The ``handler:`` section of a model-config.yaml (empty when it has none)."""
+    return dict((yaml.safe_load(config.read_text()) or {}).get("handler") or {})
+
+
 def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ModelSource:
     """A bundle folder served as it is; settings from ``config`` (a model-config.yaml) or defaults."""
-    section = (yaml.safe_load(config.read_text()) or {}).get("handler") if config else None
+    section = read_handler_section(config) if config else None
     section = dict(section or {})
     section["bundle_dir"] = bundle.name
     meta = json.loads((bundle / "metadata.json").read_text())

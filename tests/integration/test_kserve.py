@@ -11,6 +11,11 @@ import base64
 import contextlib
 import http.client
 import json
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +293,64 @@ def test_the_kserve_storage_layout_starts_torchserve_as_kserves_runtime_does(tin
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_saturation_answers_503_with_retry_after_never_a_timeout(tiny_explainer_mar, tmp_path, sample_pngs):
+    """max_inflight 2: of 24 explanations sent 12 at a time, the ones beyond the bound are
+    answered 503 at once with Retry-After in KServe's error shape; every other one is 200,
+    none times out or fails, and health stays answered meanwhile."""
+    body = {"instances": [{"data": b64(png)} for png in sample_pngs[:4]]}
+    with KServeServer(tmp_path, tiny_explainer_mar, "tinyx", settings={"max_inflight": 2}) as ks:
+        def ask(_: int) -> requests.Response:
+            return requests.post(f"{ks.url}/v1/models/tinyx:explain", json=body, timeout=60)
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, range(24)))
+            health = requests.get(f"{ks.url}/v1/models/tinyx", timeout=10)
+        statuses = [r.status_code for r in answers]
+        assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+        for r in answers:
+            if r.status_code == 503:
+                assert r.headers["retry-after"] == "1" and r.json()["error"].startswith("ServiceUnavailable: ")
+                assert_valid(r.json(), "protocol-error")
+        assert health.status_code == 200
+        after = requests.post(f"{ks.url}/v1/models/tinyx:predict", json={"instances": [{"data": b64(sample_pngs[0])}]},
+                              timeout=60)
+        assert after.status_code == 200  # the bound frees up: nothing leaked
+
+
+def test_sigterm_mid_traffic_finishes_the_requests_in_flight_and_exits_0(tiny_explainer_mar, tmp_path, sample_pngs):
+    """What Kubernetes does on every rolling update: SIGTERM while 8 clients ask for
+    explanations. Every request sent before the signal is answered 200 (the ones in flight
+    complete after it), later ones are refused by a closed socket, and the server exits 0
+    well within its grace period."""
+    body = {"instances": [{"data": b64(png)} for png in sample_pngs[:2]]}
+    outcomes: list[tuple[float, float, int | str]] = []
+    done = threading.Event()
+    with KServeServer(tmp_path, tiny_explainer_mar, "tinyx") as ks:
+        def client() -> None:
+            while not done.is_set():
+                t0 = time.monotonic()
+                try:  # a new connection per request: no keep-alive race with the shutdown
+                    r = requests.post(f"{ks.url}/v1/models/tinyx:explain", json=body, timeout=60,
+                                      headers={"Connection": "close"})
+                    outcomes.append((t0, time.monotonic(), r.status_code))
+                except requests.RequestException as exc:
+                    outcomes.append((t0, time.monotonic(), type(exc).__name__))
+                    time.sleep(0.05)
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        signalled = time.monotonic()
+        os.kill(ks.proc.pid, signal.SIGTERM)
+        code = ks.proc.wait(timeout=40)
+        stopped = time.monotonic()
+        done.set()
+        for t in threads:
+            t.join(timeout=70)
+    assert code == 0 and stopped - signalled < 30, (code, stopped - signalled)
+    before = [o for o in outcomes if o[0] < signalled - 0.2]  # surely accepted before the socket closed
+    assert len(before) >= 16 and all(o[2] == 200 for o in before), [o[2] for o in before if o[2] != 200]
+    assert any(o[2] == 200 and o[1] > signalled for o in outcomes), "no request in flight completed after the signal"
+    answered = [o[2] for o in outcomes if isinstance(o[2], int)]
+    assert set(answered) == {200}, answered  # every answer a 200; the rest were refused connections

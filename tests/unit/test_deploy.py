@@ -55,7 +55,8 @@ def check_inference_service(doc: dict) -> None:
     assert annotations.get("serving.kserve.io/enable-prometheus-scraping") == "true"
     assert annotations.get("serving.kserve.io/deploymentMode") in ("RawDeployment", "Serverless", None)
     predictor = doc["spec"]["predictor"]
-    assert set(predictor) <= {"minReplicas", "maxReplicas", "model", "containers", "scaleMetric", "scaleTarget"}
+    assert set(predictor) <= {"minReplicas", "maxReplicas", "model", "containers", "scaleMetric", "scaleTarget",
+                              "terminationGracePeriodSeconds"}
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     assert ("model" in predictor) != ("containers" in predictor), "a predictor is a model or containers"
     if "model" in predictor:
@@ -76,6 +77,8 @@ def check_inference_service(doc: dict) -> None:
         assert str(args.mar).startswith("/mnt/models/") and args.host == "0.0.0.0"
         assert args.http_port == container["ports"][0]["containerPort"]
         assert any(e["name"] == "STORAGE_URI" for e in container["env"])
+        # the pod waits longer than the server's own grace period, or in-flight requests are killed
+        assert predictor["terminationGracePeriodSeconds"] > args.grace_period > 0
 
 
 @pytest.mark.parametrize("doc", inference_services(), ids=lambda d: d["metadata"]["name"])

@@ -81,6 +81,7 @@ def test_counts_below_one_are_rejected_naming_the_setting(name, value):
     ("cladec_alphas", "highest"), ("cladec_alphas", 0.0), ("cladec_alphas", None), ("cladec_image_format", "webp"),
     ("cladec_image_format", ""), ("cladec_image_format", 3), ("cladec_chunk_rows", -1), ("cladec_chunk_rows", 1.5),
     ("network_concepts", -1), ("network_concepts", "all"), ("network_concepts", True),
+    ("max_inflight", 0), ("max_inflight", "many"),
 ])
 def test_malformed_values_name_the_setting(name, value):
     with pytest.raises(SettingsError, match=name):
