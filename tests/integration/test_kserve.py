@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import signal
+import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -354,3 +355,125 @@ def test_sigterm_mid_traffic_finishes_the_requests_in_flight_and_exits_0(tiny_ex
     assert any(o[2] == 200 and o[1] > signalled for o in outcomes), "no request in flight completed after the signal"
     answered = [o[2] for o in outcomes if isinstance(o[2], int)]
     assert set(answered) == {200}, answered  # every answer a 200; the rest were refused connections
+
+
+def _hostile_kserve_bodies(good: bytes, n: int, seed: int = 0) -> list[tuple[str, bytes, str, int | None]]:
+    """(route, body, content type, expected status or None for "any 4xx") for n hostile requests
+    on the KServe door's own routes."""
+    from tests.integration.test_reliability import bomb_png
+    rng = np.random.default_rng(seed)
+    g = b64(good)
+
+    def v1(*instances: dict) -> bytes:
+        return json.dumps({"instances": list(instances)}).encode()
+
+    def v2(**tensor: Any) -> bytes:
+        return json.dumps({"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [g], **tensor}]}
+                          ).encode()
+    kinds = [
+        lambda: ("predict", v1({"data": b64(rng.bytes(int(rng.integers(1, 400))))}), "application/json", 400),
+        lambda: ("predict", v1({"data": b64(good[: int(rng.integers(8, len(good) - 40))])}), "application/json", 400),
+        lambda: ("predict", v1({"data": "!!" + g[:50]}), "application/json", 400),
+        lambda: ("predict", v1({"data": g, "top_k": int(rng.integers(-5, 0))}), "application/json", 400),
+        lambda: ("explain", v1({"data": g, "target": "no-such-class"}), "application/json", 400),
+        lambda: ("explain", v1({"data": g, "top_concepts": 10**9}), "application/json", 400),
+        lambda: ("predict", v1({"data": b64(bomb_png(60_000, 60_000))}), "application/json", 413),
+        lambda: ("predict", v1({"data": b64(b"GIF89a" + rng.bytes(30))}), "application/json", 415),
+        lambda: ("predict", v1(*[{"data": g}] * 33), "application/json", 413),
+        lambda: ("predict", v1(), "application/json", 400),
+        lambda: ("predict", b'{"instances": [' + rng.bytes(8), "application/json", None),
+        lambda: ("predict", b"[" * 5000 + b"]" * 5000, "application/json", None),
+        lambda: ("predict", b'{"instances": [{"data": "\xff\xfe\xfd"}]}', "application/json", None),
+        lambda: ("predict", json.dumps({"instances": "not a list"}).encode(), "application/json", 400),
+        lambda: ("infer", v2(shape=[3]), "application/json", None),
+        lambda: ("infer", v2(datatype="FP32", data=[1.0]), "application/json", None),
+    ]
+    out = []
+    for i in range(n):
+        route, body, ctype, status = kinds[i % len(kinds)]()
+        out.append((route, body, ctype, status))
+    return out
+
+
+def test_1000_hostile_requests_on_the_kserve_door_get_4xx_and_the_server_stays(kserve_server, sample_pngs):
+    """The TorchServe door's hostile-input test, on the KServe door's own routes: 1,000 hostile
+    bodies mixed with valid ones at 8 clients; every hostile one a 4xx with a JSON error and
+    no internal repr, every valid one the same answer, and the same process afterwards."""
+    pid = kserve_server.proc.pid
+    good = sample_pngs[0]
+    url = {"predict": f"{kserve_server.url}/v1/models/tinyx:predict",
+           "explain": f"{kserve_server.url}/v1/models/tinyx:explain",
+           "infer": f"{kserve_server.url}/v2/models/tinyx/infer"}
+    valid = json.dumps({"instances": [{"data": b64(good)}]}).encode()
+    reference = requests.post(url["predict"], data=valid, headers={"Content-Type": "application/json"}, timeout=60)
+    assert reference.status_code == 200
+    jobs: list[tuple[str, bytes, str, int | None]] = []
+    for i, job in enumerate(_hostile_kserve_bodies(good, 1000)):
+        jobs.append(job)
+        if i % 5 == 0:
+            jobs.append(("predict", valid, "application/json", 200))
+
+    def send(job: tuple[str, bytes, str, int | None]) -> tuple[int, bytes]:
+        route, body, ctype, _ = job
+        r = requests.post(url[route], data=body, headers={"Content-Type": ctype}, timeout=60)
+        return r.status_code, r.content
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, jobs))
+    seconds = time.monotonic() - t0
+    wrong = []
+    for (route, body, _, expected), (status, content) in zip(jobs, results):
+        ok = status == expected if expected is not None else 400 <= status < 500
+        if not ok:
+            wrong.append((route, body[:60], expected, status, content[:200]))
+            continue
+        doc = json.loads(content)
+        if expected == 200:
+            if doc != reference.json():
+                wrong.append(("wrong answer", content[:200]))
+        elif not (isinstance(doc.get("error"), str) and doc["error"]) or "0x" in doc["error"]:
+            wrong.append(("error body", content[:200]))
+    assert not wrong, wrong[:5]
+    assert kserve_server.proc.poll() is None and kserve_server.proc.pid == pid
+    print(f"\nKServe door: {len(jobs)} requests (1000 hostile) in {seconds:.1f} s, 0 wrong, 0 5xx, same process")
+
+
+def test_short_soak_of_the_kserve_door(kserve_server, sample_pngs):
+    """8 clients for 15 s of explanations and predictions on the KServe door: no errors, and the
+    server's resident memory in the last 4 s within 5 % of the first 4 s (the TorchServe door's
+    soak, tests/integration/test_soak.py, on the other front door)."""
+    proc = psutil.Process(kserve_server.proc.pid)
+    bodies = [json.dumps({"instances": [{"data": b64(png)}]}).encode() for png in sample_pngs[:4]]
+    deadline = time.monotonic() + 15
+    statuses: list[int | str] = []
+    rss: list[tuple[float, int]] = []
+
+    def client(k: int) -> None:
+        with requests.Session() as session:
+            i = 0
+            while time.monotonic() < deadline and len(statuses) < 5000:
+                verb = "explain" if (i + k) % 2 else "predict"
+                try:
+                    r = session.post(f"{kserve_server.url}/v1/models/tinyx:{verb}", data=bodies[i % len(bodies)],
+                                     headers={"Content-Type": "application/json"}, timeout=60)
+                    statuses.append(r.status_code)
+                except requests.RequestException as exc:
+                    statuses.append(type(exc).__name__)
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    while any(t.is_alive() for t in threads):
+        rss.append((time.monotonic() - start, proc.memory_info().rss))
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    assert len(statuses) > 100 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    first = statistics.mean(m for t, m in rss if t <= 4)
+    last = statistics.mean(m for t, m in rss if t >= rss[-1][0] - 4)
+    assert last / first < 1.05, (first, last)
+    print(f"\nKServe door soak: {len(statuses)} requests in 15 s at 8 clients, 0 errors, "
+          f"RSS {first / 2**20:.0f} -> {last / 2**20:.0f} MB")
