@@ -9,7 +9,6 @@ import signal
 import struct
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import requests
 
 from export.client import read_keys
 from tests.answer_schema import assert_answer, assert_valid
-from tests.integration.server import TorchServe, post, workers
+from tests.integration.server import TorchServe, concurrently, post, workers
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +76,7 @@ def test_1000_malformed_mixed_with_valid(server, sample_pngs):
                           headers={"Content-Type": ctype, "Authorization": f"Bearer {key}"})
         return r.status_code, r.content
 
-    t0 = time.monotonic()
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(send, jobs))
-    seconds = time.monotonic() - t0
+    results, seconds = concurrently(send, jobs)
     wrong = []
     for (body, ctype, endpoint, expected), (status, content) in zip(jobs, results):
         if status != expected:
