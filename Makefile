@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODEL ?= shapes
 SAMPLE ?= $(firstword $(sort $(wildcard data/shapes/test/star/*.png)))
 
-.PHONY: venv demo build serve serve-kserve kserve-storage query stop test prometheus chromium test-unit test-integration soak latency monitor-overhead bench bench-smoke real-data lint clean
+.PHONY: venv demo build serve serve-kserve kserve-storage query stop test prometheus chromium test-unit test-integration soak soak-kserve latency monitor-overhead bench bench-smoke real-data lint clean
 
 # The onnxruntime flavour, cpu or gpu (exactly one is installed; switching uninstalls the other).
 FLAVOUR ?= cpu
@@ -90,6 +90,11 @@ test-integration: venv
 ## Against the running demo server (make demo): 2 minutes of 8 clients; latency side by side.
 soak: venv
 	$(PY) -m bench.soak --model $(MODEL) --image $(SAMPLE) --seconds 120 --clients 8
+
+## The same soak on the KServe door (its own server on a free loopback port), then SIGKILL and a restart.
+soak-kserve: venv
+	$(PY) -m bench.kserve_soak --mar model_store/$(MODEL).mar --image $(SAMPLE) --seconds 120 --clients 8 \
+		--out bench/results/soak-kserve.json
 
 latency: venv
 	$(PY) -m bench.latency --model $(MODEL) --image $(SAMPLE) --requests 200

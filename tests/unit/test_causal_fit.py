@@ -113,13 +113,26 @@ def test_concept_report_has_checks_and_interventional_rows(tiny_concept_bundle: 
 
 
 def test_archive_refuses_a_bundle_that_fails_its_checks(tiny_concept_bundle: Path, tmp_path: Path):
+    """A bundle whose concepts report has a failed check is refused, naming it. (The tiny model
+    may pass or fail its checks depending on the run: a one-class classifier agrees with
+    everything, so the failure is written into a copy of the bundle, its manifest rewritten.)"""
+    from export.archive import write_bundle
     from export.concepts import failed_checks
     from export.pipeline import ArchiveStep, FailedChecksError, archive
-    report = json.loads((tiny_concept_bundle / "concepts.json").read_text())["report"]
-    failed = failed_checks(report)
-    assert failed, "a 3-step tiny model should not meet the validity targets"
-    step = ArchiveStep(bundle=tiny_concept_bundle, name="t", version="0.1", model_store=tmp_path)
+    from handlers.runtime.bundle import ModelMetadata
+
+    def fail_fidelity(tmp: Path) -> ModelMetadata:
+        doc = json.loads((tmp / "concepts.json").read_text())
+        for check in doc["report"]["checks"]:
+            if check["name"] == "fidelity":
+                check.update(measured=0.1, passed=False)
+        (tmp / "concepts.json").write_text(json.dumps(doc))
+        return ModelMetadata.from_json(json.loads((tmp / "metadata.json").read_text()))
+    bundle = write_bundle(tmp_path / "bundle", fail_fidelity, base=tiny_concept_bundle)
+    failed = failed_checks(json.loads((bundle / "concepts.json").read_text())["report"])
+    assert "fidelity" in [c["name"] for c in failed]
+    step = ArchiveStep(bundle=bundle, name="t", version="0.1", model_store=tmp_path)
     with pytest.raises(FailedChecksError) as err:
         archive(step)
-    assert failed[0]["name"] in str(err.value) and "--accept-failed-checks" in str(err.value)
+    assert "fidelity" in str(err.value) and "--accept-failed-checks" in str(err.value)
     assert not (tmp_path / "t.mar").exists()
