@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import requests
@@ -155,15 +156,17 @@ class KServeServer:
     loopback port: ``with KServeServer(workdir, mar=path, name="m") as ks: ks.url``."""
 
     def __init__(self, workdir: Path, mar: Path, name: str, timeout: float = 120, plain: bool = False,
-                 settings: dict[str, object] | None = None) -> None:
+                 settings: dict[str, object] | None = None, args: Sequence[str] = ()) -> None:
         """``plain``: run the model as a host that builds it with ``create_model`` under its own
         ``kserve.ModelServer`` would (binds every interface: KServe's server has no host
         option), instead of through ``concept-explainer-kserve``. ``settings``: handler
-        settings over the archive's (``--config``), e.g. ``{"max_inflight": 2}``."""
+        settings over the archive's (``--config``), e.g. ``{"max_inflight": 2}``; ``args``: more
+        options of ``concept-explainer-kserve`` (e.g. ``["--drain-seconds", "1"]``)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mar, self.name, self.timeout, self.plain = Path(mar), name, timeout, plain
         self.settings = settings
+        self.args = list(args)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -178,6 +181,7 @@ class KServeServer:
     def start(self) -> KServeServer:
         cmd = [sys.executable, "-m", "handlers.kserve_model", "--mar", str(self.mar), "--name", self.name,
                "--http-port", str(self.port)]
+        cmd += self.args
         if self.settings is not None:
             config = self.workdir / "model-config.yaml"
             config.write_text(json.dumps({"handler": self.settings}))  # JSON is YAML

@@ -24,6 +24,7 @@ import logging
 import signal
 import sys
 import tempfile
+import threading
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -185,6 +186,28 @@ async def _refuse(send: Any, status: int, message: str, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": payload})
 
 
+class Draining:
+    """ASGI middleware of the door's own server: once ``state["draining"]`` is set (SIGTERM),
+    the readiness routes (``/v1/models/{m}``, ``/v2/health/ready``, ``/v2/models/{m}/ready``)
+    answer 503 so that Kubernetes stops routing to the pod, while inference and liveness
+    (``/v2/health/live``) go on being answered until the server stops."""
+
+    def __init__(self, app: Any, state: dict[str, bool]) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.state.get("draining") and _is_readiness(scope.get("path", "")):
+            await _refuse(send, 503, "ModelNotReady: the server is shutting down", [])
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_readiness(path: str) -> bool:
+    parts = path.strip("/").split("/")
+    return (path == "/v2/health/ready" or (len(parts) == 3 and parts[:2] == ["v1", "models"] and ":" not in parts[2])
+            or (len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "ready"))
+
+
 def _guard(app: Any, settings: settings_mod.HandlerSettings) -> None:
     """Put :class:`BodyLimit` and :class:`InflightLimit` in front of KServe's application,
     once each; the application is shared by the models of a process, so the largest body
@@ -248,17 +271,19 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
     return model
 
 
-def serve(model: Any, host: str, port: int, grace_period_s: int = 30) -> None:
+def serve(model: Any, host: str, port: int, grace_period_s: int = 30, drain_s: float = 5.0) -> None:
     """Load the model and run KServe's REST server (v1, v2, /metrics) on ``host:port`` until
     SIGINT/SIGTERM. gRPC is off: the REST protocols are this front door's contract.
 
     SIGTERM (what Kubernetes sends on a rolling update or scale-down) shuts down gracefully:
-    the server stops accepting connections, so readiness fails first, finishes the requests
-    in flight within ``grace_period_s`` and returns; the process then exits 0. (uvicorn
-    re-raises the signal it caught once it has stopped; the no-op handler installed here
-    receives it instead of the default one, which would end the process with -15.)"""
+    readiness answers 503 at once (:class:`Draining`) while requests go on being served for
+    ``drain_s`` seconds, the time Kubernetes needs to take the pod out of its endpoints; then
+    the server stops accepting connections, finishes the requests in flight within
+    ``grace_period_s`` and returns, and the process exits 0. A second signal skips the drain.
+    (uvicorn re-raises the signal it caught once it has stopped; the no-op handler installed
+    here receives it instead of the default one, which would end the process with -15.)"""
     from kserve import ModelServer
-    from kserve.model_server import FASTAPI_APP_IMPORT_STRING
+    from kserve.model_server import FASTAPI_APP_IMPORT_STRING, app
     from kserve.protocol.rest.server import RESTServer
 
     # kserve 0.21 answers v1 with FastAPI's ORJSONResponse, which FastAPI now flags on every request.
@@ -269,6 +294,20 @@ def serve(model: Any, host: str, port: int, grace_period_s: int = 30) -> None:
     rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension, port,
                       workers=1, grace_period=grace_period_s)
     rest.config.host = host  # KServe binds every interface; a local server stays on loopback
+    state = {"draining": False}
+    app.add_middleware(Draining, state=state)
+    uv = getattr(rest, "_server", None)  # the uvicorn.Server (kserve 0.21, pinned); without it: no drain
+    if uv is not None and drain_s > 0:
+        stop = uv.handle_exit
+
+        def drain_then_stop(signum: int, frame: Any) -> None:
+            if state["draining"]:
+                stop(signum, frame)
+                return
+            state["draining"] = True
+            log.info("signal %d: readiness is false; serving %.1f s more, then stopping", signum, drain_s)
+            threading.Timer(drain_s, stop, args=(signum, frame)).start()
+        uv.handle_exit = drain_then_stop  # uvicorn installs self.handle_exit as the signal handler
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stopping.append(signum))
@@ -295,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", type=int, default=30,
                         help="seconds SIGTERM waits for the requests in flight before the server stops; keep it "
                              "below the pod's terminationGracePeriodSeconds (default: %(default)s)")
+    parser.add_argument("--drain-seconds", type=float, default=5.0,
+                        help="after SIGTERM, seconds readiness answers 503 while requests are still served, before "
+                             "the server stops accepting (default: %(default)s)")
     parser.add_argument("--gpu-id", type=int, default=-1,
                         help="GPU for every session when the providers include CUDA ([gpu] flavour); -1: the CPU "
                              "(default: %(default)s)")
@@ -317,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"concept-explainer-kserve: cannot read the model: {exc}", file=sys.stderr)
             return 2
         serve(create_model(src, gpu_id=None if args.gpu_id < 0 else args.gpu_id), args.host, args.http_port,
-              args.grace_period)
+              args.grace_period, args.drain_seconds)
     return 0
 
 

@@ -321,13 +321,15 @@ def test_saturation_answers_503_with_retry_after_never_a_timeout(tiny_explainer_
 
 def test_sigterm_mid_traffic_finishes_the_requests_in_flight_and_exits_0(tiny_explainer_mar, tmp_path, sample_pngs):
     """What Kubernetes does on every rolling update: SIGTERM while 8 clients ask for
-    explanations. Every request sent before the signal is answered 200 (the ones in flight
-    complete after it), later ones are refused by a closed socket, and the server exits 0
-    well within its grace period."""
+    explanations. Readiness answers 503 at once while liveness and inference go on for the
+    drain (1.5 s here); every request sent before the socket closes is answered 200 (the ones
+    in flight complete after it), later ones are refused, and the server exits 0 well within
+    drain + grace period."""
     body = {"instances": [{"data": b64(png)} for png in sample_pngs[:2]]}
     outcomes: list[tuple[float, float, int | str]] = []
     done = threading.Event()
-    with KServeServer(tmp_path, tiny_explainer_mar, "tinyx") as ks:
+    drain = 1.5
+    with KServeServer(tmp_path, tiny_explainer_mar, "tinyx", args=["--drain-seconds", str(drain)]) as ks:
         def client() -> None:
             while not done.is_set():
                 t0 = time.monotonic()
@@ -344,15 +346,25 @@ def test_sigterm_mid_traffic_finishes_the_requests_in_flight_and_exits_0(tiny_ex
         time.sleep(3.0)
         signalled = time.monotonic()
         os.kill(ks.proc.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        ready = requests.get(f"{ks.url}/v1/models/tinyx", timeout=10)
+        v2_ready = requests.get(f"{ks.url}/v2/health/ready", timeout=10)
+        live = requests.get(f"{ks.url}/v2/health/live", timeout=10)
+        during = requests.post(f"{ks.url}/v1/models/tinyx:predict", json={"instances": [{"data": b64(sample_pngs[0])}]},
+                               timeout=60)
+        asked_during = time.monotonic() - signalled
         code = ks.proc.wait(timeout=40)
         stopped = time.monotonic()
         done.set()
         for t in threads:
             t.join(timeout=70)
-    assert code == 0 and stopped - signalled < 30, (code, stopped - signalled)
-    before = [o for o in outcomes if o[0] < signalled - 0.2]  # surely accepted before the socket closed
+    assert code == 0 and drain <= stopped - signalled < drain + 30, (code, stopped - signalled)
+    assert ready.status_code == v2_ready.status_code == 503 and ready.json()["error"].startswith("ModelNotReady")
+    assert live.status_code == 200 and during.status_code == 200 and asked_during < drain
+    closed = signalled + drain  # the listening socket closes when the drain ends
+    before = [o for o in outcomes if o[0] < closed - 0.2]  # surely accepted before the socket closed
     assert len(before) >= 16 and all(o[2] == 200 for o in before), [o[2] for o in before if o[2] != 200]
-    assert any(o[2] == 200 and o[1] > signalled for o in outcomes), "no request in flight completed after the signal"
+    assert any(o[2] == 200 and o[1] > closed for o in outcomes), "no request in flight completed after the close"
     answered = [o[2] for o in outcomes if isinstance(o[2], int)]
     assert set(answered) == {200}, answered  # every answer a 200; the rest were refused connections
 

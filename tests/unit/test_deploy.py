@@ -78,7 +78,8 @@ def check_inference_service(doc: dict) -> None:
         assert args.http_port == container["ports"][0]["containerPort"]
         assert any(e["name"] == "STORAGE_URI" for e in container["env"])
         # the pod waits longer than the server's own grace period, or in-flight requests are killed
-        assert predictor["terminationGracePeriodSeconds"] > args.grace_period > 0
+        assert predictor["terminationGracePeriodSeconds"] > args.drain_seconds + args.grace_period
+        assert args.grace_period > 0 and args.drain_seconds > 0
 
 
 @pytest.mark.parametrize("doc", inference_services(), ids=lambda d: d["metadata"]["name"])
