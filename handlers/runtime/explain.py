@@ -137,11 +137,9 @@ class ConceptExplainer:
         if not self.interventions:
             return sorted((SourcedRecord(r, "bayesian_network") for r in records), key=_by_effect)
         asked = set(self.screening_order(records)[:network_concepts])
-        by_layer: dict[str, list[int]] = {}
-        for i in sorted(range(len(records)), key=lambda i: records[i].concept):
-            by_layer.setdefault(self._where[records[i].concept][0], [])
-            if i in asked:
-                by_layer[self._where[records[i].concept][0]].append(i)
+        by_layer: dict[str, list[int]] = {l.layer: [] for l in self.spec.layers}  # every layer runs, for its anchor
+        for i in sorted(asked, key=lambda i: records[i].concept):
+            by_layer[self._where[records[i].concept][0]].append(i)
         answered: list[SourcedRecord] = []
         anchors: dict[str, float] = {}
         for layer, idx in by_layer.items():
@@ -161,7 +159,7 @@ class ConceptExplainer:
         heatmap: "overlay" = a palette PNG with transparency, to draw over the input;
         "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
         network_concepts: how many concepts the network answers (0: the Bayesian network
-        answers all).
+        answers all, anchored where the bundle has intervention graphs).
         """
         t0 = time.perf_counter()
         records = self.answer(batch, row, target, network_concepts)

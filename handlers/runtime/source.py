@@ -56,8 +56,7 @@ def read_handler_section(config: Path) -> dict[str, Any]:
 
 def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ModelSource:
     """A bundle folder served as it is; settings from ``config`` (a model-config.yaml) or defaults."""
-    section = read_handler_section(config) if config else None
-    section = dict(section or {})
+    section = read_handler_section(config) if config else {}
     section["bundle_dir"] = bundle.name
     meta = json.loads((bundle / "metadata.json").read_text())
     return ModelSource(name or meta.get("name") or bundle.name, bundle.parent, section)

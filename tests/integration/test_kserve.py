@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import signal
-import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -449,40 +448,14 @@ def test_1000_hostile_requests_on_the_kserve_door_get_4xx_and_the_server_stays(k
 
 
 def test_short_soak_of_the_kserve_door(kserve_server, sample_pngs):
-    """8 clients for 15 s of explanations and predictions on the KServe door: no errors, and the
-    server's resident memory in the last 4 s within 5 % of the first 4 s (the TorchServe door's
-    soak, tests/integration/test_soak.py, on the other front door)."""
-    proc = psutil.Process(kserve_server.proc.pid)
-    bodies = [json.dumps({"instances": [{"data": b64(png)}]}).encode() for png in sample_pngs[:4]]
-    deadline = time.monotonic() + 15
-    statuses: list[int | str] = []
-    rss: list[tuple[float, int]] = []
-
-    def client(k: int) -> None:
-        with requests.Session() as session:
-            i = 0
-            while time.monotonic() < deadline and len(statuses) < 5000:
-                verb = "explain" if (i + k) % 2 else "predict"
-                try:
-                    r = session.post(f"{kserve_server.url}/v1/models/tinyx:{verb}", data=bodies[i % len(bodies)],
-                                     headers={"Content-Type": "application/json"}, timeout=60)
-                    statuses.append(r.status_code)
-                except requests.RequestException as exc:
-                    statuses.append(type(exc).__name__)
-                i += 1
-
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    start = time.monotonic()
-    while any(t.is_alive() for t in threads):
-        rss.append((time.monotonic() - start, proc.memory_info().rss))
-        time.sleep(0.5)
-    for t in threads:
-        t.join()
-    assert len(statuses) > 100 and set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
-    first = statistics.mean(m for t, m in rss if t <= 4)
-    last = statistics.mean(m for t, m in rss if t >= rss[-1][0] - 4)
-    assert last / first < 1.05, (first, last)
-    print(f"\nKServe door soak: {len(statuses)} requests in 15 s at 8 clients, 0 errors, "
-          f"RSS {first / 2**20:.0f} -> {last / 2**20:.0f} MB")
+    """8 clients for 15 s of explanations and predictions on the KServe door
+    (:func:`bench.kserve_soak.soak`, what ``make soak-kserve`` runs for 2 minutes): no errors,
+    and the server's resident memory in the last 4 s within 5 % of the first 4 s (the
+    TorchServe door's soak, tests/integration/test_soak.py, on the other front door)."""
+    from bench.kserve_soak import soak
+    result = soak(kserve_server, sample_pngs[0], seconds=15, clients=8, max_requests=5000, window=4)
+    assert result["requests"] > 100 and result["errors"] == 0, result
+    assert set(result["latency_ms"]) == {"predict", "explain"}
+    assert result["rss_mb"]["growth"] < 0.05, result["rss_mb"]
+    print(f"\nKServe door soak: {result['requests']} requests in {result['seconds']} s at 8 clients, 0 errors, "
+          f"RSS {result['rss_mb']['first']} -> {result['rss_mb']['last']} MB")

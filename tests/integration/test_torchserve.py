@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from tests.answer_schema import assert_valid
@@ -85,19 +87,13 @@ def test_explanations_endpoint_answers_501_without_artifacts(server, sample_pngs
     assert_valid(r.json(), "error")
 
 
-def _worker_sockets(session: int) -> list[str]:
-    """The ``--sock-name`` of every process in the server's session (its Python workers)."""
+def _worker_sockets(pid: int) -> list[str]:
+    """The ``--sock-name`` of every process under the server (its Python workers)."""
     names = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) != session:
-                continue
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        names += [args[i + 1].decode() for i, a in enumerate(args[:-1]) if a == b"--sock-name"]
+    for proc in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            args = proc.cmdline()
+            names += [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--sock-name"]
     return names
 
 
