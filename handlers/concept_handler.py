@@ -50,6 +50,9 @@ class ConceptExplainerHandler:
         self.model_name = getattr(context, "model_name", "") or self.service.meta.name
         manifest = getattr(context, "manifest", None) or {}
         self.model_version = str(manifest.get("model", {}).get("modelVersion") or self.service.meta.version)
+        # Sampled verification reports from its own thread as each job finishes: TorchServe's
+        # backend metrics are log lines, which any thread may write.
+        self.service.report_verification_to(lambda samples: self._emit(context, samples), self.model_version)
         self._emit(context, self.service.baseline_samples())
         self.initialized = True
 

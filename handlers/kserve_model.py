@@ -79,6 +79,7 @@ class ExplainerModelCore:
 
     def load_service(self) -> None:
         self.service = ExplainerService.load(self.source.model_dir, self.settings, self.gpu_id)
+        self.service.report_verification_to(self.exporter.emit)
         self.exporter.emit(self.service.baseline_samples())
 
     def answer(self, payload: Any, explain: bool) -> dict[str, Any]:
@@ -337,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-seconds", type=float, default=5.0,
                         help="after SIGTERM, seconds readiness answers 503 while requests are still served, before "
                              "the server stops accepting (default: %(default)s)")
+    parser.add_argument("--verify-fraction", type=float, default=None,
+                        help="share of explanations verified against the network after their reply, 0 to 1 "
+                             "(handler setting verify_fraction; default: the model's setting)")
+    parser.add_argument("--verify-fraction-predictions", type=float, default=None,
+                        help="the same for predictions (handler setting verify_fraction_predictions)")
     parser.add_argument("--gpu-id", type=int, default=-1,
                         help="GPU for every session when the providers include CUDA ([gpu] flavour); -1: the CPU "
                              "(default: %(default)s)")
@@ -355,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 src = ModelSource(args.name or src.name, src.model_dir, handler)
             else:
                 src = from_bundle(args.bundle, args.name, args.config)
+            flags = {"verify_fraction": args.verify_fraction,
+                     "verify_fraction_predictions": args.verify_fraction_predictions}
+            src = ModelSource(src.name, src.model_dir, {**src.handler, **{k: v for k, v in flags.items() if v is not None}})
+            settings_mod.HandlerSettings.from_mapping(src.handler)  # a bad setting fails here, naming it
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             print(f"concept-explainer-kserve: cannot read the model: {exc}", file=sys.stderr)
             return 2

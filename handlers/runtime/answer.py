@@ -164,6 +164,27 @@ class Intervention(Answer):
     probability: Round6 = on_wire(minimum=0, maximum=1)
 
 
+class Verified(Answer):
+    """The network's own answer to a concept's interventions (``"verify": true``): the code
+    channel set to each state's typical value, decoded, the rest of the classifier run."""
+
+    interventions: list[Intervention] = Field(min_length=1, description="the network's P(target | do(state)), one per state")
+    effect: Round6 = Field(description="the network's effect, with the served weights pi")
+    abs_error: Round6 = on_wire(minimum=0, maximum=1, description=(
+        "mean over states of |served P(target | do(state)) - the network's|"))
+
+
+class Verification(Answer):
+    """How far the answer's verified concepts are from the network's own interventions."""
+
+    concepts: int = Field(ge=1, description="concepts verified: the answer's first ones")
+    mae_p: Round6 = on_wire(minimum=0, maximum=1, description="mean |served - network| P(target | do(state))")
+    effect_mae: Round6 = on_wire(minimum=0, description="mean |served effect - network effect|")
+    ccc: Round6 | None = Field(description="Lin's concordance of the served and the network's effects; null for one concept")
+    recall3: Round6 = on_wire(minimum=0, maximum=1, description=(
+        "share of the network's three largest |effects| among the answer's first three concepts"))
+
+
 class Concept(Answer):
     """One concept of the concepts view (method 1)."""
 
@@ -183,6 +204,7 @@ class Concept(Answer):
     interventions: list[Intervention] = Field(min_length=1, description="one per state")
     heatmap_png: Png | Absent = omitted("the concept's map: an overlay palette PNG or, with heatmap=blended, an RGB PNG; "
                                "absent with images=false")
+    verified: Verified | Absent = omitted("the network's own answer; present with verify on the verified concepts")
 
 
 class ClaDecImage(Answer):
@@ -346,6 +368,7 @@ class Timings(Answer):
     encode: Millis | Absent = omitted("heatmap encoding")
     features: Millis | Absent = omitted("features view")
     cladec: Millis | Absent = omitted("ClaDec decoders and reference autoencoders (only with reconstructions)")
+    verify: Millis | Absent = omitted("the network's interventions of a request with verify")
 
     def stages(self) -> dict[str, float]:
         """The stages that ran: name -> milliseconds (unrounded), without ``batch_size``."""
@@ -359,6 +382,7 @@ class Explanation(Answer):
     predictions: list[Prediction]
     target: Target
     concepts: list[Concept] | Absent = omitted("sorted by |effect|, largest first")
+    verification: Verification | Absent = omitted("with verify: the verified concepts against the network's own answers")
     features: Features | Absent = omitted("the class-specific features view")
     validity: Validity
     model: ModelInfo

@@ -30,11 +30,13 @@ from handlers.runtime.imaging import encode_indexed_png, encode_png
 @dataclass(frozen=True)
 class ConceptsView:
     """The concepts view of one image and what it cost: ``causal_ms`` for the causal queries,
-    ``encode_ms`` for building the answer (heatmaps); unrounded milliseconds."""
+    ``encode_ms`` for building the answer (heatmaps); unrounded milliseconds. ``records``:
+    the causal answers of the listed concepts, in the order of ``concepts``."""
 
     concepts: list[Concept]
     causal_ms: float
     encode_ms: float
+    records: list[SourcedRecord]
 
 
 @dataclass
@@ -97,6 +99,13 @@ class ConceptExplainer:
             values[layer.layer] = pooled_values(z)
             states[layer.layer] = discretise(values[layer.layer], layer.edges)
         return ConceptBatch(codes, values, states)
+
+    def where(self, concept: str) -> tuple[str, int]:
+        """(layer, channel) of a concept id.
+
+        Raises:
+            KeyError: an id the archive does not have."""
+        return self._where[concept]
 
     def network_probabilities(self, batch: ConceptBatch, row: int, layer: str, channels: Sequence[int],
                               target: int) -> tuple[float, np.ndarray]:
@@ -184,7 +193,8 @@ class ConceptExplainer:
                 state=rec.state, effect=rec.effect, sensitivity=rec.sensitivity, source=sourced.source,
                 interventions=[Intervention(state=s, probability=float(p)) for s, p in enumerate(rec.probabilities)],
                 heatmap_png=png))
-        return ConceptsView(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000)
+        return ConceptsView(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000,
+                            records=list(records))
 
 
 Source = Literal["network", "bayesian_network"]

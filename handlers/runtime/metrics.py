@@ -19,6 +19,11 @@ CONCEPT_STATE = "concept_explainer_concept_state_total"
 CONCEPT_BASELINE = "concept_explainer_concept_state_baseline_ratio"
 STAGE_LATENCY = "concept_explainer_stage_latency_seconds"
 EXECUTION_PROVIDER = "concept_explainer_execution_provider"
+VERIFY_PROBABILITY_ERROR = "concept_explainer_verify_probability_error"
+VERIFY_AGREEMENT = "concept_explainer_verify_agreement"
+VERIFY_JOBS = "concept_explainer_verify_total"
+VERIFY_OFFLINE_AGREEMENT = "concept_explainer_verify_offline_agreement"
+VERIFY_OFFLINE_PROBABILITY_ERROR = "concept_explainer_verify_offline_probability_error"
 
 #: name -> (kind, unit, label names); must match metrics.yaml.
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -32,8 +37,19 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # 1 for the worker's first execution provider in use and its device (a worker that fell back
     # to the CPU shows provider="CPUExecutionProvider", device="cpu").
     EXECUTION_PROVIDER: ("gauge", "Count", ("provider", "device")),
+    # Sampled verification of served explanations (verify_fraction), per concept layer and
+    # layer="all": |served - network| of each P(target | do(state)) of a verified answer, and the
+    # answer's agreement (recall@3 of its ranking against the network's own effects).
+    VERIFY_PROBABILITY_ERROR: ("histogram", "Probability", ("model_version", "layer")),
+    VERIFY_AGREEMENT: ("histogram", "Ratio", ("model_version", "layer")),
+    # Verification jobs by outcome: verified, dropped (queue full), failed.
+    VERIFY_JOBS: ("counter", "Count", ("model_version", "outcome")),
+    # The same two figures measured offline on the export's held-out images (the bundle's
+    # effect-truth report): what the live figures are compared with.
+    VERIFY_OFFLINE_AGREEMENT: ("gauge", "Ratio", ("model_version", "layer")),
+    VERIFY_OFFLINE_PROBABILITY_ERROR: ("gauge", "Probability", ("model_version", "layer")),
 }
-STAGES = ("decode", "classifier", "concepts", "causal", "cladec", "features", "encode")
+STAGES = ("decode", "classifier", "concepts", "causal", "cladec", "features", "encode", "verify")
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,14 @@ class BatchMetrics:
 
     def observe(self, name: str, value: float, **labels: str) -> None:
         self.observations.append(Sample(name, float(value), tuple(sorted(labels.items()))))
+
+    def add(self, sample: Sample) -> None:
+        """One sample made elsewhere: counters are aggregated, the rest kept as they are."""
+        if METRICS[sample.name][0] == "counter":
+            key = (sample.name, tuple(sorted(sample.labels)))
+            self.counts[key] = self.counts.get(key, 0) + sample.value
+        else:
+            self.observations.append(Sample(sample.name, sample.value, tuple(sorted(sample.labels))))
 
     def samples(self) -> list[Sample]:
         return [Sample(n, float(v), l) for (n, l), v in sorted(self.counts.items())] + self.observations

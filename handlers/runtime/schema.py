@@ -22,7 +22,7 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream
 JSON_TYPES = ("application/json",)
 PREDICT_OPTIONS = ("data", "top_k")
 EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers", "reference",
-                   "alphas", "image_format")
+                   "alphas", "image_format", "verify")
 HEATMAP_STYLES = ("overlay", "blended")
 ALPHA_CHOICES = ("all", "lowest")  # ClaDec alphas by name; otherwise archived values
 
@@ -58,6 +58,7 @@ class ExplainRequest:
     reference: bool | None = None  # ClaDec: also the reference autoencoder's image (None: the archive's default)
     alphas: str | tuple[float, ...] | None = None  # ClaDec: "all", "lowest" or values (None: the archive's default)
     image_format: str | None = None  # ClaDec images: "png" or "jpeg" (None: the archive's default)
+    verify: bool | int = False  # check the answer's concepts (True: all of them; n: the first n) in the network
 
 
 def _media_type(content_type: str | None) -> str:
@@ -193,8 +194,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     to draw over the input, or "blended": an RGB PNG of the heatmap over the input), ``reference``
     (bool: ClaDec's reference-autoencoder images; they cost a run of the classifier's
     layers up to each ClaDec layer), ``views`` (subset of the available views), ``layers``,
-    ``alphas`` (ClaDec: "all", "lowest" or archived values ``alphas``) and ``image_format``
-    (ClaDec images: "png" or "jpeg").
+    ``alphas`` (ClaDec: "all", "lowest" or archived values ``alphas``), ``image_format``
+    (ClaDec images: "png" or "jpeg") and ``verify`` (true, or how many of the answer's first
+    concepts to check against the network's own interventions).
     """
     obj, image = _options_or_image(value, content_type, max_bytes, EXPLAIN_OPTIONS, "/explanations")
     if obj is None:
@@ -218,6 +220,11 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         heatmap = "overlay"
     if heatmap not in HEATMAP_STYLES:
         raise InvalidOption(f'"heatmap" must be one of {list(HEATMAP_STYLES)}, got {json.dumps(heatmap)[:40]}')
+    verify: bool | int = False
+    if isinstance(obj.get("verify"), bool):
+        verify = obj["verify"]
+    elif obj.get("verify") is not None:
+        verify = _int_option(obj, "verify", 1, max(num_concepts, 1)) or False
     image_format = obj.get("image_format")
     if image_format is not None and image_format not in IMAGE_FORMATS:
         raise InvalidOption(f'"image_format" must be one of {list(IMAGE_FORMATS)}, got {json.dumps(image_format)[:40]}')
@@ -233,4 +240,5 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         reference=reference,
         alphas=_alphas(obj, alphas),
         image_format=image_format,
+        verify=verify,
     )

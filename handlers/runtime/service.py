@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,20 @@ from handlers.runtime.answer import (
     ErrorAnswer,
     Explanation,
     Features,
+    Intervention,
     ModelInfo,
     Prediction,
     PredictionsAnswer,
     Target,
     Timings,
+    Verification,
+    Verified,
 )
 from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
 from handlers.runtime.devices import in_use, plan_devices
-from handlers.runtime.errors import ExplanationsUnavailable
+from handlers.runtime.errors import ExplanationsUnavailable, InvalidOption
 from handlers.runtime.explain import ConceptBatch, ConceptExplainer, ConceptsView
 from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
@@ -44,12 +48,16 @@ from handlers.runtime.metrics import (
     REQUESTS,
     STAGE_LATENCY,
     STAGES,
+    VERIFY_OFFLINE_AGREEMENT,
+    VERIFY_OFFLINE_PROBABILITY_ERROR,
     BatchMetrics,
+    Sample,
 )
 from handlers.runtime.quantized import int8_variants
 from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict
 from handlers.runtime.settings import HandlerSettings
 from handlers.runtime.validity import bundle_validity
+from handlers.runtime.verify import ALL_LAYERS, BackgroundVerifier, VerifyJob, agreement, verify_records
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +110,8 @@ class _Explained:
     concepts: ConceptsView | None
     features: Features | None
     features_ms: float | None
+    verification: Verification | None = None
+    verify_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -157,11 +167,40 @@ class ExplainerService:
                                         features.report if features is not None else None)
         self._monitor_rng = random.Random(0)
         self._cladec_runner = ClaDecRunner(cladec, settings.overlap_views)
+        self._verify_buffer: list[Sample] = []
+        self._verify_lock = threading.Lock()
+        self.verifier: BackgroundVerifier | None = None
+        if concepts is not None and concepts.interventions:
+            self.verifier = BackgroundVerifier(concepts, self.meta.version, self._buffer_samples,
+                                               capacity=settings.verify_queue)
+
+    def report_verification_to(self, sink: Callable[[list[Sample]], None], version: str | None = None) -> None:
+        """Send the samples of sampled verification (``verify_fraction``) to ``sink`` as each job
+        finishes (a front door's metrics, from the verifier's thread), labelled with ``version``
+        (default: the bundle's). Until a front door calls this, they join the next batch's metrics."""
+        if self.verifier is not None:
+            self.verifier.sink = sink
+            if version is not None:
+                self.verifier.version = version
+
+    def _buffer_samples(self, samples: list[Sample]) -> None:
+        with self._verify_lock:
+            self._verify_buffer.extend(samples)
+
+    def _drain_buffer(self, metrics: BatchMetrics) -> None:
+        with self._verify_lock:
+            samples, self._verify_buffer = self._verify_buffer, []
+        for sample in samples:
+            metrics.add(sample)
 
     def close(self) -> None:
-        """Release what the service holds beyond its sessions: the ClaDec reference thread.
-        Idempotent; the service still answers afterwards (ClaDec then runs in line)."""
+        """Release what the service holds beyond its sessions: the ClaDec reference thread and
+        the verification thread (its queued jobs are finished first, within a few seconds).
+        Idempotent; the service still answers afterwards (ClaDec then runs in line; sampled
+        verification stops)."""
         self._cladec_runner.close()
+        if self.verifier is not None:
+            self.verifier.close()
 
     @classmethod
     def load(cls, model_dir: str | Path, settings: HandlerSettings, gpu_id: int | None = 0) -> ExplainerService:
@@ -214,6 +253,7 @@ class ExplainerService:
         out = [Sample(EXECUTION_PROVIDER, 1.0, (("provider", self.providers[0]), ("device", self.device)))]
         if self.concepts is None:
             return out
+        out += self.offline_verification_samples()
         for layer in self.concepts.spec.layers:
             if layer.baseline is None:
                 continue
@@ -222,6 +262,23 @@ class ExplainerService:
                     labels = (("concept", cid), ("state", str(st)))
                     out.append(Sample(CONCEPT_BASELINE, float(ratio), labels))
                     out.append(Sample(CONCEPT_STATE, 0.0, labels))
+        return out
+
+    def offline_verification_samples(self) -> list[Sample]:
+        """Gauges with the bundle's offline figures that live verification is compared with:
+        per concept layer and over all layers, the mean agreement (recall@3) and the mean
+        absolute error of ``P(target | do(state))`` on the export's held-out images. None for
+        a bundle exported without its effect-truth report."""
+        report = (self.concepts.spec.report or {}).get("effect_truth") if self.concepts is not None else None
+        if not report or self.verifier is None:
+            return []
+        figures = {**{layer: m for layer, m in report["per_layer"].items()}, ALL_LAYERS: report["answer"]}
+        out = []
+        for layer, m in figures.items():
+            labels = (("layer", layer), ("model_version", self.verifier.version))
+            for name, key in ((VERIFY_OFFLINE_AGREEMENT, "recall3"), (VERIFY_OFFLINE_PROBABILITY_ERROR, "mae_p")):
+                if m.get(key) is not None:
+                    out.append(Sample(name, float(m[key]), labels))
         return out
 
     # -- request handling ---------------------------------------------------------------
@@ -255,8 +312,10 @@ class ExplainerService:
         classes, concept states of explained and monitored requests, stage latencies).
         """
         metrics = metrics if metrics is not None else BatchMetrics()
+        self._drain_buffer(metrics)
         replies: dict[int, Reply] = {}
         items: list[_Item] = []
+        jobs: list[VerifyJob] = []
         t0 = time.perf_counter()
         for i, raw in enumerate(requests):
             try:
@@ -266,7 +325,7 @@ class ExplainerService:
         decode_ms = _ms(t0)
         if items:
             try:
-                answered = self._answer(items, decode_ms, metrics)
+                answered = self._answer(items, decode_ms, metrics, jobs)
             except Exception as exc:  # noqa: BLE001 - a server fault answers the valid requests with 500
                 answered = {it.index: self._error_reply(exc) for it in items}
             replies.update(answered)
@@ -282,11 +341,16 @@ class ExplainerService:
                 for stage in STAGES:
                     if stage in stages:
                         metrics.observe(STAGE_LATENCY, stages[stage] / 1000.0, stage=stage)
+        for job in jobs:  # the batch is answered: sampled verification goes to the background
+            assert self.verifier is not None
+            self.verifier.offer(job)
         return final
 
-    def _answer(self, items: list[_Item], decode_ms: float, metrics: BatchMetrics) -> dict[int, Reply]:
+    def _answer(self, items: list[_Item], decode_ms: float, metrics: BatchMetrics,
+                jobs: list[VerifyJob]) -> dict[int, Reply]:
         """The replies of the valid requests of a batch: batch index -> reply. Rows are
-        positions in ``items`` (and in the classifier's batch)."""
+        positions in ``items`` (and in the classifier's batch). Rows sampled for background
+        verification are appended to ``jobs``."""
         t0 = time.perf_counter()
         x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
         # The reference autoencoders need only the input: with overlap_views they start now,
@@ -321,6 +385,7 @@ class ExplainerService:
                 except Exception as exc:  # noqa: BLE001 - this request only
                     views[row] = exc
             cladec = cladec_job.finish(out.activations)
+        jobs += self._sampled_jobs(items, probs, views, out.activations)
         replies: dict[int, Reply] = {}
         for row, it in enumerate(items):
             k = min(it.request.top_k or self.settings.top_k, len(self.meta.classes))
@@ -336,6 +401,28 @@ class ExplainerService:
                 replies[it.index] = Reply(200, self._explanation(predictions, view, shared, cladec.images.get(row),
                                                                  cladec.ms))
         return replies
+
+    def _sampled_jobs(self, items: list[_Item], probs: np.ndarray, views: dict[int, _Explained | Exception],
+                      activations: dict[str, np.ndarray]) -> list[VerifyJob]:
+        """Verification jobs of the rows sampled at ``verify_fraction`` (answered explanations,
+        their target) and ``verify_fraction_predictions`` (predictions, the predicted class)."""
+        verifier, settings = self.verifier, self.settings
+        if verifier is None or self.concepts is None:
+            return []
+        jobs = []
+        for row, it in enumerate(items):
+            view = views.get(row)
+            if isinstance(it.request, ExplainRequest):
+                if not isinstance(view, _Explained) or not verifier.sampled(settings.verify_fraction):
+                    continue
+                target = view.target.index
+            elif verifier.sampled(settings.verify_fraction_predictions):
+                target = int(np.argmax(probs[row]))
+            else:
+                continue
+            acts = {layer.layer: activations[layer.layer][row:row + 1].copy() for layer in self.concepts.spec.layers}
+            jobs.append(VerifyJob(acts, target, settings.network_concepts))
+        return jobs
 
     def _cladec_wishes(self, items: list[_Item]) -> dict[int, ClaDecWish]:
         """Row -> what it asks of ClaDec, for the rows that want ClaDec images."""
@@ -371,11 +458,46 @@ class ExplainerService:
             top = min(req.top_concepts or self.settings.top_concepts, self.concepts.num_concepts)
             concepts = self.concepts.explain(concept_batch, row, target, top, pixels if req.images else None,
                                              heatmap=req.heatmap, network_concepts=self.settings.network_concepts)
+        verification = verify_ms = None
+        if req.verify is not False:
+            t0 = time.perf_counter()
+            concepts, verification = self._verify(req.verify, concepts, concept_batch, row, target)
+            verify_ms = _ms(t0)
         if "features" in views and self.features is not None:
             t0 = time.perf_counter()
             features = self.features.explain(activations[self.features.layer][row], target)
             features_ms = _ms(t0)
-        return _Explained(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms)
+        return _Explained(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms,
+                          verification, verify_ms)
+
+    def _verify(self, verify: bool | int, view: ConceptsView | None, batch: ConceptBatch | None, row: int,
+                target: int) -> tuple[ConceptsView, Verification]:
+        """The concepts view with the network's own answers on its first ``verify`` concepts
+        (True: all of them), and their agreement.
+
+        Raises:
+            InvalidOption: verify without the concepts view, or more concepts than the answer lists.
+            ExplanationsUnavailable: the archive has no intervention graphs."""
+        if view is None or batch is None or self.concepts is None:
+            raise InvalidOption('"verify" checks the concepts view: ask for it in "views"')
+        if not self.concepts.interventions:
+            raise ExplanationsUnavailable(f"model {self.meta.name} was archived without intervention graphs; "
+                                          "verify needs them")
+        n = len(view.concepts) if verify is True else int(verify)
+        if n > len(view.concepts):
+            raise InvalidOption(f'"verify" asks for {n} concepts but the answer lists {len(view.concepts)} '
+                                f'(top_concepts); verify at most those')
+        checks = verify_records(self.concepts, batch, row, target, view.records[:n])
+        concepts = list(view.concepts)
+        for i, check in enumerate(checks):
+            verified = Verified(interventions=[Intervention(state=x, probability=float(p))
+                                               for x, p in enumerate(check.network)],
+                                effect=check.network_effect, abs_error=float(check.abs_errors.mean()))
+            concepts[i] = concepts[i].model_copy(update={"verified": verified})
+        a = agreement(checks)
+        verification = Verification(concepts=a.concepts, mae_p=a.mae_p, effect_mae=a.effect_mae, ccc=a.ccc,
+                                    recall3=a.recall3)
+        return ConceptsView(concepts, view.causal_ms, view.encode_ms, view.records), verification
 
     def _explanation(self, predictions: list[Prediction], view: _Explained, shared: _Shared,
                      cladec: list[ClaDecImage] | None, cladec_ms: float) -> Explanation:
@@ -386,9 +508,10 @@ class ExplainerService:
                           causal=concepts.causal_ms if concepts is not None else None,
                           encode=concepts.encode_ms if concepts is not None else None,
                           features=view.features_ms,
-                          cladec=cladec_ms if cladec is not None else None)
+                          cladec=cladec_ms if cladec is not None else None, verify=view.verify_ms)
         return Explanation(predictions=predictions, target=view.target,
                            concepts=concepts.concepts if concepts is not None else None,
+                           verification=view.verification,
                            features=view.features, validity=self.validity, model=self.model_info,
                            timings_ms=timings, cladec=cladec)
 

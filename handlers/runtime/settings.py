@@ -149,6 +149,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cladec_image_format": _parse_image_format,
     "cladec_chunk_rows": _parse_int,
     "network_concepts": _parse_int,
+    "verify_fraction": _parse_float,
+    "verify_fraction_predictions": _parse_float,
+    "verify_queue": _parse_int,
 }
 
 
@@ -201,6 +204,13 @@ class HandlerSettings:
             network, anchored at the network's level (one unchanged row per layer in the same
             run). Concepts are asked in the archive's screening order; 0: the Bayesian
             network answers every concept; capped at the number of concepts.
+        verify_fraction: share of answered explanations that are verified after the reply has
+            gone, 0 to 1: every concept's served ``P(target | do(state))`` against the network's
+            own interventions, reported as metrics (``concept_explainer_verify_*``); 0 turns it off.
+        verify_fraction_predictions: the same for /predictions answers (their predicted class,
+            with the concepts an explanation would have served), 0 to 1.
+        verify_queue: most verifications waiting at once (>= 1); a sampled answer that finds the
+            queue full is not verified and is counted as dropped, never delayed.
 
     Booleans accept true/false, yes/no, on/off, 1/0 (any case, quoted or not); integers
     accept integral numbers and integer strings. Anything else raises :class:`SettingsError`.
@@ -224,6 +234,9 @@ class HandlerSettings:
     cladec_image_format: str = "png"
     cladec_chunk_rows: int = 2
     network_concepts: int = 8
+    verify_fraction: float = 0.01
+    verify_fraction_predictions: float = 0.0
+    verify_queue: int = 64
 
     def __post_init__(self) -> None:
         if self.network_concepts < 0:
@@ -232,15 +245,16 @@ class HandlerSettings:
         if self.cladec_chunk_rows < 0:
             raise SettingsError(f"handler setting cladec_chunk_rows must be >= 0 (0 = the whole batch), "
                                 f"got {self.cladec_chunk_rows}")
-        for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels", "max_instances", "max_inflight"):
+        for name in ("top_k", "top_concepts", "max_request_bytes", "max_image_pixels", "max_instances", "max_inflight",
+                     "verify_queue"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"handler setting {name} must be >= 1, got {getattr(self, name)}")
         if self.intra_op_threads < 0:
             raise SettingsError(f"handler setting intra_op_threads must be >= 0 (0 = onnxruntime decides), "
                                 f"got {self.intra_op_threads}")
-        if not 0.0 <= self.monitor_fraction <= 1.0:
-            raise SettingsError(f"handler setting monitor_fraction must be between 0 and 1, "
-                                f"got {self.monitor_fraction}")
+        for name in ("monitor_fraction", "verify_fraction", "verify_fraction_predictions"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise SettingsError(f"handler setting {name} must be between 0 and 1, got {getattr(self, name)}")
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any] | None) -> HandlerSettings:

@@ -82,6 +82,9 @@ def test_counts_below_one_are_rejected_naming_the_setting(name, value):
     ("cladec_image_format", ""), ("cladec_image_format", 3), ("cladec_chunk_rows", -1), ("cladec_chunk_rows", 1.5),
     ("network_concepts", -1), ("network_concepts", "all"), ("network_concepts", True),
     ("max_inflight", 0), ("max_inflight", "many"),
+    ("verify_fraction", 1.5), ("verify_fraction", -0.01), ("verify_fraction", "often"), ("verify_fraction", True),
+    ("verify_fraction_predictions", 2), ("verify_fraction_predictions", None), ("verify_queue", 0),
+    ("verify_queue", "big"),
 ])
 def test_malformed_values_name_the_setting(name, value):
     with pytest.raises(SettingsError, match=name):
