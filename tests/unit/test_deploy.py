@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import kubernetes_validate
@@ -24,10 +26,13 @@ def documents() -> list[tuple[str, dict]]:
 
 def test_there_are_manifests_of_each_kind():
     kinds = sorted({d["kind"] for _, d in documents()})
-    assert kinds == ["ConfigMap", "HorizontalPodAutoscaler", "InferenceService"]
+    assert kinds == ["ConfigMap", "HorizontalPodAutoscaler", "InferenceService", "PrometheusRule"]
 
 
-@pytest.mark.parametrize("name, doc", [d for d in documents() if d[1]["kind"] != "InferenceService"],
+CRDS = ("InferenceService", "PrometheusRule")
+
+
+@pytest.mark.parametrize("name, doc", [d for d in documents() if d[1]["kind"] not in CRDS],
                          ids=lambda v: v if isinstance(v, str) else "")
 def test_core_kinds_validate_against_the_kubernetes_schema(name, doc):
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -120,3 +125,96 @@ def test_the_gpu_service_asks_for_a_gpu_and_gives_the_worker_its_id():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert build_parser().parse_args(container["args"]).gpu_id == 0
     assert container["image"].endswith("-gpu")
+
+
+# -- alert rules ---------------------------------------------------------------------------
+
+RULES = REPO / "deploy" / "prometheus-rules.yml"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package "
+                                    "'prometheus'; make test installs it where apt-get is available)")
+
+
+def prometheus_rule() -> dict:
+    (doc,) = [d for _, d in documents() if d["kind"] == "PrometheusRule"]
+    return doc
+
+
+def test_the_prometheus_rule_carries_the_rules_file():
+    """The operator's manifest and the plain rules file hold the same groups; its metadata is a
+    valid Kubernetes ObjectMeta (checked inside a core kind: the CRD has no schema here)."""
+    doc = prometheus_rule()
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+    assert doc["spec"] == yaml.safe_load(RULES.read_text())
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"], "data": {}},
+                                 K8S_VERSION, strict=True)
+    assert yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())["rule_files"] == [RULES.name]
+
+
+def test_the_rules_read_only_metrics_the_handler_exports():
+    from handlers.runtime import metrics as M
+    exprs = " ".join(r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"])
+    names = set(re.findall(r"concept_explainer_[a-z_]+", exprs))
+    exported = set()
+    for name, (kind, _, _) in M.METRICS.items():
+        exported |= {f"{name}_sum", f"{name}_count", f"{name}_bucket"} if kind == "histogram" else {name}
+    assert names and names <= exported, names - exported
+
+
+@needs_promtool
+def test_promtool_accepts_the_rules_and_the_manifests_groups(tmp_path):
+    spec = tmp_path / "from-manifest.yml"
+    spec.write_text(yaml.safe_dump(prometheus_rule()["spec"]))
+    for path in (RULES, spec):
+        out = subprocess.run([PROMTOOL, "check", "rules", str(path)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+    broken = tmp_path / "broken.yml"
+    broken.write_text(RULES.read_text().replace("rate(concept_explainer_verify_agreement_sum", "rate(concept_explainer_verify_agreement_sum(", 1))
+    assert subprocess.run([PROMTOOL, "check", "rules", str(broken)], capture_output=True).returncode != 0
+
+
+def _series(model: str, live: float, offline: float, error: float, offline_error: float, per_minute: int) -> list[dict]:
+    """Scraped series of one model: ``per_minute`` verified answers a minute with mean agreement
+    ``live`` and mean probability error ``error``, and the offline gauges (one sample a minute for 60 minutes)."""
+    labels = f'ModelName="{model}",model_version="1.0",layer="all",Hostname="h"'
+    n = per_minute
+    return [
+        {"series": f"concept_explainer_verify_agreement_count{{{labels}}}", "values": f"0+{n}x60"},
+        {"series": f"concept_explainer_verify_agreement_sum{{{labels}}}", "values": f"0+{n * live}x60"},
+        {"series": f"concept_explainer_verify_probability_error_count{{{labels}}}", "values": f"0+{3 * 24 * n}x60"},
+        {"series": f"concept_explainer_verify_probability_error_sum{{{labels}}}", "values": f"0+{3 * 24 * n * error}x60"},
+        {"series": f"concept_explainer_verify_offline_agreement{{{labels}}}", "values": f"{offline}x60"},
+        {"series": f"concept_explainer_verify_offline_probability_error{{{labels}}}", "values": f"{offline_error}x60"},
+        {"series": f'concept_explainer_verify_total{{ModelName="{model}",model_version="1.0",outcome="verified",Hostname="h"}}',
+         "values": f"0+{n}x60"},
+    ]
+
+
+@needs_promtool
+def test_the_alerts_fire_on_drift_and_stay_quiet_otherwise(tmp_path):
+    """promtool's rule unit tests on synthetic scrapes: a model whose live agreement sits at its
+    offline figure and one whose agreement fell by 0.3 with three times the error (what
+    bench.verify_drift measures on coloured backgrounds); and one with too few verified answers."""
+    series = (_series("steady", 0.93, 0.94, 0.019, 0.019, 6) + _series("drifted", 0.65, 0.94, 0.047, 0.019, 6)
+              + _series("sparse", 0.2, 0.94, 0.2, 0.019, 0))
+    alert = {"severity": "warning", "model_version": "1.0"}
+    tests = {"rule_files": [str(RULES)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "alert_rule_test": [
+            {"eval_time": "45m", "alertname": "ConceptExplainerAgreementLow",
+             "exp_alerts": [{"exp_labels": {**alert, "ModelName": "drifted"}}]},
+            {"eval_time": "45m", "alertname": "ConceptExplainerInterventionErrorHigh",
+             "exp_alerts": [{"exp_labels": {**alert, "ModelName": "drifted"}}]},
+            {"eval_time": "5m", "alertname": "ConceptExplainerAgreementLow", "exp_alerts": []},
+            {"eval_time": "45m", "alertname": "ConceptExplainerVerificationDropped", "exp_alerts": []},
+        ]}]}
+    rules = yaml.safe_load(RULES.read_text())  # the same rules without annotations (templated text)
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    tests["rule_files"] = [str(tmp_path / "rules.yml")]
+    path = tmp_path / "rules_test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    out = subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
