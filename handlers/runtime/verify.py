@@ -142,12 +142,13 @@ def verification_samples(checks: Sequence[ConceptCheck], version: str) -> list[S
     """Metric samples of one verified answer over every concept of the model: per layer (and
     over all layers) the absolute error of each ``P(target | do(state))`` and the answer's
     agreement (recall@3 of its ranking against the network's), and one verified job."""
-    out = [Sample(VERIFY_JOBS, 1.0, (("model_version", version), ("outcome", "verified")))]
+    out = []
     for layer, group in by_layer(checks).items():
         labels = (("layer", layer), ("model_version", version))
         out += [Sample(VERIFY_PROBABILITY_ERROR, float(e), labels) for c in group for e in c.abs_errors]
         out.append(Sample(VERIFY_AGREEMENT, agreement(group).recall3, labels))
-    return out
+    # last: a reader that sees the job counted sees its observations
+    return out + [Sample(VERIFY_JOBS, 1.0, (("model_version", version), ("outcome", "verified")))]
 
 
 @dataclass(frozen=True)

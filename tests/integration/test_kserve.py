@@ -133,6 +133,22 @@ def test_v2_explanations(door, server, sample_pngs):
         assert untimed(json.loads(text)) == expected
 
 
+def test_verify_on_v1_instances_and_v2_parameters(door, server, sample_pngs):
+    """``verify`` travels as an option of a v1 instance and as a v2 parameter; the answers equal
+    the plain route's, and a bad value fails only its own instance."""
+    png = sample_pngs[1]
+    expected = untimed(plain(server, png, True, images=False, verify=True))
+    assert expected["verification"]["concepts"] == len(expected["concepts"])
+    answer = call("v1", "explain", door, {"instances": [{"data": b64(png), "images": False, "verify": True},
+                                                        {"data": b64(png), "verify": 99}]})
+    assert_valid(answer, "v1-explanations")
+    assert untimed(answer["explanations"][0]) == expected
+    assert answer["explanations"][1]["error"]["type"] == "InvalidOption"
+    response = call("v2", "infer", door, v2_request([png], images=False, verify=True, explain=True))
+    (text,) = {o.name: o for o in response.outputs}["answer"].data
+    assert untimed(json.loads(text)) == expected
+
+
 def test_mixed_instances_and_the_error_shape(door, sample_pngs):
     good = b64(sample_pngs[0])
     r = requests.post(f"{door.url}/v1/models/tinyx:predict", headers=door.headers, timeout=60,

@@ -8,8 +8,6 @@ dashboard's concept-drift (PSI) query against a PSI computed here.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,10 +18,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from export.pipeline import ArchiveStep, archive
-from tests.integration.server import REPO, TorchServe, free_port, post
+from tests.integration.prometheus import Prometheus, query, wait_for
+from tests.integration.server import REPO, TorchServe, post
 
 pytestmark = pytest.mark.integration
-PROMETHEUS = shutil.which("prometheus")
 DASHBOARD = REPO / "deploy" / "grafana" / "concept-explainer-dashboard.json"
 
 
@@ -57,52 +55,9 @@ def monitored_server(tiny_full_bundle: Path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prometheus(monitored_server, tmp_path_factory):
-    if PROMETHEUS is None:
-        print("\nSKIP: the prometheus binary is not installed (Debian package 'prometheus'); "
-              "make test installs it where apt-get is available")
-        pytest.skip("prometheus is not installed")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    port = free_port()
     target = monitored_server.metrics_url.split("//")[1].split("/")[0]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "torchserve", "static_configs": [{"targets": [target]}]}]}))
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=open(tmp / "prometheus.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        raise RuntimeError((tmp / "prometheus.log").read_text()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
-
-
-def query(url: str, expr: str) -> list[dict]:
-    r = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
-    r.raise_for_status()
-    return r.json()["data"]["result"]
-
-
-def wait_for(url: str, expr: str, expected: float, timeout: float = 30) -> float:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        res = query(url, expr)
-        value = float(res[0]["value"][1]) if res else None
-        if value is not None and abs(value - expected) < 1e-6:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{expr} = {value}, expected {expected}")
+    with Prometheus(tmp_path_factory.mktemp("prometheus"), [target]) as url:
+        yield url
 
 
 def test_handler_metrics_reach_prometheus(monitored_server, prometheus, sample_pngs, tiny_full_bundle):
