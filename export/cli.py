@@ -380,6 +380,8 @@ def cmd_explain(args: argparse.Namespace) -> dict:
             float(a) for a in args.alphas.split(",")]
     if args.image_format is not None:
         options["image_format"] = args.image_format
+    if args.verify:
+        options["verify"] = True
     with tempfile.TemporaryDirectory(prefix="explain-") as tmp:
         try:
             src = from_mar(Path(args.mar), Path(tmp)) if args.mar else from_bundle(Path(args.bundle), None, None)
@@ -451,6 +453,9 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
             choices=("png", "jpeg"))
     _option(p, "--gpu-id", -1, "GPU to run on when the archive's providers include CUDA ([gpu] flavour); -1: the CPU",
             type=int)
+    p.add_argument("--verify", action="store_true",
+                   help="check every listed concept against the network's own interventions (the request option "
+                        '"verify": true) (default: off)')
     _option(p, "--json", None, "write the /explanations answer here (a list for several images)")
     _option(p, "--html", None, "write the HTML report here")
     p.set_defaults(func=cmd_explain)

@@ -62,6 +62,16 @@ def summary_lines(body: dict[str, Any], concepts: int = 5) -> list[str]:
     for c in body.get("concepts", [])[:concepts]:
         lines.append(f"  concept {c['id']:<10} name={c['name']:<10} state={c['state']} effect={c['effect']:+.4f} "
                      f"sensitivity={c['sensitivity']:.4f} answered by the {c['source'].replace('_', ' ')}")
+        if "verified" in c:
+            net = ", ".join(f"{i['probability']:.3f}" for i in c["verified"]["interventions"])
+            served = ", ".join(f"{i['probability']:.3f}" for i in c["interventions"])
+            lines.append(f"    verified: P(target | do(state)) served [{served}], network [{net}]; "
+                         f"network effect {c['verified']['effect']:+.4f}")
+    if "verification" in body:
+        v = body["verification"]
+        ccc = "n/a" if v["ccc"] is None else f"{v['ccc']:.3f}"
+        lines.append(f"  verification over {v['concepts']} concepts: P(target | do) off by {v['mae_p']:.4f} on "
+                     f"average, effect off by {v['effect_mae']:.4f}, CCC {ccc}, recall@3 {v['recall3']:.2f}")
     if "features" in body:
         ft = body["features"]
         top = ", ".join(f"#{c['index']} {c['contribution']:+.2f}" for c in ft["contributions"])
@@ -108,6 +118,7 @@ th{font-weight:600;color:#3a4556}td.num{text-align:right;font-variant-numeric:ta
 .states{display:flex;gap:4px;align-items:flex-end;height:42px;margin-top:4px}
 .states span{width:26px;background:#6d8fc7;position:relative;font-size:10px;color:#333}
 .states span.obs{background:#1d4e9e}
+.states.net span{background:#c9a227}.label.verified{margin-top:18px}
 .states em{position:absolute;bottom:-14px;left:0;right:0;text-align:center;font-style:normal}
 .label{font-size:11px;color:#5b6675}
 .triplets{display:flex;flex-wrap:wrap;gap:14px}.triplet{display:flex;gap:6px;align-items:flex-start}
@@ -194,6 +205,16 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
             f'<span class="{"obs" if i["state"] == c["state"] else ""}" style="height:{max(i["probability"], 0.0) * 100:.0f}%"'
             f' title="P(target | do(state {i["state"]})) = {i["probability"]:.4f}"><em>{i["state"]}</em></span>'
             for i in c["interventions"])
+        verified = ""
+        if "verified" in c:
+            v = c["verified"]
+            net = "".join(
+                f'<span class="net" style="height:{max(i["probability"], 0.0) * 100:.0f}%" title="the network\'s '
+                f'P(target | do(state {i["state"]})) = {i["probability"]:.4f}"><em>{i["state"]}</em></span>'
+                for i in v["interventions"])
+            verified = (f'<div class="label verified">network (verify): effect <b>{v["effect"]:+.4f}</b> · mean '
+                        f'|served − network| {v["abs_error"]:.4f}</div>{_signed_bar(v["effect"], scale)}'
+                        f'<div class="states net" data-verified="{_e(c["id"])}">{net}</div>')
         name = c["name"] if c["name"] == c["id"] else f'{c["name"]} ({c["id"]})'
         cards.append(
             f'<div class="concept" data-concept="{_e(c["id"])}">'
@@ -203,11 +224,17 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
             f' · answered by the {_e(c.get("source", "bayesian_network").replace("_", " "))}</div>'
             f'{_signed_bar(c["effect"], scale)}'
             f'<div class="label">P(target | do(state)) — observed state dark</div><div class="states">{states}</div>'
-            f'</div></div>')
+            f'{verified}</div></div>')
     has_heat = any("heatmap_png" in c for c in concepts)
     toggle = ('<input class="toggle" type="checkbox" id="t{id}" checked> <label class="switch" for="t{id}">'
               'heatmaps over the input</label>') if has_heat else ""
-    return (f'<h3>Concepts: causal effect on the target (sorted by |effect|)</h3>{toggle}'
+    check = ""
+    if "verification" in body:
+        v = body["verification"]
+        check = (f'<p class="label verification">Verified against the network\'s own interventions over '
+                 f'{v["concepts"]} concepts: P(target | do(state)) off by {v["mae_p"]:.4f} on average, effect off by '
+                 f'{v["effect_mae"]:.4f}, Lin\'s CCC {_fmt(v["ccc"])}, recall@3 {v["recall3"]:.2f}.</p>')
+    return (f'<h3>Concepts: causal effect on the target (sorted by |effect|)</h3>{toggle}{check}'
             f'<div class="concepts">{"".join(cards)}</div>')
 
 

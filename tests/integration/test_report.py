@@ -83,6 +83,21 @@ def test_explain_with_options_writes_the_single_body(tiny_explainer_mar, images,
     page = (tmp_path / "r.html").read_text()  # the report shows JPEG entries like PNG ones
     assert page.count("data:image/jpeg;base64,") == 4 + 2 * 2  # reconstructions; each layer's reference twice
     assert page.count('class="triplet"') == 4
+    assert "verification" not in body and 'data-verified="' not in page
+
+
+def test_explain_verify_prints_and_draws_the_networks_answers(tiny_explainer_mar, images, tmp_path):
+    proc = cli("explain", "--image", str(images[0]), "--mar", str(tiny_explainer_mar), "--top-concepts", "4",
+               "--verify", "--json", str(tmp_path / "a.json"), "--html", str(tmp_path / "r.html"))
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads((tmp_path / "a.json").read_text())
+    assert_valid(body, "explanations")
+    assert body["verification"]["concepts"] == 4 and all("verified" in c for c in body["concepts"])
+    assert proc.stdout.count("verified: P(target | do(state)) served") == 4 and "verification over 4 concepts" in proc.stdout
+    page = (tmp_path / "r.html").read_text()
+    ids = [c["id"] for c in body["concepts"]]
+    assert [page.count(f'data-verified="{i}"') for i in ids] == [1] * 4  # the network's bars beside each card
+    assert 'class="label verification"' in page
 
 
 @pytest.mark.parametrize("make_args, message", [
