@@ -23,7 +23,7 @@ from handlers.runtime.bundle import Bundle
 from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_jpeg, encode_png
-from handlers.runtime.schema import same_alpha
+from handlers.runtime.schema import AlphaChoice, ClaDecWish, same_alpha
 
 FORMAT = "cladec/1"
 
@@ -31,7 +31,6 @@ FORMAT = "cladec/1"
 RowImages = dict[int, dict[str, bytes]]
 #: The alphas a request gets: "all", "lowest" (each layer's lowest archived alpha; alpha 0 is
 #: pure ClaDec), or alpha values.
-AlphaChoice = str | tuple[float, ...]
 #: Image encoders by ``image_format``: uint8 (H, W, C) -> bytes.
 ENCODERS: dict[str, Callable[[np.ndarray], bytes]] = {"png": encode_png, "jpeg": encode_jpeg}
 
@@ -146,17 +145,6 @@ class ClaDecView:
                 sent.add(e.refae_file)
             out.append(ClaDecImage.encoded(e.layer, e.alpha, image_format, reconstructions[e.decoder_file], reference))
         return out
-
-
-@dataclass(frozen=True)
-class ClaDecWish:
-    """What one image asks of ClaDec: the layers (None: all), whether with reference images,
-    which alphas and the images' encoding ("png" or "jpeg")."""
-
-    layers: tuple[str, ...] | None
-    reference: bool
-    alphas: AlphaChoice = "all"
-    image_format: str = "png"
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,21 @@ HEATMAP_STYLES = ("overlay", "blended")
 ALPHA_CHOICES = ("all", "lowest")  # ClaDec alphas by name; otherwise archived values
 
 
+#: ClaDec alphas a request asks for: "all", "lowest" or archived values.
+AlphaChoice = str | tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ClaDecWish:
+    """What one image asks of ClaDec: the layers (None: all), whether with reference images,
+    which alphas and the images' encoding ("png" or "jpeg")."""
+
+    layers: tuple[str, ...] | None
+    reference: bool
+    alphas: AlphaChoice = "all"
+    image_format: str = "png"
+
+
 def same_alpha(a: float, b: float) -> bool:
     """Alphas compare equal up to float noise (JSON round trips of 0.001 and the like)."""
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
@@ -242,3 +257,95 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         image_format=image_format,
         verify=verify,
     )
+
+
+# -- resolution: every option settled once -----------------------------------------------------
+
+#: The explanation target of a request that named none: the predicted class.
+PREDICTED = "predicted"
+
+
+@dataclass(frozen=True)
+class ResolvedPredict:
+    """A ``/predictions`` request with every option settled: the image and how many classes to return."""
+
+    image: bytes
+    top_k: int
+
+
+@dataclass(frozen=True)
+class ResolvedExplain:
+    """An ``/explanations`` request with every option settled against the archive and the
+    handler settings; nothing is left for later code to default.
+
+    target: a class index, or :data:`PREDICTED`; views: the views to run; top_concepts:
+    concepts listed (0 without the concepts view); pixels_wanted: heatmaps and reconstructions;
+    cladec: what ClaDec renders for this image (None: no ClaDec images); verify: how many of
+    the listed concepts to check against the network (0: none)."""
+
+    image: bytes
+    top_k: int
+    target: int | str
+    views: tuple[str, ...]
+    top_concepts: int
+    images: bool
+    heatmap: str
+    cladec: ClaDecWish | None
+    verify: int
+
+    def target_index(self, probabilities: Any) -> int:
+        """The class explained, given the image's class probabilities (K,)."""
+        import numpy as np
+        return int(np.argmax(probabilities)) if self.target == PREDICTED else int(self.target)
+
+    def wants(self, view: str) -> bool:
+        return view in self.views
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a request that sets nothing gets: the archive's views and sizes and the handler
+    settings' defaults (``cladec_*`` ones for ClaDec)."""
+
+    classes: tuple[str, ...]
+    views: tuple[str, ...]
+    num_concepts: int
+    top_k: int
+    top_concepts: int
+    cladec_reference: bool
+    cladec_alphas: str
+    cladec_image_format: str
+
+
+def resolve_predict(req: PredictRequest, defaults: Defaults) -> ResolvedPredict:
+    return ResolvedPredict(image=req.image, top_k=min(req.top_k or defaults.top_k, len(defaults.classes)))
+
+
+def resolve_explain(req: ExplainRequest, defaults: Defaults) -> ResolvedExplain:
+    """Settle every option of a parsed ``/explanations`` request.
+
+    Raises:
+        InvalidOption: ``verify`` without the concepts view, or for more concepts than the
+            answer lists (``top_concepts``)."""
+    views = req.views or defaults.views
+    top = min(req.top_concepts or defaults.top_concepts, defaults.num_concepts) if "concepts" in views else 0
+    if isinstance(req.target, str):
+        target: int | str = defaults.classes.index(req.target)
+    else:
+        target = PREDICTED if req.target is None else int(req.target)
+    verify = 0
+    if req.verify is not False:
+        if "concepts" not in views or defaults.num_concepts == 0:
+            raise InvalidOption('"verify" checks the concepts view: ask for it in "views"')
+        verify = top if req.verify is True else int(req.verify)
+        if verify > top:
+            raise InvalidOption(f'"verify" asks for {verify} concepts but the answer lists {top} '
+                                f'(top_concepts); verify at most those')
+    cladec = None
+    if "cladec" in views and req.images:
+        cladec = ClaDecWish(req.layers, defaults.cladec_reference if req.reference is None else req.reference,
+                            defaults.cladec_alphas if req.alphas is None else req.alphas,
+                            req.image_format or defaults.cladec_image_format)
+    return ResolvedExplain(image=req.image, top_k=min(req.top_k or defaults.top_k, len(defaults.classes)),
+                           target=target, views=views, top_concepts=top, images=req.images, heatmap=req.heatmap,
+                           cladec=cladec, verify=verify)

@@ -37,7 +37,7 @@ from handlers.runtime.bundle import Bundle, load_bundle
 from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
 from handlers.runtime.devices import in_use, plan_devices
-from handlers.runtime.errors import ExplanationsUnavailable, InvalidOption
+from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.explain import ConceptBatch, ConceptExplainer, ConceptsView
 from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
@@ -54,7 +54,15 @@ from handlers.runtime.metrics import (
     Sample,
 )
 from handlers.runtime.quantized import int8_variants
-from handlers.runtime.schema import ExplainRequest, PredictRequest, parse_explain, parse_predict
+from handlers.runtime.schema import (
+    Defaults,
+    ResolvedExplain,
+    ResolvedPredict,
+    parse_explain,
+    parse_predict,
+    resolve_explain,
+    resolve_predict,
+)
 from handlers.runtime.settings import HandlerSettings
 from handlers.runtime.validity import bundle_validity
 from handlers.runtime.verify import ALL_LAYERS, BackgroundVerifier, VerifyJob, agreement, verify_records
@@ -94,10 +102,10 @@ class Reply:
 
 @dataclass(frozen=True)
 class _Item:
-    """A request that parsed and decoded: its position in the batch, options and pixels (H, W, C)."""
+    """A request that parsed and decoded: its position in the batch, settled options and pixels (H, W, C)."""
 
     index: int
-    request: PredictRequest | ExplainRequest
+    request: ResolvedPredict | ResolvedExplain
     pixels: np.ndarray
 
 
@@ -165,6 +173,11 @@ class ExplainerService:
                                     device=device, providers=list(providers), int8_graphs=sorted(int8_graphs))
         self.validity = bundle_validity(concepts.spec.report if concepts is not None else None,
                                         features.report if features is not None else None)
+        self._defaults = Defaults(
+            classes=tuple(self.meta.classes), views=self.views,
+            num_concepts=concepts.num_concepts if concepts is not None else 0, top_k=settings.top_k,
+            top_concepts=settings.top_concepts, cladec_reference=settings.cladec_reference,
+            cladec_alphas=settings.cladec_alphas, cladec_image_format=settings.cladec_image_format)
         self._monitor_rng = random.Random(0)
         self._cladec_runner = ClaDecRunner(cladec, settings.overlap_views)
         self._verify_buffer: list[Sample] = []
@@ -283,18 +296,20 @@ class ExplainerService:
 
     # -- request handling ---------------------------------------------------------------
 
-    def _parse(self, raw: RawRequest) -> PredictRequest | ExplainRequest:
+    def _parse(self, raw: RawRequest) -> ResolvedPredict | ResolvedExplain:
+        """Parse one request and settle every option (:mod:`handlers.runtime.schema`)."""
         if not raw.explain:
-            return parse_predict(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
-                                 num_classes=len(self.meta.classes))
+            return resolve_predict(parse_predict(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
+                                                 num_classes=len(self.meta.classes)), self._defaults)
         if not self.views:
             raise ExplanationsUnavailable(
                 f"model {self.meta.name} was archived without explanation artifacts; use /predictions")
-        return parse_explain(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
-                             classes=self.meta.classes,
-                             num_concepts=self.concepts.num_concepts if self.concepts else 0,
-                             views=self.views, layers=self.cladec.layers if self.cladec else (),
-                             alphas=self.cladec.alphas if self.cladec else ())
+        req = parse_explain(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
+                            classes=self.meta.classes,
+                            num_concepts=self.concepts.num_concepts if self.concepts else 0,
+                            views=self.views, layers=self.cladec.layers if self.cladec else (),
+                            alphas=self.cladec.alphas if self.cladec else ())
+        return resolve_explain(req, self._defaults)
 
     def _prepare(self, i: int, raw: RawRequest) -> _Item:
         if raw.error is not None:
@@ -363,8 +378,8 @@ class ExplainerService:
             cladec_job.decode(out.activations)  # with overlap_views: beside the views below
             for row in range(len(items)):
                 metrics.count(PREDICTED_CLASS, 1, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
-            explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ExplainRequest)]
-            monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ExplainRequest)
+            explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ResolvedExplain)]
+            monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ResolvedExplain)
                          and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
             concept_batch, concepts_ms = None, None
             if (explain_rows or monitored) and self.concepts is not None:
@@ -378,7 +393,7 @@ class ExplainerService:
             views: dict[int, _Explained | Exception] = {}
             for row in explain_rows:
                 it = items[row]
-                assert isinstance(it.request, ExplainRequest)
+                assert isinstance(it.request, ResolvedExplain)
                 try:
                     views[row] = self._explain(it.request, row, it.pixels, probs[row], concept_batch,
                                                out.activations)
@@ -388,8 +403,7 @@ class ExplainerService:
         jobs += self._sampled_jobs(items, probs, views, out.activations)
         replies: dict[int, Reply] = {}
         for row, it in enumerate(items):
-            k = min(it.request.top_k or self.settings.top_k, len(self.meta.classes))
-            predictions = Prediction.top(probs[row], self.meta.classes, k)
+            predictions = Prediction.top(probs[row], self.meta.classes, it.request.top_k)
             view = views.get(row)
             if view is None:
                 replies[it.index] = Reply(200, PredictionsAnswer(predictions=predictions))
@@ -412,7 +426,7 @@ class ExplainerService:
         jobs = []
         for row, it in enumerate(items):
             view = views.get(row)
-            if isinstance(it.request, ExplainRequest):
+            if isinstance(it.request, ResolvedExplain):
                 if not isinstance(view, _Explained) or not verifier.sampled(settings.verify_fraction):
                     continue
                 target = view.target.index
@@ -426,67 +440,45 @@ class ExplainerService:
 
     def _cladec_wishes(self, items: list[_Item]) -> dict[int, ClaDecWish]:
         """Row -> what it asks of ClaDec, for the rows that want ClaDec images."""
-        wishes: dict[int, ClaDecWish] = {}
         if self.cladec is None:
-            return wishes
-        for r, it in enumerate(items):
-            req = it.request
-            if isinstance(req, ExplainRequest) and self._wants(req, "cladec") and req.images:
-                reference = self.settings.cladec_reference if req.reference is None else req.reference
-                alphas = self.settings.cladec_alphas if req.alphas is None else req.alphas
-                image_format = req.image_format or self.settings.cladec_image_format
-                wishes[r] = ClaDecWish(req.layers, reference, alphas, image_format)
-        return wishes
+            return {}
+        return {r: it.request.cladec for r, it in enumerate(items)
+                if isinstance(it.request, ResolvedExplain) and it.request.cladec is not None}
 
-    def _wants(self, req: Any, view: str) -> bool:
-        return isinstance(req, ExplainRequest) and view in (req.views or self.views)
-
-    def _explain(self, req: ExplainRequest, row: int, pixels: np.ndarray, probs: np.ndarray,
+    def _explain(self, req: ResolvedExplain, row: int, pixels: np.ndarray, probs: np.ndarray,
                  concept_batch: ConceptBatch | None, activations: dict[str, np.ndarray]) -> _Explained:
         """The concepts and features views of one image (row of the batch; pixels (H, W, C),
         probs (K,), activations layer -> (N, ...))."""
-        if req.target is None:
-            target = int(np.argmax(probs))
-        elif isinstance(req.target, str):
-            target = self.meta.classes.index(req.target)
-        else:
-            target = int(req.target)
-        views = req.views or self.views
+        target = req.target_index(probs)
         concepts = features = features_ms = None
-        if "concepts" in views and self.concepts is not None:
+        if req.wants("concepts") and self.concepts is not None:
             assert concept_batch is not None
-            top = min(req.top_concepts or self.settings.top_concepts, self.concepts.num_concepts)
-            concepts = self.concepts.explain(concept_batch, row, target, top, pixels if req.images else None,
-                                             heatmap=req.heatmap, network_concepts=self.settings.network_concepts)
+            concepts = self.concepts.explain(concept_batch, row, target, req.top_concepts,
+                                             pixels if req.images else None, heatmap=req.heatmap,
+                                             network_concepts=self.settings.network_concepts)
         verification = verify_ms = None
-        if req.verify is not False:
+        if req.verify:
             t0 = time.perf_counter()
             concepts, verification = self._verify(req.verify, concepts, concept_batch, row, target)
             verify_ms = _ms(t0)
-        if "features" in views and self.features is not None:
+        if req.wants("features") and self.features is not None:
             t0 = time.perf_counter()
             features = self.features.explain(activations[self.features.layer][row], target)
             features_ms = _ms(t0)
         return _Explained(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms,
                           verification, verify_ms)
 
-    def _verify(self, verify: bool | int, view: ConceptsView | None, batch: ConceptBatch | None, row: int,
+    def _verify(self, n: int, view: ConceptsView | None, batch: ConceptBatch | None, row: int,
                 target: int) -> tuple[ConceptsView, Verification]:
-        """The concepts view with the network's own answers on its first ``verify`` concepts
-        (True: all of them), and their agreement.
+        """The concepts view with the network's own answers on its first ``n`` concepts (the
+        request's settled ``verify``), and their agreement.
 
         Raises:
-            InvalidOption: verify without the concepts view, or more concepts than the answer lists.
             ExplanationsUnavailable: the archive has no intervention graphs."""
-        if view is None or batch is None or self.concepts is None:
-            raise InvalidOption('"verify" checks the concepts view: ask for it in "views"')
+        assert view is not None and batch is not None and self.concepts is not None
         if not self.concepts.interventions:
             raise ExplanationsUnavailable(f"model {self.meta.name} was archived without intervention graphs; "
                                           "verify needs them")
-        n = len(view.concepts) if verify is True else int(verify)
-        if n > len(view.concepts):
-            raise InvalidOption(f'"verify" asks for {n} concepts but the answer lists {len(view.concepts)} '
-                                f'(top_concepts); verify at most those')
         checks = verify_records(self.concepts, batch, row, target, view.records[:n])
         concepts = list(view.concepts)
         for i, check in enumerate(checks):
