@@ -82,8 +82,13 @@ class ExplainerModelCore:
         self.service.report_verification_to(self.exporter.emit)
         self.exporter.emit(self.service.baseline_samples())
 
-    def answer(self, payload: Any, explain: bool) -> dict[str, Any]:
-        """The protocol's JSON answer; a non-200 answer raises :class:`ProtocolReply`."""
+    def answer(self, payload: Any, explain: bool) -> bytes | dict[str, Any]:
+        """The protocol's JSON answer; a non-200 answer raises :class:`ProtocolReply`.
+
+        A v1 (or plain) answer goes back as the bytes the answer models formatted, which
+        KServe's v1 routes send as they are. A v2 answer goes back as a dict: KServe's v2 route
+        validates it into its own ``InferenceResponse`` and would send bytes without a
+        content type."""
         assert self.service is not None, "model used before load()"
         if isinstance(payload, (bytes, bytearray, str)):  # a body KServe did not decode (no JSON content type)
             raw = RawRequest(payload, None, explain)
@@ -99,7 +104,9 @@ class ExplainerModelCore:
             log.warning("could not record metrics", exc_info=True)
         if wire.status != 200:
             raise ProtocolReply(wire)
-        return json.loads(wire.body)
+        if wire.protocol is protocols.Protocol.V2:
+            return json.loads(wire.body)
+        return wire.body
 
     def close(self) -> None:
         if self.service is not None:
@@ -249,6 +256,9 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
     _guard(app, core.settings)
 
     class ConceptExplainerModel(kserve.Model):
+        def __init__(self, name: str) -> None:
+            super().__init__(name, return_response_headers=True)  # postprocess sets the content type
+
         def load(self) -> bool:
             core.load_service()
             self.ready = True
@@ -257,11 +267,17 @@ def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter |
         # Async, with the work on a thread: KServe calls a synchronous predict() on its event
         # loop, which would serve one request at a time; onnxruntime releases the GIL.
         async def predict(self, payload: Any, headers: dict[str, str] | None = None,
-                          response_headers: dict[str, str] | None = None) -> dict[str, Any]:
+                          response_headers: dict[str, str] | None = None) -> bytes | dict[str, Any]:
             return await asyncio.to_thread(core.answer, payload, False)
 
-        async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        async def explain(self, payload: Any, headers: dict[str, str] | None = None) -> bytes | dict[str, Any]:
             return await asyncio.to_thread(core.answer, payload, True)
+
+        def postprocess(self, result: Any, headers: dict[str, str] | None = None,
+                        response_headers: dict[str, str] | None = None) -> Any:
+            if isinstance(result, bytes) and response_headers is not None:
+                response_headers["content-type"] = "application/json"
+            return result
 
         def stop(self) -> None:
             core.close()

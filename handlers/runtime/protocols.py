@@ -80,10 +80,12 @@ class Envelope:
 
 @dataclass(frozen=True)
 class WireReply:
-    """What goes back for one HTTP request: status and the JSON body as bytes."""
+    """What goes back for one HTTP request: status, the JSON body as bytes, and the protocol
+    the request spoke (a front door may hand the bytes over as they are)."""
 
     status: int
     body: bytes
+    protocol: Protocol = Protocol.REST
 
 
 def _detect(raw: RawRequest, max_bytes: int) -> tuple[Protocol, dict[str, Any] | None]:
@@ -242,8 +244,8 @@ def close_envelope(envelope: Envelope, replies: Sequence[Reply], model_name: str
             body = V1Explanations(explanations=[_instance(r, Explanation) for r in replies])
         else:
             body = V1Predictions(predictions=[_instance(r, PredictionsAnswer) for r in replies])
-        return WireReply(200, body.wire_json())
-    return WireReply(200, _v2_answer(envelope, replies, model_name, model_version).wire_json())
+        return WireReply(200, body.wire_json(), Protocol.V1)
+    return WireReply(200, _v2_answer(envelope, replies, model_name, model_version).wire_json(), Protocol.V2)
 
 
 def _instance(reply: Reply, kind: type) -> Any:

@@ -186,6 +186,36 @@ def test_a_hosts_own_model_server_keeps_the_answers_statuses(tiny_explainer_mar,
         r = requests.post(f"{ks.url}/v1/models/tinyx:predict", timeout=60,
                           json={"instances": [{"data": b64(sample_pngs[0])}]})
         assert r.status_code == 200 and "predictions" in r.json()
+        assert r.headers["content-type"] == "application/json"
+
+
+def test_v1_answers_are_the_bytes_the_answer_models_format(kserve_server, tiny_explainer_mar, sample_pngs, tmp_path):
+    """The model hands KServe the formatted v1 body as it is (no bytes -> dict -> bytes), which
+    reaches the client with a JSON content type; v2 answers stay a dict for KServe's own
+    response model."""
+    from handlers.kserve_model import ExplainerModelCore
+    from handlers.runtime.source import from_mar
+    core = ExplainerModelCore(from_mar(tiny_explainer_mar, tmp_path), gpu_id=None)
+    core.load_service()
+    try:
+        v1 = core.answer({"instances": [{"data": b64(sample_pngs[0])}]}, True)
+        assert isinstance(v1, bytes) and json.loads(v1)["explanations"][0]["concepts"]
+        v2 = core.answer(v2_request([sample_pngs[0]]).to_rest()[0], False)
+        assert isinstance(v2, dict) and v2["outputs"][0]["name"] == "answer"
+    finally:
+        core.close()
+    for verb in ("predict", "explain"):
+        r = requests.post(f"{kserve_server.url}/v1/models/tinyx:{verb}", timeout=60,
+                          json={"instances": [{"data": b64(sample_pngs[0]), "images": False}] if verb == "explain"
+                                else [{"data": b64(sample_pngs[0])}]})
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        body = r.json()
+        if verb == "explain":
+            body["explanations"][0].pop("timings_ms")
+            raw = r.content.decode()
+            assert raw.startswith('{"explanations":[{"predictions":[{"index":') and ", " not in raw[:200]
+        else:
+            assert r.content == json.dumps(body, separators=(",", ":")).encode()
 
 
 def _rss(pid: int) -> int:
