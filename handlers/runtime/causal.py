@@ -66,13 +66,13 @@ class CompiledCausalModel:
     """
 
     #: Largest precomputed lookup table per concept, in float64 entries (2 MB); larger ones
-    #: cost more load time than they save (measured on the demo network).
+    #: cost more load time than they save (``python -m bench.causal_speed``).
     MAX_LOOKUP_ENTRIES = 250_000
     #: Most floating-point operations spent on tabulating one concept in a single einsum;
     #: costlier tables are filled one observed combination at a time (at most
-    #: ``MAX_LOOKUP_COMBINATIONS``) or not at all (the plan is contracted per request).
-    #: 2e8 (was 2e7): on four demo builds the full per-request table takes 0.30-1.22 ms, 134-566x
-    #: pgmpy (was 0.32-2.53 ms, 82-632x), for about 4 MB more of tables (bench.causal_speed, 2026-12-02).
+    #: ``MAX_LOOKUP_COMBINATIONS``) or not at all (the plan is contracted per request). The
+    #: trade between load-time tables and per-request contraction is measured by
+    #: ``python -m bench.causal_speed``; the figures are in the README.
     MAX_TABULATION_FLOPS = 2e8
     MAX_LOOKUP_COMBINATIONS = 256
 

@@ -136,8 +136,9 @@ def release_freed_heap() -> bool:
     """Return memory freed by the C heap to the operating system (glibc ``malloc_trim``).
 
     Building onnxruntime sessions parses and copies every model; glibc keeps the freed
-    copies mapped. After loading the ResNet-18/224 bundle this takes a process from 404 to
-    205 MB resident. Returns whether memory was released (False without glibc)."""
+    copies mapped, so a worker that has just loaded a bundle holds far more memory than it
+    uses (``make bench`` reports worker memory). Returns whether memory was released (False
+    without glibc)."""
     import ctypes
     try:
         trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the process's own C library

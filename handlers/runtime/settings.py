@@ -195,9 +195,7 @@ class HandlerSettings:
             ``image_format``: "png" (lossless) or "jpeg" (quality 90; several times smaller).
         cladec_chunk_rows: rows of a batch per ClaDec decoder or reference-autoencoder run
             (0: the whole batch at once); bounds their intermediate buffers for large
-            ``batchSize``. Batch 8 at 224 px, medians of fresh processes: -12 to -54 MB of
-            peak over three comparisons (runs spread over 50 MB), no latency cost;
-            ``make bench`` repeats it.
+            ``batchSize`` (``make bench`` measures the effect on peak memory and latency).
         network_concepts: how many concepts per explanation the network itself answers (their
             ``P(target | do(state))`` comes from the archive's intervention graphs: code set,
             decoded, rest of the classifier run); the others are answered by the Bayesian

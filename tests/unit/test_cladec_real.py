@@ -80,7 +80,7 @@ def test_the_classifier_learned_the_digits(digits_run):
 @pytest.mark.parametrize("layer", LAYERS)
 def test_cladec_reconstructions_beat_the_constant_image(digits_run, layer):
     """Decoders learn from the classifier's activations: MSE at most half the training-mean
-    image's (before the fixes: black or flat grey images at the constant's level or worse)."""
+    image's (a black or flat grey image would sit at the constant's level or worse)."""
     r = digits_run[layer]
     assert r["mse_cladec"] <= 0.5 * digits_run["mse_constant"], (layer, r["mse_cladec"], digits_run["mse_constant"])
 

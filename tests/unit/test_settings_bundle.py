@@ -42,7 +42,7 @@ def test_settings_conversions_and_unknown_keys():
     ("true", True), ("True", True), ("yes", True), ("ON", True), ("1", True), (True, True), (1, True),
 ])
 def test_boolean_settings_parse_strictly(name, value, expected):
-    """A quoted "false" in model-config.yaml is false (bool("false") used to make it true)."""
+    """A quoted "false" in model-config.yaml is false (Python's bool("false") would be true)."""
     assert getattr(HandlerSettings.from_mapping({name: value}), name) is expected
 
 
@@ -62,7 +62,7 @@ def test_boolean_settings_reject_anything_else(name, value):
 @pytest.mark.parametrize("name", ["top_concepts", "top_k", "max_request_bytes", "max_image_pixels"])
 @pytest.mark.parametrize("value", [0, -1, "0", "-3"])
 def test_counts_below_one_are_rejected_naming_the_setting(name, value):
-    """top_concepts: 0 used to mean "all" silently (and -3 "all but 3"); a count is >= 1.
+    """A count is >= 1: 0 must not silently mean "all" (nor -3 "all but 3").
     A value above the number of concepts is capped, which is how to ask for all of them."""
     with pytest.raises(SettingsError, match=name):
         HandlerSettings.from_mapping({name: value})
