@@ -19,7 +19,7 @@ import numpy as np
 
 from handlers.runtime.bundle import load_bundle
 from handlers.runtime.classifier import OnnxClassifier, make_session
-from handlers.runtime.explain import ConceptExplainer
+from handlers.runtime.concept_view import ConceptExplainer
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
 
 

@@ -1,6 +1,6 @@
 """Method 1's validity in effect units: the served causal answers against the network's own.
 
-For held-out images, the serving code (:class:`handlers.runtime.explain.ConceptExplainer`
+For held-out images, the serving code (:class:`handlers.runtime.concept_view.ConceptExplainer`
 over the bundle's ONNX graphs) answers every concept; the network's answer to the same
 interventions comes from torch (:func:`export.concepts.run_interventions`). Both sides use
 the served weights ``pi`` and observed states. The metrics are those of
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from handlers.runtime.explain import ConceptBatch, ConceptExplainer
+from handlers.runtime.concept_view import ConceptBatch, ConceptExplainer
 from handlers.runtime.faithfulness import Truth, beats, columns_by_group, derangement, effects, truth
 
 #: Targets of the effect-unit checks (pooled unless named per layer).

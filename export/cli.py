@@ -359,7 +359,7 @@ def cmd_explain(args: argparse.Namespace) -> dict:
 
     from export.report import ReportError, Section, summary_lines, write_report
     from handlers.runtime.errors import ArtifactError
-    from handlers.runtime.schema import ALPHA_CHOICES
+    from handlers.runtime.request import ALPHA_CHOICES
     from handlers.runtime.service import ExplainerService, RawRequest
     from handlers.runtime.settings import HandlerSettings, SettingsError
     from handlers.runtime.source import from_bundle, from_mar

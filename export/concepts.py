@@ -551,8 +551,8 @@ def _served_explainer(spec_layers: Sequence[Any], compiled: CompiledCausalModel,
                       out: Path) -> Any:
     """The serving code's concepts view over the ONNX files just written to ``out``."""
     from handlers.runtime.classifier import make_session
+    from handlers.runtime.concept_view import ConceptExplainer
     from handlers.runtime.concepts import ConceptSpec
-    from handlers.runtime.explain import ConceptExplainer
 
     def session(name: str) -> Any:
         return make_session(out / name, ["CPUExecutionProvider"], 1)

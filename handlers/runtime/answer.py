@@ -47,9 +47,9 @@ def _rounded(digits: int) -> PlainSerializer:
     return PlainSerializer(serialize, return_type=float, when_used="unless-none")
 
 
-Round6 = Annotated[float, _rounded(6)]  # probabilities, logits, effects, contributions
-Round5 = Annotated[float, _rounded(5)]  # concept activations
-Round4 = Annotated[float, _rounded(4)]  # validity figures of the bundle
+Decimals6 = Annotated[float, _rounded(6)]  # probabilities, logits, effects, contributions
+Decimals5 = Annotated[float, _rounded(5)]  # concept activations
+Decimals4 = Annotated[float, _rounded(4)]  # validity figures of the bundle
 Millis = Annotated[float, _rounded(3)]  # stage timings
 
 
@@ -66,7 +66,7 @@ Jpeg = Annotated[bytes, PlainSerializer(_base64, return_type=str, when_used="unl
 
 
 #: Encodings of the ClaDec images a request may ask for (``image_format``); png is the default.
-IMAGE_FORMATS = ("png", "jpeg")
+CLADEC_IMAGE_FORMATS = ("png", "jpeg")
 
 
 # -- the base model and fields that may be left out -----------------------------------------
@@ -131,7 +131,7 @@ class Prediction(Answer):
 
     index: int = Field(ge=0)
     label: str
-    probability: Round6 = on_wire(minimum=0, maximum=1)
+    probability: Decimals6 = on_wire(minimum=0, maximum=1)
 
     @classmethod
     def top(cls, probabilities: np.ndarray, classes: Sequence[str], k: int) -> list[Prediction]:
@@ -161,7 +161,7 @@ class Intervention(Answer):
     """P(target | do(concept = state), evidence on the concept's non-descendants)."""
 
     state: int = Field(ge=0)
-    probability: Round6 = on_wire(minimum=0, maximum=1)
+    probability: Decimals6 = on_wire(minimum=0, maximum=1)
 
 
 class Verified(Answer):
@@ -169,8 +169,8 @@ class Verified(Answer):
     channel set to each state's typical value, decoded, the rest of the classifier run."""
 
     interventions: list[Intervention] = Field(min_length=1, description="the network's P(target | do(state)), one per state")
-    effect: Round6 = Field(description="the network's effect, with the served weights pi")
-    abs_error: Round6 = on_wire(minimum=0, maximum=1, description=(
+    effect: Decimals6 = Field(description="the network's effect, with the served weights pi")
+    abs_error: Decimals6 = on_wire(minimum=0, maximum=1, description=(
         "mean over states of |served P(target | do(state)) - the network's|"))
 
 
@@ -178,10 +178,10 @@ class Verification(Answer):
     """How far the answer's verified concepts are from the network's own interventions."""
 
     concepts: int = Field(ge=1, description="concepts verified: the answer's first ones")
-    mae_p: Round6 = on_wire(minimum=0, maximum=1, description="mean |served - network| P(target | do(state))")
-    effect_mae: Round6 = on_wire(minimum=0, description="mean |served effect - network effect|")
-    ccc: Round6 | None = Field(description="Lin's concordance of the served and the network's effects; null for one concept")
-    recall3: Round6 = on_wire(minimum=0, maximum=1, description=(
+    mae_p: Decimals6 = on_wire(minimum=0, maximum=1, description="mean |served - network| P(target | do(state))")
+    effect_mae: Decimals6 = on_wire(minimum=0, description="mean |served effect - network effect|")
+    ccc: Decimals6 | None = Field(description="Lin's concordance of the served and the network's effects; null for one concept")
+    recall3: Decimals6 = on_wire(minimum=0, maximum=1, description=(
         "share of the network's three largest |effects| among the answer's first three concepts"))
 
 
@@ -193,10 +193,10 @@ class Concept(Answer):
     channel: int = Field(ge=0)
     name: str = Field(description="the generative factor the concept shares most information with, or the id")
     name_bits: float | None = Field(description="information shared with the named factor, in bits")
-    activation: Round5 = Field(description="the concept's pooled value (spatial max) on this image")
+    activation: Decimals5 = Field(description="the concept's pooled value (spatial max) on this image")
     state: int = Field(ge=0, description="the observed state (0 low ... states-1 high)")
-    effect: Round6
-    sensitivity: Round6
+    effect: Decimals6
+    sensitivity: Decimals6
     source: Literal["network", "bayesian_network"] = Field(description=(
         "who answered the interventions: the network itself (code set, decoded, rest of the classifier run) "
         "or the Bayesian network's tables (their differences between states, anchored at the network's P(target) "
@@ -235,8 +235,8 @@ class ClaDecImage(Answer):
                 reference: bytes | None) -> ClaDecImage:
         """An entry whose images (already encoded as ``image_format``: "png" or "jpeg") go into
         that format's fields."""
-        if image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        if image_format not in CLADEC_IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {CLADEC_IMAGE_FORMATS}, got {image_format!r}")
         return cls(layer=layer, alpha=alpha, **{f"reconstruction_{image_format}": reconstruction,
                                                 f"reference_{image_format}": reference})
 
@@ -246,8 +246,8 @@ class Contribution(Answer):
     (full logit - bias), null when that evidence is exactly 0."""
 
     index: int
-    contribution: Round6
-    share: Round6 | None
+    contribution: Decimals6
+    share: Decimals6 | None
 
 
 class OutsideSubset(Answer):
@@ -255,9 +255,9 @@ class OutsideSubset(Answer):
     terms ``W[c, i] h_i``; ``total`` = positive + negative = full logit - decomposed logit."""
 
     features: int = Field(ge=0)
-    positive: Round6 = Field(ge=0)
-    negative: Round6 = Field(le=0)
-    total: Round6
+    positive: Decimals6 = Field(ge=0)
+    negative: Decimals6 = Field(le=0)
+    total: Decimals6
 
 
 class RunnerUp(Answer):
@@ -266,9 +266,9 @@ class RunnerUp(Answer):
 
     index: int
     label: str | None
-    logit: Round6
-    decomposed_logit: Round6
-    bias: Round6
+    logit: Decimals6
+    decomposed_logit: Decimals6
+    bias: Decimals6
     subset_size: int
     contributions: list[Contribution]
     outside_subset: OutsideSubset
@@ -281,17 +281,17 @@ class Features(Answer):
     subset_size: int
     decomposed_agrees: bool
     decomposed_prediction: int
-    decomposed_prediction_logit: Round6
-    target_logit: Round6
-    decomposed_target_logit: Round6
-    target_bias: Round6
+    decomposed_prediction_logit: Decimals6
+    target_logit: Decimals6
+    decomposed_target_logit: Decimals6
+    target_bias: Decimals6
     contributions: list[Contribution] = Field(description="the target's subset features, largest contribution first")
     outside_subset: OutsideSubset
     runner_up: RunnerUp | None = Field(description="null for a single-class head")
-    decomposed_agreement_held_out: Round6 | None = on_wire(
+    decomposed_agreement_held_out: Decimals6 | None = on_wire(
         minimum=0, maximum=1, description="share of the export's held-out images on which the decomposed head's class equals the full "
                     "head's; null when the bundle lacks the figure")
-    decomposed_agreement_held_out_class: Round6 | None = on_wire(
+    decomposed_agreement_held_out_class: Decimals6 | None = on_wire(
         minimum=0, maximum=1, description="the same over the held-out images of this image's full-head class")
     held_out_images: int | None
 
@@ -302,13 +302,13 @@ class EffectTruth(Answer):
     error, skill over answering "no effect" and Lin's concordance (pooled and per layer),
     per-image nDCG@5 (median) and recall@3 (mean) of the answer's order."""
 
-    mae_p: Round4 | None
-    effect_mae: Round4
-    skill: Round4 | None
-    ccc: Round4 | None
-    ccc_per_layer: dict[str, Round4 | None]
-    ndcg5: Round4 | None
-    recall3: Round4 | None
+    mae_p: Decimals4 | None
+    effect_mae: Decimals4
+    skill: Decimals4 | None
+    ccc: Decimals4 | None
+    ccc_per_layer: dict[str, Decimals4 | None]
+    ndcg5: Decimals4 | None
+    recall3: Decimals4 | None
     below_resolution: list[str] = Field(description="layers whose measured effects sit under the noise floor")
     network_concepts: int = Field(ge=0, description="concepts per answer the network answered when measured")
 
@@ -318,12 +318,12 @@ class ConceptValidity(Answer):
     validity (pooled, mean per image, per layer), the share of interventions read at an unseen
     parent configuration, and the checks that failed."""
 
-    agreement_min: Round4 | None
-    fidelity: Round4 | None
-    causal_spearman: Round4 | None
-    causal_spearman_per_image: Round4 | None
-    causal_spearman_per_layer: dict[str, Round4 | None]
-    unseen_configurations: Round4 | Absent = omitted("absent for a bundle exported without it")
+    agreement_min: Decimals4 | None
+    fidelity: Decimals4 | None
+    causal_spearman: Decimals4 | None
+    causal_spearman_per_image: Decimals4 | None
+    causal_spearman_per_layer: dict[str, Decimals4 | None]
+    unseen_configurations: Decimals4 | Absent = omitted("absent for a bundle exported without it")
     effect_truth: EffectTruth | Absent = omitted("absent for a bundle exported without it")
     failed_checks: list[str]
     checked: bool
@@ -332,7 +332,7 @@ class ConceptValidity(Answer):
 class FeaturesValidity(Answer):
     """The decomposed head's held-out agreement with the full head."""
 
-    decomposed_agreement: Round4 | None
+    decomposed_agreement: Decimals4 | None
 
 
 class Validity(Answer):
@@ -428,7 +428,7 @@ class V2Tensor(Answer):
     name: str
     datatype: str
     shape: list[int]
-    data: list[str] | list[Round6]
+    data: list[str] | list[Decimals6]
     parameters: dict[str, str] | Absent = omitted("e.g. content_type of a BYTES tensor")
 
 

@@ -23,7 +23,7 @@ from handlers.runtime.bundle import Bundle
 from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_jpeg, encode_png
-from handlers.runtime.schema import AlphaChoice, ClaDecWish, same_alpha
+from handlers.runtime.request import AlphaChoice, ClaDecOptions, same_alpha
 
 FORMAT = "cladec/1"
 
@@ -172,7 +172,7 @@ class ClaDecJob:
     into the next batch.
     """
 
-    def __init__(self, view: ClaDecView | None, x: np.ndarray, wishes: Mapping[int, ClaDecWish],
+    def __init__(self, view: ClaDecView | None, x: np.ndarray, wishes: Mapping[int, ClaDecOptions],
                  pool: ThreadPoolExecutor | None) -> None:
         """x: the normalised batch (N, C, H, W); wishes: row -> what it asks (rows absent want
         nothing); pool: where to start the reference images now and the decoders later
@@ -183,7 +183,7 @@ class ClaDecJob:
         self._x = x
         self._wishes = dict(wishes)
         self._pool = pool if self._wishes else None
-        self._groups: dict[ClaDecWish, list[int]] = {}  # rows that ask the same
+        self._groups: dict[ClaDecOptions, list[int]] = {}  # rows that ask the same
         for row, wish in self._wishes.items():
             self._groups.setdefault(wish, []).append(row)
         self._entries = {wish: view.wanted(wish.layers, wish.alphas) for wish in self._groups} if view else {}
@@ -267,7 +267,7 @@ class ClaDecRunner:
         self._closed = False
         self._lock = threading.Lock()
 
-    def begin(self, x: np.ndarray, wishes: Mapping[int, ClaDecWish]) -> ClaDecJob:
+    def begin(self, x: np.ndarray, wishes: Mapping[int, ClaDecOptions]) -> ClaDecJob:
         """Start one batch's ClaDec work. x: normalised (N, C, H, W); wishes: row -> what it asks."""
         pool = None
         if self.overlap and not self._closed and wishes:

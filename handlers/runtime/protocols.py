@@ -47,7 +47,7 @@ from handlers.runtime.answer import (
     V2Tensor,
 )
 from handlers.runtime.errors import ExplainerError, InvalidRequest, PayloadTooLarge
-from handlers.runtime.schema import JSON_TYPES, body_to_json_or_image
+from handlers.runtime.request import JSON_TYPES, body_to_json_or_image
 from handlers.runtime.service import ExplainerService, RawRequest, Reply
 
 #: Parameters of the Open Inference Protocol itself (not options of this model): ignored.

@@ -34,11 +34,11 @@ from handlers.runtime.answer import (
     Verified,
 )
 from handlers.runtime.bundle import Bundle, load_bundle
-from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish
+from handlers.runtime.cladec import ClaDecOptions, ClaDecRunner, ClaDecView
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
+from handlers.runtime.concept_view import ConceptBatch, ConceptExplainer, ConceptsPart
 from handlers.runtime.devices import in_use, plan_devices
 from handlers.runtime.errors import ExplanationsUnavailable
-from handlers.runtime.explain import ConceptBatch, ConceptExplainer, ConceptsView
 from handlers.runtime.features import FeatureView
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
 from handlers.runtime.metrics import (
@@ -54,7 +54,7 @@ from handlers.runtime.metrics import (
     Sample,
 )
 from handlers.runtime.quantized import int8_variants
-from handlers.runtime.schema import (
+from handlers.runtime.request import (
     Defaults,
     ResolvedExplain,
     ResolvedPredict,
@@ -110,12 +110,12 @@ class _Item:
 
 
 @dataclass(frozen=True)
-class _Explained:
+class _RowViews:
     """One image's explanation views before ClaDec joins them; ``*_ms``: unrounded milliseconds
     of the stages that ran (None: not run)."""
 
     target: Target
-    concepts: ConceptsView | None
+    concepts: ConceptsPart | None
     features: Features | None
     features_ms: float | None
     verification: Verification | None = None
@@ -123,7 +123,7 @@ class _Explained:
 
 
 @dataclass(frozen=True)
-class _Shared:
+class _BatchStages:
     """What every row of a batch shares: stage milliseconds (unrounded) and the batch size."""
 
     decode_ms: float
@@ -298,7 +298,7 @@ class ExplainerService:
     # -- request handling ---------------------------------------------------------------
 
     def _parse(self, raw: RawRequest) -> ResolvedPredict | ResolvedExplain:
-        """Parse one request and settle every option (:mod:`handlers.runtime.schema`)."""
+        """Parse one request and settle every option (:mod:`handlers.runtime.request`)."""
         if not raw.explain:
             return resolve_predict(parse_predict(raw.value, raw.content_type, max_bytes=self.settings.max_request_bytes,
                                                  num_classes=len(self.meta.classes)), self._defaults)
@@ -390,8 +390,8 @@ class ExplainerService:
                 for row in sorted(set(explain_rows) | set(monitored)):
                     for concept, state in concept_batch.evidence(row).items():
                         metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
-            shared = _Shared(decode_ms, classifier_ms, concepts_ms, len(items))
-            views: dict[int, _Explained | Exception] = {}
+            shared = _BatchStages(decode_ms, classifier_ms, concepts_ms, len(items))
+            views: dict[int, _RowViews | Exception] = {}
             for row in explain_rows:
                 it = items[row]
                 assert isinstance(it.request, ResolvedExplain)
@@ -417,7 +417,7 @@ class ExplainerService:
                                                                  cladec.ms))
         return replies
 
-    def _sampled_jobs(self, items: list[_Item], probs: np.ndarray, views: dict[int, _Explained | Exception],
+    def _sampled_jobs(self, items: list[_Item], probs: np.ndarray, views: dict[int, _RowViews | Exception],
                       activations: dict[str, np.ndarray]) -> list[VerifyJob]:
         """Verification jobs of the rows sampled at ``verify_fraction`` (answered explanations,
         their target) and ``verify_fraction_predictions`` (predictions, the predicted class)."""
@@ -428,7 +428,7 @@ class ExplainerService:
         for row, it in enumerate(items):
             view = views.get(row)
             if isinstance(it.request, ResolvedExplain):
-                if not isinstance(view, _Explained) or not verifier.sampled(settings.verify_fraction):
+                if not isinstance(view, _RowViews) or not verifier.sampled(settings.verify_fraction):
                     continue
                 target = view.target.index
             elif verifier.sampled(settings.verify_fraction_predictions):
@@ -439,7 +439,7 @@ class ExplainerService:
             jobs.append(VerifyJob(acts, target, settings.network_concepts))
         return jobs
 
-    def _cladec_wishes(self, items: list[_Item]) -> dict[int, ClaDecWish]:
+    def _cladec_wishes(self, items: list[_Item]) -> dict[int, ClaDecOptions]:
         """Row -> what it asks of ClaDec, for the rows that want ClaDec images."""
         if self.cladec is None:
             return {}
@@ -447,7 +447,7 @@ class ExplainerService:
                 if isinstance(it.request, ResolvedExplain) and it.request.cladec is not None}
 
     def _explain(self, req: ResolvedExplain, row: int, pixels: np.ndarray, probs: np.ndarray,
-                 concept_batch: ConceptBatch | None, activations: dict[str, np.ndarray]) -> _Explained:
+                 concept_batch: ConceptBatch | None, activations: dict[str, np.ndarray]) -> _RowViews:
         """The concepts and features views of one image (row of the batch; pixels (H, W, C),
         probs (K,), activations layer -> (N, ...))."""
         target = req.target_index(probs)
@@ -466,11 +466,11 @@ class ExplainerService:
             t0 = time.perf_counter()
             features = self.features.explain(activations[self.features.layer][row], target)
             features_ms = _ms(t0)
-        return _Explained(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms,
+        return _RowViews(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms,
                           verification, verify_ms)
 
-    def _verify(self, n: int, view: ConceptsView | None, batch: ConceptBatch | None, row: int,
-                target: int) -> tuple[ConceptsView, Verification]:
+    def _verify(self, n: int, view: ConceptsPart | None, batch: ConceptBatch | None, row: int,
+                target: int) -> tuple[ConceptsPart, Verification]:
         """The concepts view with the network's own answers on its first ``n`` concepts (the
         request's settled ``verify``), and their agreement.
 
@@ -490,9 +490,9 @@ class ExplainerService:
         a = agreement(checks)
         verification = Verification(concepts=a.concepts, mae_p=a.mae_p, effect_mae=a.effect_mae, ccc=a.ccc,
                                     recall3=a.recall3)
-        return ConceptsView(concepts, view.causal_ms, view.encode_ms, view.records), verification
+        return ConceptsPart(concepts, view.causal_ms, view.encode_ms, view.records), verification
 
-    def _explanation(self, predictions: list[Prediction], view: _Explained, shared: _Shared,
+    def _explanation(self, predictions: list[Prediction], view: _RowViews, shared: _BatchStages,
                      cladec: list[ClaDecImage] | None, cladec_ms: float) -> Explanation:
         """One explanation body; ``cladec_ms`` is reported only to a row with ClaDec images."""
         concepts = view.concepts

@@ -17,7 +17,7 @@ from handlers.runtime.imaging import _SIGNATURES
 _TRUE = frozenset({"true", "yes", "on", "1"})
 _FALSE = frozenset({"false", "no", "off", "0"})
 #: Formats :func:`handlers.runtime.imaging.decode_image` can recognise (Pillow format names).
-IMAGE_FORMATS: tuple[str, ...] = tuple(dict.fromkeys(name for _, _, name in _SIGNATURES))
+DECODABLE_FORMATS: tuple[str, ...] = tuple(dict.fromkeys(name for _, _, name in _SIGNATURES))
 
 
 class SettingsError(ValueError):
@@ -97,9 +97,9 @@ def _parse_names(name: str, value: Any) -> tuple[str, ...]:
 
 def _parse_formats(name: str, value: Any) -> tuple[str, ...]:
     formats = tuple(v.upper() for v in _parse_names(name, value))
-    unknown = [f for f in formats if f not in IMAGE_FORMATS]
+    unknown = [f for f in formats if f not in DECODABLE_FORMATS]
     if unknown or not formats:
-        raise SettingsError(f"handler setting {name} must list one or more of {list(IMAGE_FORMATS)}, "
+        raise SettingsError(f"handler setting {name} must list one or more of {list(DECODABLE_FORMATS)}, "
                             f"got {_show(value)}")
     return formats
 
@@ -116,17 +116,17 @@ def _parse_providers(name: str, value: Any) -> tuple[str, ...]:
 
 
 def _parse_alpha_choice(name: str, value: Any) -> str:
-    from handlers.runtime.schema import ALPHA_CHOICES
+    from handlers.runtime.request import ALPHA_CHOICES
     if value not in ALPHA_CHOICES:
         raise SettingsError(f"handler setting {name} must be one of {list(ALPHA_CHOICES)}, got {_show(value)}")
     return str(value)
 
 
 def _parse_image_format(name: str, value: Any) -> str:
-    from handlers.runtime.answer import IMAGE_FORMATS
+    from handlers.runtime.answer import CLADEC_IMAGE_FORMATS
     word = _parse_str(name, value).lower()
-    if word not in IMAGE_FORMATS:
-        raise SettingsError(f"handler setting {name} must be one of {list(IMAGE_FORMATS)}, got {_show(value)}")
+    if word not in CLADEC_IMAGE_FORMATS:
+        raise SettingsError(f"handler setting {name} must be one of {list(CLADEC_IMAGE_FORMATS)}, got {_show(value)}")
     return word
 
 

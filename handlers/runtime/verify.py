@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from handlers.runtime.explain import ConceptBatch, ConceptExplainer, SourcedRecord
+from handlers.runtime.concept_view import ConceptBatch, ConceptExplainer, SourcedRecord
 from handlers.runtime.faithfulness import ccc, recall_at_k
 from handlers.runtime.metrics import (
     VERIFY_AGREEMENT,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecWish, DecoderEntry
+from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecOptions, DecoderEntry
 
 
 class StandInView(ClaDecView):
@@ -34,8 +34,8 @@ class StandInView(ClaDecView):
                     for e in entries} for r in reversed(list(rows))}
 
 
-WISHES = {0: ClaDecWish(None, True), 2: ClaDecWish(("avgpool",), False), 3: ClaDecWish(None, True),
-          4: ClaDecWish(("layer2",), True)}
+WISHES = {0: ClaDecOptions(None, True), 2: ClaDecOptions(("avgpool",), False), 3: ClaDecOptions(None, True),
+          4: ClaDecOptions(("layer2",), True)}
 
 
 def test_alphas_pick_entries_per_layer():
@@ -50,7 +50,7 @@ def test_alphas_pick_entries_per_layer():
 
 def test_lowest_alpha_and_jpeg_go_into_their_own_fields():
     view = StandInView()
-    wishes = {0: ClaDecWish(None, True, "lowest", "jpeg"), 1: ClaDecWish(("layer2",), False, (0.1,), "png")}
+    wishes = {0: ClaDecOptions(None, True, "lowest", "jpeg"), 1: ClaDecOptions(("layer2",), False, (0.1,), "png")}
     runner = ClaDecRunner(view, False)
     with runner.begin(np.arange(10, 12), wishes) as job:
         outcome = job.finish({"x": np.arange(20, 22)})
@@ -145,7 +145,7 @@ def test_no_wishes_no_work_and_close_stops_the_thread():
         assert job.finish({"x": np.arange(3)}).wanted == frozenset()
     assert view.calls == []
     before = set(threading.enumerate())
-    with runner.begin(np.arange(3), {1: ClaDecWish(None, True)}) as job:
+    with runner.begin(np.arange(3), {1: ClaDecOptions(None, True)}) as job:
         job.finish({"x": np.arange(3)})
     threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("cladec")}
     assert threads
@@ -153,6 +153,6 @@ def test_no_wishes_no_work_and_close_stops_the_thread():
     runner.close()  # idempotent
     assert not any(t.is_alive() for t in threads)
     view.calls.clear()
-    with runner.begin(np.arange(3), {1: ClaDecWish(None, True)}) as job:  # after close: in line
+    with runner.begin(np.arange(3), {1: ClaDecOptions(None, True)}) as job:  # after close: in line
         assert job.finish({"x": np.arange(3)}).error is None
     assert [c[3] for c in view.calls] == [threading.current_thread().name] * 2

@@ -6,7 +6,7 @@ import pytest
 
 from handlers.runtime.causal import CPT, CompiledCausalModel
 from handlers.runtime.concepts import ConceptLayer, ConceptSpec
-from handlers.runtime.explain import ConceptBatch, ConceptExplainer, screening_score
+from handlers.runtime.concept_view import ConceptBatch, ConceptExplainer, screening_score
 
 S = 3
 W = np.array([[1.0, -2.0], [0.5, 3.0], [-1.0, 1.0], [2.0, 0.0]])  # (4 concepts over both layers, 2 classes)

@@ -8,7 +8,7 @@ import pytest
 
 from handlers.runtime import metrics as M
 from handlers.runtime.causal import CausalRecord
-from handlers.runtime.explain import ConceptBatch, SourcedRecord
+from handlers.runtime.concept_view import ConceptBatch, SourcedRecord
 from handlers.runtime.verify import (
     ALL_LAYERS,
     BackgroundVerifier,

@@ -9,7 +9,7 @@ import pytest
 
 from handlers.runtime.answer import Prediction
 from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnsupportedMediaType, to_answer
-from handlers.runtime.schema import parse_predict
+from handlers.runtime.request import parse_predict
 
 PNG = b"\x89PNG\r\n\x1a\nrest"
 

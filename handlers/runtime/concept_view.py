@@ -28,7 +28,7 @@ from handlers.runtime.imaging import encode_indexed_png, encode_png
 
 
 @dataclass(frozen=True)
-class ConceptsView:
+class ConceptsPart:
     """The concepts view of one image and what it cost: ``causal_ms`` for the causal queries,
     ``encode_ms`` for building the answer (heatmaps); unrounded milliseconds. ``records``:
     the causal answers of the listed concepts, in the order of ``concepts``."""
@@ -160,7 +160,7 @@ class ConceptExplainer:
         return sorted(answered, key=_by_effect) + sorted(rest, key=_by_effect)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int = 0) -> ConceptsView:
+                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int = 0) -> ConceptsPart:
         """The ``concepts`` view for one image, in the order of :meth:`answer`.
 
         row: the image's row in ``batch``; top: how many concepts (None: all).
@@ -193,7 +193,7 @@ class ConceptExplainer:
                 state=rec.state, effect=rec.effect, sensitivity=rec.sensitivity, source=sourced.source,
                 interventions=[Intervention(state=s, probability=float(p)) for s, p in enumerate(rec.probabilities)],
                 heatmap_png=png))
-        return ConceptsView(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000,
+        return ConceptsPart(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000,
                             records=list(records))
 
 

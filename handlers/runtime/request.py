@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.runtime.answer import IMAGE_FORMATS
+from handlers.runtime.answer import CLADEC_IMAGE_FORMATS
 from handlers.runtime.errors import InvalidOption, InvalidRequest, PayloadTooLarge, UnknownTarget, UnsupportedMediaType
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream")
@@ -32,7 +32,7 @@ AlphaChoice = str | tuple[float, ...]
 
 
 @dataclass(frozen=True)
-class ClaDecWish:
+class ClaDecOptions:
     """What one image asks of ClaDec: the layers (None: all), whether with reference images,
     which alphas and the images' encoding ("png" or "jpeg")."""
 
@@ -241,8 +241,8 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     elif obj.get("verify") is not None:
         verify = _int_option(obj, "verify", 1, max(num_concepts, 1)) or False
     image_format = obj.get("image_format")
-    if image_format is not None and image_format not in IMAGE_FORMATS:
-        raise InvalidOption(f'"image_format" must be one of {list(IMAGE_FORMATS)}, got {json.dumps(image_format)[:40]}')
+    if image_format is not None and image_format not in CLADEC_IMAGE_FORMATS:
+        raise InvalidOption(f'"image_format" must be one of {list(CLADEC_IMAGE_FORMATS)}, got {json.dumps(image_format)[:40]}')
     return ExplainRequest(
         image=_b64(obj["data"], max_bytes),
         top_k=_int_option(obj, "top_k", 1, len(classes)),
@@ -290,7 +290,7 @@ class ResolvedExplain:
     top_concepts: int
     images: bool
     heatmap: str
-    cladec: ClaDecWish | None
+    cladec: ClaDecOptions | None
     verify: int
 
     def target_index(self, probabilities: Any) -> int:
@@ -343,7 +343,7 @@ def resolve_explain(req: ExplainRequest, defaults: Defaults) -> ResolvedExplain:
                                 f'(top_concepts); verify at most those')
     cladec = None
     if "cladec" in views and req.images:
-        cladec = ClaDecWish(req.layers, defaults.cladec_reference if req.reference is None else req.reference,
+        cladec = ClaDecOptions(req.layers, defaults.cladec_reference if req.reference is None else req.reference,
                             defaults.cladec_alphas if req.alphas is None else req.alphas,
                             req.image_format or defaults.cladec_image_format)
     return ResolvedExplain(image=req.image, top_k=min(req.top_k or defaults.top_k, len(defaults.classes)),
