@@ -143,9 +143,9 @@ mar, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.argv = sys.argv[:1]  # kserve parses the command line when imported
 import kserve
 from handlers.kserve_model import create_model
-from handlers.runtime.source import ModelSource, from_mar
+from handlers.runtime.source import ServedModel, from_mar
 src = from_mar(Path(mar), Path(tempfile.mkdtemp(prefix="kserve-plain-")))
-model = create_model(ModelSource(name, src.model_dir, src.handler), gpu_id=None)
+model = create_model(ServedModel(name, src.model_dir, src.handler), gpu_id=None)
 model.load()
 kserve.ModelServer(http_port=port, enable_grpc=False, workers=1).start([model])
 """

@@ -35,7 +35,7 @@ from handlers.runtime import metrics as metrics_mod
 from handlers.runtime import protocols
 from handlers.runtime import settings as settings_mod
 from handlers.runtime.service import ExplainerService, RawRequest
-from handlers.runtime.source import ModelSource, from_bundle, from_mar, read_handler_section
+from handlers.runtime.source import ServedModel, from_bundle, from_mar, read_handler_section
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class ExplainerModelCore:
     """What the KServe model does, apart from KServe: ``load`` once, then answer a v1 body
     (a dict) or a v2 ``InferRequest``, each request one batch of its instances."""
 
-    def __init__(self, source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None,
+    def __init__(self, source: ServedModel, exporter: metrics_mod.PrometheusExporter | None = None,
                  gpu_id: int | None = 0) -> None:
         self.source = source
         self.gpu_id = gpu_id
@@ -237,7 +237,7 @@ async def _protocol_reply(_: Any, exc: Exception) -> Any:
     return Response(content=exc.wire.body, status_code=exc.wire.status, media_type="application/json")
 
 
-def create_model(source: ModelSource, exporter: metrics_mod.PrometheusExporter | None = None,
+def create_model(source: ServedModel, exporter: metrics_mod.PrometheusExporter | None = None,
                  gpu_id: int | None = 0) -> Any:
     """A ``kserve.Model`` named ``source.name`` over :class:`ExplainerModelCore`.
 
@@ -374,12 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.mar is not None:
                 src = from_mar(args.mar, Path(tmp))
                 handler = {**src.handler, **(read_handler_section(args.config) if args.config else {})}
-                src = ModelSource(args.name or src.name, src.model_dir, handler)
+                src = ServedModel(args.name or src.name, src.model_dir, handler)
             else:
                 src = from_bundle(args.bundle, args.name, args.config)
             flags = {"verify_fraction": args.verify_fraction,
                      "verify_fraction_predictions": args.verify_fraction_predictions}
-            src = ModelSource(src.name, src.model_dir, {**src.handler, **{k: v for k, v in flags.items() if v is not None}})
+            src = ServedModel(src.name, src.model_dir, {**src.handler, **{k: v for k, v in flags.items() if v is not None}})
             settings_mod.HandlerSettings.from_mapping(src.handler)  # a bad setting fails here, naming it
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             print(f"concept-explainer-kserve: cannot read the model: {exc}", file=sys.stderr)

@@ -13,7 +13,7 @@ import yaml
 
 
 @dataclass(frozen=True)
-class ModelSource:
+class ServedModel:
     """Where a model comes from: ``model_dir`` holds ``bundle/`` (an extracted ``.mar``
     or a folder around a bundle), ``config`` the ``handler:`` section to serve it with."""
 
@@ -22,7 +22,7 @@ class ModelSource:
     handler: dict[str, Any]
 
 
-def from_mar(mar: Path, into: Path) -> ModelSource:
+def from_mar(mar: Path, into: Path) -> ServedModel:
     """Extract a ``.mar`` (a zip) into ``into``; its manifest names the model and its
     model-config.yaml holds the handler settings. Only data is read: nothing is unpickled.
 
@@ -46,7 +46,7 @@ def from_mar(mar: Path, into: Path) -> ModelSource:
     model = manifest.get("model", {})
     config_file = manifest.get("configFile")
     config = yaml.safe_load((into / config_file).read_text()) if config_file else {}
-    return ModelSource(model.get("modelName") or mar.stem, into, (config or {}).get("handler") or {})
+    return ServedModel(model.get("modelName") or mar.stem, into, (config or {}).get("handler") or {})
 
 
 def read_handler_section(config: Path) -> dict[str, Any]:
@@ -54,9 +54,9 @@ def read_handler_section(config: Path) -> dict[str, Any]:
     return dict((yaml.safe_load(config.read_text()) or {}).get("handler") or {})
 
 
-def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ModelSource:
+def from_bundle(bundle: Path, name: str | None, config: Path | None) -> ServedModel:
     """A bundle folder served as it is; settings from ``config`` (a model-config.yaml) or defaults."""
     section = read_handler_section(config) if config else {}
     section["bundle_dir"] = bundle.name
     meta = json.loads((bundle / "metadata.json").read_text())
-    return ModelSource(name or meta.get("name") or bundle.name, bundle.parent, section)
+    return ServedModel(name or meta.get("name") or bundle.name, bundle.parent, section)
