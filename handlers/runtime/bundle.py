@@ -21,6 +21,30 @@ from typing import Any
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import InputSpec
 
+
+def checked_document(doc: Any, fmt: str, what: str) -> dict[str, Any]:
+    """``doc`` if it is a JSON object of format ``fmt`` (its ``"format"`` field).
+
+    Raises:
+        ArtifactError: anything else, naming ``what`` (a file name) and the format found."""
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise ArtifactError(f"{what} is not a {fmt} document (format {found!r})")
+    return doc
+
+
+def read_document(path: str | Path, fmt: str) -> dict[str, Any]:
+    """The JSON document at ``path``, checked to be of format ``fmt`` (:func:`checked_document`).
+
+    Raises:
+        ArtifactError: unreadable, not JSON, or another format."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path.name} cannot be read as JSON: {exc}") from None
+    return checked_document(doc, fmt, path.name)
+
 MANIFEST = "manifest.json"
 METADATA = "metadata.json"
 FORMAT_VERSION = 1

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from handlers.runtime.bundle import checked_document, read_document
+
 FORMAT = "causal-bn/1"
 
 
@@ -121,8 +123,7 @@ class CompiledCausalModel:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> CompiledCausalModel:
-        if data.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} document (format={data.get('format')!r})")
+        data = checked_document(data, FORMAT, "the causal network")
         cards = {n["name"]: len(n["states"]) for n in data["nodes"]}
         cpts = [CPT(n["name"], tuple(n["states"]), tuple(n["parents"]),
                     np.asarray(n["cpd"], dtype=np.float64).reshape([cards[n["name"]], *(cards[p] for p in n["parents"])]))
@@ -134,7 +135,7 @@ class CompiledCausalModel:
 
     @classmethod
     def from_file(cls, path: str | Path) -> CompiledCausalModel:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        return cls.from_json(read_document(path, FORMAT))
 
     def _topological_order(self) -> list[str]:
         indeg = {n: len(c.parents) for n, c in self.cpts.items()}

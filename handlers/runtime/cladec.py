@@ -6,7 +6,6 @@ reference autoencoders optionally on a thread beside the classifier), one
 :class:`ClaDecJob` per batch, whose :class:`ClaDecOutcome` maps rows to their entries."""
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from handlers.runtime.answer import ClaDecImage
-from handlers.runtime.bundle import Bundle
+from handlers.runtime.bundle import Bundle, read_document
 from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.imaging import encode_jpeg, encode_png
@@ -65,9 +64,7 @@ class ClaDecView:
     def load(cls, bundle: Bundle, file: str, open_graph: GraphOpener, chunk_rows: int = 0) -> ClaDecView:
         """The ClaDec view of ``bundle`` (``file``: its cladec.json); ``open_graph`` opens a
         listed ONNX file as a session; ``chunk_rows``: as in :meth:`__init__`."""
-        doc = json.loads(bundle.path(file).read_text())
-        if doc.get("format") != FORMAT:
-            raise ArtifactError(f"{file} is not a {FORMAT} document")
+        doc = read_document(bundle.path(file), FORMAT)
         outputs = {l.name for l in bundle.metadata.layers}
         entries = [DecoderEntry(d["layer"], float(d["alpha"]), d["decoder_file"], d["refae_file"])
                    for d in doc["decoders"]]

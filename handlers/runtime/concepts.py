@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from handlers.runtime.bundle import checked_document, read_document
+
 FORMAT = "concepts/1"
 
 
@@ -116,8 +118,7 @@ class ConceptSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ConceptSpec:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} document")
+        d = checked_document(d, FORMAT, "the concept spec")
         layers = []
         for l in d["layers"]:
             edges = np.asarray(l["edges"], dtype=np.float64)
@@ -136,7 +137,7 @@ class ConceptSpec:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ConceptSpec:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        return cls.from_json(read_document(path, FORMAT))
 
 
 # -- heatmaps -------------------------------------------------------------------------------

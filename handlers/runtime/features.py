@@ -13,14 +13,13 @@ negative sums, so a reader sees which class lost the evidence that kept it down.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from handlers.runtime.answer import Contribution, Features, OutsideSubset, RunnerUp
-from handlers.runtime.bundle import Bundle
+from handlers.runtime.bundle import Bundle, read_document
 from handlers.runtime.errors import ArtifactError
 
 FORMAT = "features/1"
@@ -69,9 +68,7 @@ class FeatureView:
 
     @classmethod
     def load(cls, bundle: Bundle, file: str) -> FeatureView:
-        doc = json.loads(bundle.path(file).read_text())
-        if doc.get("format") != FORMAT:
-            raise ArtifactError(f"{file} is not a {FORMAT} document")
+        doc = read_document(bundle.path(file), FORMAT)
         weight = np.asarray(doc["weight"], dtype=np.float64)
         bias = np.asarray(doc["bias"], dtype=np.float64)
         if weight.shape[0] != len(bundle.metadata.classes) or len(doc["subsets"]) != weight.shape[0]:

@@ -2,10 +2,9 @@
 by ``concept-explainer quantize``; see :mod:`export.quantize` for how they are judged)."""
 from __future__ import annotations
 
-import json
 import logging
 
-from handlers.runtime.bundle import Bundle
+from handlers.runtime.bundle import Bundle, read_document
 from handlers.runtime.errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -26,9 +25,7 @@ def int8_variants(bundle: Bundle) -> dict[str, str]:
     name = bundle.metadata.extra.get("quantization")
     if name is None:
         return {}
-    doc = json.loads(bundle.path(name).read_text())
-    if doc.get("format") != FORMAT:
-        raise ArtifactError(f"{name} is not a {FORMAT} document")
+    doc = read_document(bundle.path(name), FORMAT)
     out: dict[str, str] = {}
     try:
         for g in doc["graphs"]:

@@ -249,3 +249,23 @@ def test_interrupted_export_keeps_previous_bundle(tmp_path):
     assert (root / "manifest.json").read_text() == before
     load_bundle(root)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
+
+
+def test_bundle_documents_are_read_and_checked_in_one_place(tmp_path):
+    """Every JSON document of a bundle (concepts, causal network, ClaDec, features, quantization)
+    goes through one reader: another format, a list, or broken JSON is an ArtifactError naming the file."""
+    from handlers.runtime.bundle import checked_document, read_document
+    from handlers.runtime.causal import CompiledCausalModel
+    from handlers.runtime.concepts import ConceptSpec
+    good = tmp_path / "cladec.json"
+    good.write_text('{"format": "cladec/1", "decoders": []}')
+    assert read_document(good, "cladec/1")["decoders"] == []
+    for text, found in (('{"format": "cladec/2"}', "cladec/2"), ("[1, 2]", "list"), ("{broken", "JSON")):
+        good.write_text(text)
+        with pytest.raises(ArtifactError, match=f"cladec.json.*{found}"):
+            read_document(good, "cladec/1")
+    with pytest.raises(ArtifactError, match="the concept spec is not a concepts/1 document"):
+        ConceptSpec.from_json({"format": "causal-bn/1"})
+    with pytest.raises(ArtifactError, match="causal-bn/1"):
+        CompiledCausalModel.from_json({"format": "concepts/1"})
+    assert checked_document({"format": "x"}, "x", "doc") == {"format": "x"}
