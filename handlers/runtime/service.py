@@ -11,7 +11,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,23 +21,18 @@ import numpy as np
 
 from handlers.runtime import errors
 from handlers.runtime.answer import (
-    ClaDecImage,
     ErrorAnswer,
     Explanation,
-    Features,
-    Intervention,
     ModelInfo,
     Prediction,
     PredictionsAnswer,
     Target,
     Timings,
-    Verification,
-    Verified,
 )
 from handlers.runtime.bundle import Bundle, load_bundle
-from handlers.runtime.cladec import ClaDecOptions, ClaDecRunner, ClaDecView
+from handlers.runtime.cladec import ClaDecRunner, ClaDecView
 from handlers.runtime.classifier import OnnxClassifier, make_session, softmax
-from handlers.runtime.concept_view import ConceptBatch, ConceptExplainer, ConceptsPart
+from handlers.runtime.concept_view import ConceptExplainer
 from handlers.runtime.devices import in_use, plan_devices
 from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.features import FeatureView
@@ -65,7 +61,8 @@ from handlers.runtime.request import (
 )
 from handlers.runtime.settings import HandlerSettings
 from handlers.runtime.validity import bundle_validity
-from handlers.runtime.verify import ALL_LAYERS, BackgroundVerifier, VerifyJob, agreement, verify_records
+from handlers.runtime.verify import ALL_LAYERS, BackgroundVerifier, VerifyJob
+from handlers.runtime.views import ClaDecStep, ConceptsStep, FeaturesStep, Part, Rows, VerifyStep, View
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +104,6 @@ class _Item:
     index: int
     request: ResolvedPredict | ResolvedExplain
     pixels: np.ndarray
-
-
-@dataclass(frozen=True)
-class _RowViews:
-    """One image's explanation views before ClaDec joins them; ``*_ms``: unrounded milliseconds
-    of the stages that ran (None: not run)."""
-
-    target: Target
-    concepts: ConceptsPart | None
-    features: Features | None
-    features_ms: float | None
-    verification: Verification | None = None
-    verify_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -180,7 +164,14 @@ class ExplainerService:
             top_concepts=settings.top_concepts, cladec_reference=settings.cladec_reference,
             cladec_alphas=settings.cladec_alphas, cladec_image_format=settings.cladec_image_format)
         self._monitor_rng = random.Random(0)
-        self._cladec_runner = ClaDecRunner(cladec, settings.overlap_views)
+        # The views, in the order they run on a batch (a later one reads the earlier ones' parts).
+        self.steps: list[View] = []
+        if concepts is not None:
+            self.steps += [ConceptsStep(concepts, settings.network_concepts), VerifyStep(concepts, self.meta.name)]
+        if features is not None:
+            self.steps.append(FeaturesStep(features))
+        if cladec is not None:
+            self.steps.append(ClaDecStep(ClaDecRunner(cladec, settings.overlap_views)))
         self._verify_buffer: list[Sample] = []
         self._verify_lock = threading.Lock()
         self.verifier: BackgroundVerifier | None = None
@@ -212,7 +203,8 @@ class ExplainerService:
         the verification thread (its queued jobs are finished first, within a few seconds).
         Idempotent; the service still answers afterwards (ClaDec then runs in line; sampled
         verification stops)."""
-        self._cladec_runner.close()
+        for step in self.steps:
+            step.close()
         if self.verifier is not None:
             self.verifier.close()
 
@@ -369,56 +361,49 @@ class ExplainerService:
         verification are appended to ``jobs``."""
         t0 = time.perf_counter()
         x = normalize(np.stack([it.pixels for it in items]), self.meta.input)
-        # The reference autoencoders need only the input: with overlap_views they start now,
-        # on the runner's thread, beside the classifier; the decoders follow them there once
-        # the activations exist, beside the concept and feature views on this thread.
-        with self._cladec_runner.begin(x, self._cladec_wishes(items)) as cladec_job:
+        requests = {r: it.request for r, it in enumerate(items) if isinstance(it.request, ResolvedExplain)}
+        with ExitStack() as stack:
+            runs = [stack.enter_context(step.open(x, requests)) for step in self.steps] if requests else []
             out = self.classifier(x)
             probs = softmax(out.logits)
             classifier_ms = _ms(t0)
-            cladec_job.decode(out.activations)  # with overlap_views: beside the views below
+            for run in runs:
+                run.classified(out.activations)
             for row in range(len(items)):
                 metrics.count(PREDICTED_CLASS, 1, **{"class": self.meta.classes[int(np.argmax(probs[row]))]})
-            explain_rows = [r for r, it in enumerate(items) if isinstance(it.request, ResolvedExplain)]
-            monitored = [r for r, it in enumerate(items) if not isinstance(it.request, ResolvedExplain)
+            monitored = [r for r, it in enumerate(items) if r not in requests
                          and self.settings.monitor_fraction > 0 and self._monitor_rng.random() < self.settings.monitor_fraction]
             concept_batch, concepts_ms = None, None
-            if (explain_rows or monitored) and self.concepts is not None:
+            if (requests or monitored) and self.concepts is not None:
                 t1 = time.perf_counter()
                 concept_batch = self.concepts.encode(out.activations)
                 concepts_ms = _ms(t1)
-                for row in sorted(set(explain_rows) | set(monitored)):
+                for row in sorted(set(requests) | set(monitored)):
                     for concept, state in concept_batch.evidence(row).items():
                         metrics.count(CONCEPT_STATE, concept=concept, state=str(state))
-            shared = _BatchStages(decode_ms, classifier_ms, concepts_ms, len(items))
-            views: dict[int, _RowViews | Exception] = {}
-            for row in explain_rows:
-                it = items[row]
-                assert isinstance(it.request, ResolvedExplain)
-                try:
-                    views[row] = self._explain(it.request, row, it.pixels, probs[row], concept_batch,
-                                               out.activations)
-                except Exception as exc:  # noqa: BLE001 - this request only
-                    views[row] = exc
-            cladec = cladec_job.finish(out.activations)
-        jobs += self._sampled_jobs(items, probs, views, out.activations)
+            rows = Rows(requests, [it.pixels for it in items], probs, out.activations, concept_batch,
+                        {r: req.target_index(probs[r]) for r, req in requests.items()})
+            parts: dict[int, list[Part]] = {r: [] for r in requests}
+            for run in runs:
+                for row, part in run.parts(rows, parts).items():
+                    parts[row].append(part)
+        batch_ms = _BatchStages(decode_ms, classifier_ms, concepts_ms, len(items))
         replies: dict[int, Reply] = {}
         for row, it in enumerate(items):
             predictions = Prediction.top(probs[row], self.meta.classes, it.request.top_k)
-            view = views.get(row)
-            if view is None:
+            if row not in requests:
                 replies[it.index] = Reply(200, PredictionsAnswer(predictions=predictions))
-            elif isinstance(view, Exception):
-                replies[it.index] = self._error_reply(view)
-            elif cladec.error is not None and row in cladec.wanted:
-                replies[it.index] = self._error_reply(cladec.error)
-            else:
-                replies[it.index] = Reply(200, self._explanation(predictions, view, shared, cladec.images.get(row),
-                                                                 cladec.ms))
+                continue
+            error = next((p.error for p in parts[row] if p.error is not None), None)
+            if error is not None:
+                replies[it.index] = self._error_reply(error)
+                continue
+            replies[it.index] = Reply(200, self._explanation(predictions, rows.targets[row], parts[row], batch_ms))
+        jobs += self._sampled_jobs(items, probs, rows.targets, replies, out.activations)
         return replies
 
-    def _sampled_jobs(self, items: list[_Item], probs: np.ndarray, views: dict[int, _RowViews | Exception],
-                      activations: dict[str, np.ndarray]) -> list[VerifyJob]:
+    def _sampled_jobs(self, items: list[_Item], probs: np.ndarray, targets: Mapping[int, int],
+                      replies: Mapping[int, Reply], activations: dict[str, np.ndarray]) -> list[VerifyJob]:
         """Verification jobs of the rows sampled at ``verify_fraction`` (answered explanations,
         their target) and ``verify_fraction_predictions`` (predictions, the predicted class)."""
         verifier, settings = self.verifier, self.settings
@@ -426,11 +411,10 @@ class ExplainerService:
             return []
         jobs = []
         for row, it in enumerate(items):
-            view = views.get(row)
             if isinstance(it.request, ResolvedExplain):
-                if not isinstance(view, _RowViews) or not verifier.sampled(settings.verify_fraction):
+                if replies[it.index].status != 200 or not verifier.sampled(settings.verify_fraction):
                     continue
-                target = view.target.index
+                target = targets[row]
             elif verifier.sampled(settings.verify_fraction_predictions):
                 target = int(np.argmax(probs[row]))
             else:
@@ -439,74 +423,19 @@ class ExplainerService:
             jobs.append(VerifyJob(acts, target, settings.network_concepts))
         return jobs
 
-    def _cladec_wishes(self, items: list[_Item]) -> dict[int, ClaDecOptions]:
-        """Row -> what it asks of ClaDec, for the rows that want ClaDec images."""
-        if self.cladec is None:
-            return {}
-        return {r: it.request.cladec for r, it in enumerate(items)
-                if isinstance(it.request, ResolvedExplain) and it.request.cladec is not None}
-
-    def _explain(self, req: ResolvedExplain, row: int, pixels: np.ndarray, probs: np.ndarray,
-                 concept_batch: ConceptBatch | None, activations: dict[str, np.ndarray]) -> _RowViews:
-        """The concepts and features views of one image (row of the batch; pixels (H, W, C),
-        probs (K,), activations layer -> (N, ...))."""
-        target = req.target_index(probs)
-        concepts = features = features_ms = None
-        if req.wants("concepts") and self.concepts is not None:
-            assert concept_batch is not None
-            concepts = self.concepts.explain(concept_batch, row, target, req.top_concepts,
-                                             pixels if req.images else None, heatmap=req.heatmap,
-                                             network_concepts=self.settings.network_concepts)
-        verification = verify_ms = None
-        if req.verify:
-            t0 = time.perf_counter()
-            concepts, verification = self._verify(req.verify, concepts, concept_batch, row, target)
-            verify_ms = _ms(t0)
-        if req.wants("features") and self.features is not None:
-            t0 = time.perf_counter()
-            features = self.features.explain(activations[self.features.layer][row], target)
-            features_ms = _ms(t0)
-        return _RowViews(Target(index=target, label=self.meta.classes[target]), concepts, features, features_ms,
-                          verification, verify_ms)
-
-    def _verify(self, n: int, view: ConceptsPart | None, batch: ConceptBatch | None, row: int,
-                target: int) -> tuple[ConceptsPart, Verification]:
-        """The concepts view with the network's own answers on its first ``n`` concepts (the
-        request's settled ``verify``), and their agreement.
-
-        Raises:
-            ExplanationsUnavailable: the archive has no intervention graphs."""
-        assert view is not None and batch is not None and self.concepts is not None
-        if not self.concepts.interventions:
-            raise ExplanationsUnavailable(f"model {self.meta.name} was archived without intervention graphs; "
-                                          "verify needs them")
-        checks = verify_records(self.concepts, batch, row, target, view.records[:n])
-        concepts = list(view.concepts)
-        for i, check in enumerate(checks):
-            verified = Verified(interventions=[Intervention(state=x, probability=float(p))
-                                               for x, p in enumerate(check.network)],
-                                effect=check.network_effect, abs_error=float(check.abs_errors.mean()))
-            concepts[i] = concepts[i].model_copy(update={"verified": verified})
-        a = agreement(checks)
-        verification = Verification(concepts=a.concepts, mae_p=a.mae_p, effect_mae=a.effect_mae, ccc=a.ccc,
-                                    recall3=a.recall3)
-        return ConceptsPart(concepts, view.causal_ms, view.encode_ms, view.records), verification
-
-    def _explanation(self, predictions: list[Prediction], view: _RowViews, shared: _BatchStages,
-                     cladec: list[ClaDecImage] | None, cladec_ms: float) -> Explanation:
-        """One explanation body; ``cladec_ms`` is reported only to a row with ClaDec images."""
-        concepts = view.concepts
-        timings = Timings(decode=shared.decode_ms, classifier=shared.classifier_ms, batch_size=shared.batch_size,
-                          concepts=shared.concepts_ms,
-                          causal=concepts.causal_ms if concepts is not None else None,
-                          encode=concepts.encode_ms if concepts is not None else None,
-                          features=view.features_ms,
-                          cladec=cladec_ms if cladec is not None else None, verify=view.verify_ms)
-        return Explanation(predictions=predictions, target=view.target,
-                           concepts=concepts.concepts if concepts is not None else None,
-                           verification=view.verification,
-                           features=view.features, validity=self.validity, model=self.model_info,
-                           timings_ms=timings, cladec=cladec)
+    def _explanation(self, predictions: list[Prediction], target: int, parts: Sequence[Part],
+                     batch: _BatchStages) -> Explanation:
+        """One explanation body from its views' parts: their fields and stage milliseconds,
+        beside the batch's stages (decode, classifier and concept encoders, once per batch)."""
+        fields: dict[str, Any] = {}
+        ms: dict[str, float] = {}
+        for part in parts:
+            fields.update(part.fields)
+            ms.update(part.ms)
+        timings = Timings(decode=batch.decode_ms, classifier=batch.classifier_ms, batch_size=batch.batch_size,
+                          concepts=batch.concepts_ms, **ms)
+        return Explanation(predictions=predictions, target=Target(index=target, label=self.meta.classes[target]),
+                           validity=self.validity, model=self.model_info, timings_ms=timings, **fields)
 
     @staticmethod
     def _error_reply(exc: BaseException, log_fault: bool = True) -> Reply:
