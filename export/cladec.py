@@ -57,7 +57,7 @@ from tqdm import tqdm
 
 from export.concepts import capture
 from export.data.loader import ImageDataset
-from export.train import TrainConfig, batches, one_cycle, predict_logits
+from export.train import TrainConfig, accuracy, batches, one_cycle
 from handlers.runtime.cladec import FORMAT as CLADEC_FORMAT
 from handlers.runtime.imaging import InputSpec, normalize
 
@@ -252,7 +252,7 @@ def to_unit(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float() / 255.0
 
 
-def to_pixels(images: torch.Tensor) -> np.ndarray:
+def to_uint8_pixels(images: torch.Tensor) -> np.ndarray:
     """[0, 1] float (N, C, H, W) -> uint8 (N, H, W, C), as the served PNGs quantise them."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
@@ -416,8 +416,7 @@ def reconstruct(module: nn.Module, inputs: torch.Tensor, bs: int = 256) -> torch
 @torch.no_grad()
 def classifier_accuracy(model: nn.Module, images: torch.Tensor, labels: np.ndarray, spec: InputSpec) -> float:
     """Accuracy of ``model`` on [0, 1] images (N, C, H, W) quantised to uint8 as served."""
-    ds = ImageDataset(to_pixels(images), labels, (), [""] * len(labels))
-    return float((predict_logits(model, ds, spec).argmax(1) == labels).mean())
+    return accuracy(model, ImageDataset(to_uint8_pixels(images), labels, (), [""] * len(labels)), spec)
 
 
 @dataclass
@@ -481,7 +480,7 @@ def fresh_classifier(model_factory: ModelFactory, train_pixels: np.ndarray, trai
             loss.backward()
             opt.step()
             sched.step()
-        val_acc = float((predict_logits(model, val, spec).argmax(1) == val.labels).mean()) if len(val) else 0.0
+        val_acc = accuracy(model, val, spec) if len(val) else 0.0
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -490,7 +489,7 @@ def fresh_classifier(model_factory: ModelFactory, train_pixels: np.ndarray, trai
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    acc = float((predict_logits(model, test, spec).argmax(1) == test.labels).mean())
+    acc = accuracy(model, test, spec)
     return FreshResult(acc, best_acc, best_epoch, epoch, stopped, round(time.perf_counter() - t0, 1))
 
 
@@ -539,7 +538,7 @@ def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec,
         if module is None:
             return fresh_classifier(model_factory, tr.pixels, tr.labels, te.pixels, te.labels, spec, cfg, tr.classes)
         assert inputs_tr is not None and rec_te is not None  # every call with a module passes both
-        return fresh_classifier(model_factory, to_pixels(reconstruct(module, inputs_tr)), tr.labels, to_pixels(rec_te),
+        return fresh_classifier(model_factory, to_uint8_pixels(reconstruct(module, inputs_tr)), tr.labels, to_uint8_pixels(rec_te),
                                 te.labels, spec, cfg, tr.classes)
 
     constant = to_unit(tr.pixels).mean(0, keepdim=True)

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 from export.analysis import gcmi
 from export.concepts import pooled_activations
 from export.data.loader import ImageDataset
-from handlers.runtime.concepts import colormap
+from handlers.runtime.heatmaps import colormap
 from handlers.runtime.imaging import InputSpec
 
 MAX_CATEGORIES = 32

@@ -13,17 +13,9 @@ from handlers.runtime.answer import Concept, Intervention
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CausalRecord, CompiledCausalModel
 from handlers.runtime.classifier import GraphOpener
-from handlers.runtime.concepts import (
-    ConceptSpec,
-    discretise,
-    evidence_row,
-    heatmap_levels,
-    heatmap_overlay,
-    heatmap_palette,
-    pooled_values,
-    set_code_peak,
-)
+from handlers.runtime.concepts import ConceptSpec, discretise, evidence_row, pooled_values, set_code_peak
 from handlers.runtime.errors import ArtifactError
+from handlers.runtime.heatmaps import heatmap_levels, heatmap_overlay, heatmap_palette
 from handlers.runtime.imaging import encode_indexed_png, encode_png
 
 

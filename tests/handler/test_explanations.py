@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from handlers.concept_handler import ConceptExplainerHandler
-from handlers.runtime.concepts import heatmap_palette
+from handlers.runtime.heatmaps import heatmap_palette
 from tests.answer_schema import assert_answer, is_explain
 from tests.handler.mock_context import make_context, prepare_batch, wire_request
 from tests.pgmpy_reference import do_query, load_pgmpy

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from export.concepts import ConceptAutoencoder, capture, spliced_logits
 from export.models import build_model
-from handlers.runtime.concepts import (ConceptLayer, ConceptSpec, colormap, discretise, fit_edges,
-                                       heatmap_overlay, pooled_values, upsample)
+from handlers.runtime.concepts import ConceptLayer, ConceptSpec, discretise, fit_edges, pooled_values
+from handlers.runtime.heatmaps import colormap, heatmap_overlay, upsample
 
 
 def test_pooled_values_is_spatial_max():
@@ -119,7 +119,7 @@ def test_network_respects_layer_constraints(tiny_concept_bundle: Path):
 
 
 def test_heatmap_levels_quantise_the_upsampled_map():
-    from handlers.runtime.concepts import HEATMAP_LEVELS, heatmap_levels, heatmap_palette, upsample
+    from handlers.runtime.heatmaps import HEATMAP_LEVELS, heatmap_levels, heatmap_palette, upsample
     m = np.array([[0.0, 1.0], [2.0, 4.0]])
     idx = heatmap_levels(m, 2.0, 6, 6)
     assert idx.shape == (6, 6) and idx.dtype == np.uint8
@@ -135,7 +135,7 @@ def test_heatmap_levels_quantise_the_upsampled_map():
 
 
 def test_heatmap_levels_treat_non_finite_cells_as_inactive():
-    from handlers.runtime.concepts import heatmap_levels
+    from handlers.runtime.heatmaps import heatmap_levels
     m = np.array([[0.5, np.nan], [np.inf, 1.0]])
     clean = np.array([[0.5, 0.0], [0.0, 1.0]])
     np.testing.assert_array_equal(heatmap_levels(m, 1.0, 8, 8), heatmap_levels(clean, 1.0, 8, 8))
