@@ -626,6 +626,31 @@ class BuildStep:
         "archive even if the concept validity checks failed (default: refuse, and say which failed)"))
 
 
+def _method_steps(bundle: Path, data: Path, model: ModelSource, concepts: ConceptConfig, cladec: ClaDecConfig,
+                  features: FeatureConfig, analysis: AnalyzeStep | None, archive_step: ArchiveStep,
+                  say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """What every build runs on an exported bundle, in order: methods 1-3, the 8-bit graphs,
+    method 4 (``analysis``; None when the data has no factors) and the archive. ``say``
+    announces each step. Returns the steps' reports by name."""
+    report: dict[str, Any] = {}
+    say("[2/7] concepts (method 1)")
+    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=model, concepts=concepts))
+    say("[3/7] ClaDec (method 2)")
+    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=model, cladec=cladec))
+    say("[4/7] class-specific features (method 3)")
+    report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=model, features=features))
+    say("[5/7] 8-bit concept encoders and reference autoencoders")
+    report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=data))
+    if analysis is not None:
+        say("[6/7] layer analysis (method 4)")
+        report["analysis"] = {k: v for k, v in analyze(analysis).items() if k != "concept_names"}
+    else:
+        say("[6/7] layer analysis skipped: the data has no factors.csv")
+    say("[7/7] archive")
+    report["archive"] = archive(archive_step)
+    return report
+
+
 def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDecConfig | None = None
           ) -> dict[str, Any]:
     """Run every step on the user's model; each step stays runnable alone on the same bundle
@@ -656,28 +681,15 @@ def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDec
     report["export"] = export_bundle(ExportStep(out=bundle, model=source, data=step.data, layers=exported,
                                                 name=step.name, version=version))
     recorded = ModelSource()  # from here on the bundle names the model
-    print("[2/7] concepts (method 1)")
-    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=step.data, model=recorded, concepts=dataclasses.replace(
-        concepts or ConceptConfig(), layers=tuple(concept_layers))))
-    print("[3/7] ClaDec (method 2)")
-    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=step.data, model=recorded, cladec=dataclasses.replace(
-        cladec or ClaDecConfig(), layers=tuple(cladec_layers))))
-    print("[4/7] class-specific features (method 3)")
-    report["features"] = add_features(FeaturesStep(bundle=bundle, data=step.data, model=recorded, features=FeatureConfig(
-        layer=layout.penultimate, head=layout.head)))
-    print("[5/7] 8-bit concept encoders and reference autoencoders")
-    report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=step.data))
-    if (Path(step.data) / "factors.csv").is_file():
-        print("[6/7] layer analysis (method 4)")
-        report["analysis"] = {k: v for k, v in analyze(AnalyzeStep(
-            bundle=bundle, data=step.data, model=recorded, layers=layout.blocks, out=out / "analysis")).items()
-            if k != "concept_names"}
-    else:
-        print("[6/7] layer analysis skipped: the data has no factors.csv")
-    print("[7/7] archive")
-    report["archive"] = archive(ArchiveStep(bundle=bundle, name=step.name, version=version,
-                                            model_store=step.model_store,
-                                            accept_failed_checks=step.accept_failed_checks))
+    analysis = (AnalyzeStep(bundle=bundle, data=step.data, model=recorded, layers=layout.blocks, out=out / "analysis")
+                if (Path(step.data) / "factors.csv").is_file() else None)
+    report |= _method_steps(
+        bundle, Path(step.data), recorded,
+        dataclasses.replace(concepts or ConceptConfig(), layers=tuple(concept_layers)),
+        dataclasses.replace(cladec or ClaDecConfig(), layers=tuple(cladec_layers)),
+        FeatureConfig(layer=layout.penultimate, head=layout.head), analysis,
+        ArchiveStep(bundle=bundle, name=step.name, version=version, model_store=step.model_store,
+                    accept_failed_checks=step.accept_failed_checks), say=print)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"built {report['archive']['mar']} in {report['seconds']} s; concept checks failed: "
@@ -764,18 +776,12 @@ def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, clade
         report["train"] = train(TrainStep(data=data, out=build / "classifier",
                                           training=TrainConfig(epochs=step.epochs, seed=step.seed)))
     report["export"] = export_bundle(ExportStep(out=bundle, model=source, name=step.name, version=step.version))
-    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=source,
-                                                   concepts=concepts or ConceptConfig()))
-    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=source,
-                                             cladec=cladec or demo_cladec_config(step.cladec_sweep)))
-    report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=source))
-    report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=data))
-    if (data / "factors.csv").is_file():
-        analysis = analyze(AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis"))
-        report["analysis"] = {k: v for k, v in analysis.items() if k != "concept_names"}
-    report["archive"] = archive(ArchiveStep(bundle=bundle, name=step.name, version=step.version,
-                                            model_store=step.model_store,
-                                            accept_failed_checks=step.accept_failed_checks))
+    analysis = (AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis")
+                if (data / "factors.csv").is_file() else None)
+    report |= _method_steps(bundle, data, source, concepts or ConceptConfig(),
+                            cladec or demo_cladec_config(step.cladec_sweep), FeatureConfig(), analysis,
+                            ArchiveStep(bundle=bundle, name=step.name, version=step.version,
+                                        model_store=step.model_store, accept_failed_checks=step.accept_failed_checks))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (build / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"demo build finished in {report['seconds']} s; report in {build / 'build-report.json'}")

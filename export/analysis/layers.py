@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from export.analysis import gcmi
 from export.concepts import pooled_activations
 from export.data.loader import ImageDataset
+from handlers.runtime.concepts import pooled_values
 from handlers.runtime.heatmaps import colormap
 from handlers.runtime.imaging import InputSpec
 
@@ -209,7 +210,7 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
         names: dict[str, list[dict[str, Any]]] = {}
         for l, sess in concept_encoders.items():
             z = sess.run(None, {sess.get_inputs()[0].name: raw[l].astype(np.float32)})[0]
-            values = z.max(axis=(2, 3)).T.astype(np.float64)  # (K, N): the concept variables
+            values = pooled_values(z).T.astype(np.float64)  # (K, N): the concept variables
             live = values.std(axis=1) > 1e-8 * (np.abs(values).max(axis=1) + 1e-12)
             per_factor = {f.name: mi_per_channel(values[live], f) for f in factors} if live.any() else {}
             entries: list[dict[str, Any]] = []
