@@ -45,7 +45,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -509,6 +509,118 @@ def _alpha_file(safe: str, alpha: float) -> str:
 CLADEC_PARITY = 5e-4
 
 
+@dataclass
+class _ClaDecBuild:
+    """One ClaDec build's shared state: the frozen classifier, the train and evaluation
+    subsets (uint8 pixels, [0, 1] and normalised tensors), the config and the ONNX parity of
+    every file written into ``out``."""
+
+    model: nn.Module
+    model_factory: ModelFactory
+    spec: InputSpec
+    tr: ImageDataset
+    te: ImageDataset
+    out: Path
+    cfg: ClaDecConfig
+    progress: bool
+    parity: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.x_te_unit = to_unit(self.te.pixels)
+        self.x_te_norm = torch.from_numpy(normalize(self.te.pixels, self.spec))
+        self.x_tr_norm = torch.from_numpy(normalize(self.tr.pixels, self.spec))
+
+    def fresh(self, module: nn.Module | None = None, inputs_tr: torch.Tensor | None = None,
+              rec_te: torch.Tensor | None = None) -> FreshResult | None:
+        """The fresh classifier on the reconstructions of ``module`` (train: from ``inputs_tr``;
+        test: ``rec_te``), or with ``module`` None on the real images (the ceiling)."""
+        cfg, tr, te, spec = self.cfg, self.tr, self.te, self.spec
+        if cfg.fresh_classifier_epochs <= 0:
+            return None
+        if module is None:
+            return fresh_classifier(self.model_factory, tr.pixels, tr.labels, te.pixels, te.labels, spec, cfg,
+                                    tr.classes)
+        assert inputs_tr is not None and rec_te is not None  # every call with a module passes both
+        return fresh_classifier(self.model_factory, to_uint8_pixels(reconstruct(module, inputs_tr)), tr.labels,
+                                to_uint8_pixels(rec_te), te.labels, spec, cfg, tr.classes)
+
+    def scores(self, reconstructions: torch.Tensor, fr: FreshResult | None) -> dict[str, Any]:
+        """MSE against the evaluation images, the classifier's and the fresh classifier's accuracy."""
+        return {"mse": float(F.mse_loss(reconstructions, self.x_te_unit)),
+                "classifier_accuracy": classifier_accuracy(self.model, reconstructions, self.te.labels, self.spec),
+                "fresh_classifier_accuracy": _fresh_acc(fr), "fresh_classifier": _fresh_dict(fr)}
+
+    def baselines(self) -> dict[str, Any]:
+        """The constant (training-mean) image, the classifier and the fresh classifier on real images."""
+        constant = to_unit(self.tr.pixels).mean(0, keepdim=True)
+        return {"mse_constant_image": float(F.mse_loss(constant.expand_as(self.x_te_unit), self.x_te_unit)),
+                "classifier_accuracy_on_real": classifier_accuracy(self.model, self.x_te_unit, self.te.labels,
+                                                                   self.spec),
+                "fresh_classifier_on_real": _fresh_dict(self.fresh())}
+
+    def export(self, module: nn.Module, example: torch.Tensor, file: str, input_name: str, nonneg: bool = False
+               ) -> None:
+        from export.onnx_export import export_module, module_parity
+        export_module(module, example, self.out / file, input_name, "reconstruction")
+        self.parity[file] = (module_parity(module, self.out / file, tuple(example.shape[1:]), nonneg=True) if nonneg
+                             else module_parity(module, self.out / file, tuple(example.shape[1:])))
+
+    def refae(self, layer: str, act_shape: tuple[int, ...]) -> tuple[dict[str, Any], str]:
+        """The layer's reference autoencoder (MSE only, encoder trained from scratch), exported;
+        its report row and file."""
+        spec = self.spec
+        ref = new_refae(self.model, layer, act_shape, self.tr, spec, self.cfg.seed)
+        ref_log = train_refae(ref, self.tr, spec, self.cfg, self.progress)
+        ref_te = reconstruct(ref, self.x_te_norm)
+        ref_file = f"refae_{layer.replace('.', '_')}.onnx"
+        self.export(ref, torch.zeros(2, spec.channels, spec.height, spec.width), ref_file, "image")
+        row = {"layer": layer, **self.scores(ref_te, self.fresh(ref, self.x_tr_norm, ref_te)),
+               "train_seconds": ref_log.seconds, "steps": ref_log.steps,
+               "encoder_relative_change": ref_log.encoder_change}
+        return row, ref_file
+
+    def decoders(self, layer: str, acts_tr: torch.Tensor, acts_te: torch.Tensor) -> list[tuple[dict[str, Any], str | None]]:
+        """Every alpha's decoder of the layer after a shared first half of the budget (MSE
+        alone): its sweep row and, for a served alpha, its exported file (else None)."""
+        cfg, tr, spec = self.cfg, self.tr, self.spec
+        act_shape = tuple(acts_tr.shape[1:])
+        steps = train_steps(len(tr), cfg)
+        base, base_log = (train_decoder(acts_tr, tr, spec, cfg, 0.0, self.model, self.progress,
+                                        f"ClaDec {layer} start", steps // 2) if steps >= 2 else (None, None))
+        out: list[tuple[dict[str, Any], str | None]] = []
+        for alpha in sorted(set(cfg.alphas) | set(cfg.sweep_alphas)):
+            served = alpha in cfg.alphas
+            dec, log = train_decoder(acts_tr, tr, spec, cfg, alpha, self.model, self.progress,
+                                     f"ClaDec {layer} a={alpha:g}", steps - (steps // 2 if base is not None else 0),
+                                     base)
+            cla_te = reconstruct(dec, acts_te)
+            row: dict[str, Any] = {
+                "layer": layer, "alpha": alpha, "served": served, **self.scores(cla_te, self.fresh(dec, acts_tr, cla_te)),
+                "steps": log.steps + (base_log.steps if base_log else 0), "own_steps": log.steps,
+                "train_seconds": log.seconds, "shared_start_seconds": base_log.seconds if base_log else 0.0}
+            file = None
+            if served:
+                file = _alpha_file(layer.replace(".", "_"), alpha)
+                self.export(dec, torch.zeros(2, *act_shape), file, "activation", nonneg=True)
+            out.append((row, file))
+        return out
+
+
+def _evaluation_row(row: dict[str, Any], ref_row: dict[str, Any], baselines: dict[str, Any]) -> dict[str, Any]:
+    """A served decoder beside its layer's reference autoencoder and the baselines."""
+    ceiling = baselines["fresh_classifier_on_real"]
+    return {"layer": row["layer"], "alpha": row["alpha"],
+            "mse_cladec": row["mse"], "mse_refae": ref_row["mse"],
+            "mse_constant_image": baselines["mse_constant_image"],
+            "classifier_accuracy_on_cladec": row["classifier_accuracy"],
+            "classifier_accuracy_on_refae": ref_row["classifier_accuracy"],
+            "fresh_classifier_accuracy_on_cladec": row["fresh_classifier_accuracy"],
+            "fresh_classifier_accuracy_on_refae": ref_row["fresh_classifier_accuracy"],
+            "fresh_classifier_accuracy_on_real": None if ceiling is None else ceiling["accuracy"],
+            "train_seconds_cladec": round(row["train_seconds"] + row["shared_start_seconds"], 1),
+            "train_seconds_refae": ref_row["train_seconds"]}
+
+
 def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec, train: ImageDataset,
                  test: ImageDataset, out: Path, cfg: ClaDecConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and export every decoder. Writes ONNX files and ``cladec.json`` into ``out``.
@@ -518,102 +630,34 @@ def build_cladec(model: nn.Module, model_factory: ModelFactory, spec: InputSpec,
     of earlier versions plus the baselines), ``sweep`` (every alpha of ``alphas`` and
     ``sweep_alphas``), ``refae`` (per layer) and ``baselines`` (constant image, the
     classifier on the real images, the fresh classifier on the real images)."""
-    from export.onnx_export import export_module, module_parity
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    tr = _subset(train, cfg.train_images, cfg.seed)
-    te = _subset(test, cfg.eval_images, cfg.seed + 1)
-    x_te_unit = to_unit(te.pixels)
-    x_te_norm = torch.from_numpy(normalize(te.pixels, spec))
-    x_tr_norm = torch.from_numpy(normalize(tr.pixels, spec))
+    run = _ClaDecBuild(model, model_factory, spec, _subset(train, cfg.train_images, cfg.seed),
+                       _subset(test, cfg.eval_images, cfg.seed + 1), out, cfg, progress)
     t_all = time.perf_counter()
-
-    def fresh(module: nn.Module | None, inputs_tr: torch.Tensor | None,
-              rec_te: torch.Tensor | None) -> FreshResult | None:
-        """The fresh classifier on the reconstructions of ``module`` (train: from ``inputs_tr``;
-        test: ``rec_te``), or with ``module`` None on the real images (the ceiling)."""
-        if cfg.fresh_classifier_epochs <= 0:
-            return None
-        if module is None:
-            return fresh_classifier(model_factory, tr.pixels, tr.labels, te.pixels, te.labels, spec, cfg, tr.classes)
-        assert inputs_tr is not None and rec_te is not None  # every call with a module passes both
-        return fresh_classifier(model_factory, to_uint8_pixels(reconstruct(module, inputs_tr)), tr.labels, to_uint8_pixels(rec_te),
-                                te.labels, spec, cfg, tr.classes)
-
-    constant = to_unit(tr.pixels).mean(0, keepdim=True)
-    baselines: dict[str, Any] = {
-        "mse_constant_image": float(F.mse_loss(constant.expand_as(x_te_unit), x_te_unit)),
-        "classifier_accuracy_on_real": classifier_accuracy(model, x_te_unit, te.labels, spec),
-        "fresh_classifier_on_real": _fresh_dict(fresh(None, None, None))}
-    ceiling = baselines["fresh_classifier_on_real"]
-    sweep_alphas = sorted(set(cfg.alphas) | set(cfg.sweep_alphas))
-    entries, evaluation, sweep, refaes, parity = [], [], [], [], {}
+    baselines = run.baselines()
+    entries, evaluation, sweep, refaes = [], [], [], []
     for layer in cfg.layers:
-        acts_tr = _activations(model, layer, tr, spec)
-        acts_te = _activations(model, layer, te, spec)
-        act_shape = tuple(acts_tr.shape[1:])
-        safe = layer.replace(".", "_")
-        # reference autoencoder (one per layer, MSE only, encoder trained from scratch)
-        ref = new_refae(model, layer, act_shape, tr, spec, cfg.seed)
-        ref_log = train_refae(ref, tr, spec, cfg, progress)
-        ref_te = reconstruct(ref, x_te_norm)
-        ref_file = f"refae_{safe}.onnx"
-        export_module(ref, torch.zeros(2, spec.channels, spec.height, spec.width), out / ref_file, "image",
-                      "reconstruction")
-        parity[ref_file] = module_parity(ref, out / ref_file, (spec.channels, spec.height, spec.width))
-        fr = fresh(ref, x_tr_norm, ref_te)
-        ref_row = {"layer": layer, "mse": float(F.mse_loss(ref_te, x_te_unit)),
-                   "classifier_accuracy": classifier_accuracy(model, ref_te, te.labels, spec),
-                   "fresh_classifier_accuracy": _fresh_acc(fr), "fresh_classifier": _fresh_dict(fr),
-                   "train_seconds": ref_log.seconds, "steps": ref_log.steps,
-                   "encoder_relative_change": ref_log.encoder_change}
+        acts_tr = _activations(model, layer, run.tr, spec)
+        acts_te = _activations(model, layer, run.te, spec)
+        ref_row, ref_file = run.refae(layer, tuple(acts_tr.shape[1:]))
         refaes.append(ref_row)
-        # the shared first half of every decoder's budget: MSE alone
-        steps = train_steps(len(tr), cfg)
-        base, base_log = (train_decoder(acts_tr, tr, spec, cfg, 0.0, model, progress, f"ClaDec {layer} start",
-                                        steps // 2) if steps >= 2 else (None, None))
-        for alpha in sweep_alphas:
-            served = alpha in cfg.alphas
-            dec, log = train_decoder(acts_tr, tr, spec, cfg, alpha, model, progress, f"ClaDec {layer} a={alpha:g}",
-                                     steps - (steps // 2 if base is not None else 0), base)
-            cla_te = reconstruct(dec, acts_te)
-            fr = fresh(dec, acts_tr, cla_te)
-            row: dict[str, Any] = {
-                "layer": layer, "alpha": alpha, "served": served, "mse": float(F.mse_loss(cla_te, x_te_unit)),
-                "classifier_accuracy": classifier_accuracy(model, cla_te, te.labels, spec),
-                "fresh_classifier_accuracy": _fresh_acc(fr), "fresh_classifier": _fresh_dict(fr),
-                "steps": log.steps + (base_log.steps if base_log else 0), "own_steps": log.steps,
-                "train_seconds": log.seconds, "shared_start_seconds": base_log.seconds if base_log else 0.0}
+        for row, dec_file in run.decoders(layer, acts_tr, acts_te):
             sweep.append(row)
-            if not served:
-                continue
-            dec_file = _alpha_file(safe, alpha)
-            export_module(dec, torch.zeros(2, *act_shape), out / dec_file, "activation", "reconstruction")
-            parity[dec_file] = module_parity(dec, out / dec_file, act_shape, nonneg=True)
-            evaluation.append({
-                "layer": layer, "alpha": alpha,
-                "mse_cladec": row["mse"], "mse_refae": ref_row["mse"],
-                "mse_constant_image": baselines["mse_constant_image"],
-                "classifier_accuracy_on_cladec": row["classifier_accuracy"],
-                "classifier_accuracy_on_refae": ref_row["classifier_accuracy"],
-                "fresh_classifier_accuracy_on_cladec": row["fresh_classifier_accuracy"],
-                "fresh_classifier_accuracy_on_refae": ref_row["fresh_classifier_accuracy"],
-                "fresh_classifier_accuracy_on_real": None if ceiling is None else ceiling["accuracy"],
-                "train_seconds_cladec": round(row["train_seconds"] + row["shared_start_seconds"], 1),
-                "train_seconds_refae": ref_log.seconds,
-            })
-            entries.append({"layer": layer, "alpha": alpha, "decoder_file": dec_file, "refae_file": ref_file})
+            if dec_file is not None:
+                evaluation.append(_evaluation_row(row, ref_row, baselines))
+                entries.append({"layer": layer, "alpha": row["alpha"], "decoder_file": dec_file, "refae_file": ref_file})
     # Pixels in [0, 1], served as 8-bit images (one level = 3.9e-3): float32 differences of a
     # few 1e-4 through the transposed convolutions cannot move a served pixel by a level.
-    bad = {k: v for k, v in parity.items() if v > CLADEC_PARITY}
+    bad = {k: v for k, v in run.parity.items() if v > CLADEC_PARITY}
     if bad:
         raise RuntimeError(f"ClaDec ONNX files differ from torch: {bad}")
     report = {"config": {**asdict(cfg), "layers": list(cfg.layers), "alphas": list(cfg.alphas),
                          "sweep_alphas": list(cfg.sweep_alphas)},
               "evaluation": evaluation, "sweep": sweep, "refae": refaes, "baselines": baselines,
-              "onnx_parity_max_abs_diff": parity,
-              "train_images": len(tr), "eval_images": len(te), "seconds": round(time.perf_counter() - t_all, 1)}
+              "onnx_parity_max_abs_diff": run.parity,
+              "train_images": len(run.tr), "eval_images": len(run.te), "seconds": round(time.perf_counter() - t_all, 1)}
     (out / "cladec.json").write_text(json.dumps({"format": CLADEC_FORMAT, "decoders": entries, "report": report},
                                                 indent=1) + "\n")
     return report
