@@ -25,8 +25,9 @@ interventions, beside the observational ones:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -126,3 +127,96 @@ def choose_parents(influence: np.ndarray, cap: int, minimum: float) -> list[int]
     least ``minimum``, largest first."""
     order = np.argsort(-influence, kind="stable")
     return [int(i) for i in order[:cap] if influence[i] >= minimum]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The network's parents (node -> parent ids) and the edges added so that every concept
+    the prediction reacts to has a path to the outcome."""
+
+    parents: dict[str, list[str]]
+    added_for_paths: list[str]
+
+
+def choose_structure(ids: Mapping[str, Sequence[str]], layers: Sequence[str], reacting: Mapping[int, np.ndarray],
+                     influence: Sequence[np.ndarray], cfg: Any, outcome: str) -> Structure:
+    """Parents layer by layer, from the outcome back to the first concept layer.
+
+    ids: layer -> concept ids; reacting: layer index -> (K,) change of the prediction when
+    each concept is intervened on; influence[i]: (K_i, K_{i+1}) how much each concept of
+    layer i moves each of layer i+1; ``cfg``: the concept config's ``outcome_max_indegree``,
+    ``max_indegree``, ``min_influence`` and ``reacting_threshold``. The outcome's parents
+    are the last layer's most reacting concepts plus every one above the threshold; a
+    reacting concept of an earlier layer with no path to the outcome gets an edge to the
+    connected child it influences most."""
+    last = len(layers) - 1
+    parents: dict[str, list[str]] = {}
+    y_parents = choose_parents(reacting[last], cfg.outcome_max_indegree, 0.0)
+    connected = set(y_parents)
+    for c_np in np.flatnonzero(reacting[last] >= cfg.reacting_threshold):
+        if int(c_np) not in connected:
+            y_parents.append(int(c_np))
+            connected.add(int(c_np))
+    parents[outcome] = [ids[layers[last]][c] for c in sorted(y_parents)]
+    added_for_paths = []
+    for i in range(last - 1, -1, -1):
+        child_layer = layers[i + 1]
+        infl = influence[i]
+        chosen = {ch: choose_parents(infl[:, ch], cfg.max_indegree, cfg.min_influence)
+                  for ch in range(infl.shape[1])}
+        has_path = {p: any(p in chosen[ch] for ch in connected) for p in range(infl.shape[0])}
+        for p_np in np.flatnonzero(reacting[i] >= cfg.reacting_threshold):
+            p = int(p_np)
+            if not has_path[p] and connected:
+                best = max(connected, key=lambda ch: infl[p, ch])
+                chosen[best].append(p)
+                added_for_paths.append(f"{ids[layers[i]][p]} -> {ids[child_layer][best]}")
+        for ch, ps in chosen.items():
+            parents[ids[child_layer][ch]] = [ids[layers[i]][p] for p in sorted(ps)]
+        connected = {p for p in range(infl.shape[0]) if any(p in chosen[ch] for ch in connected)}
+    for cid in ids[layers[0]]:
+        parents[cid] = []
+    return Structure(parents, added_for_paths)
+
+
+def fit_tables(ids: Mapping[str, Sequence[str]], layers: Sequence[str], parents: Mapping[str, Sequence[str]],
+               observed: Mapping[str, np.ndarray], y: np.ndarray, iv_states: Sequence[Mapping[int, np.ndarray]],
+               iv_y: Sequence[np.ndarray], num_classes: int, cfg: Any, outcome: str) -> tuple[list[Any], dict[str, Any], int]:
+    """Every node's table (:func:`fit_table`) from the observational rows and the
+    interventional rows: ``iv_states[i][k]`` the states of layer k after interventions at
+    layer i (..., K_k), ``iv_y[i]`` the predictions after them. A node of layer k is fitted on
+    the observational rows and those of interventions at layers before it (its parents'
+    layer included). Returns the CPTs, each node's support and the number of interventional
+    rows of the outcome's table."""
+    from handlers.runtime.causal import CPT
+    s, last = cfg.states, len(layers) - 1
+
+    def rows(k: int, upto: int) -> np.ndarray:
+        """States of layer k (M, K_k): the observational rows, then the rows of every
+        intervention at layers 0..upto."""
+        parts = [observed[layers[k]]] + [iv_states[i][k].reshape(-1, iv_states[i][k].shape[-1])
+                                         for i in range(upto + 1)]
+        return np.concatenate(parts).astype(np.int64)
+
+    cpts, support = [], {}
+    root = observed[layers[0]]
+    for c, cid in enumerate(ids[layers[0]]):
+        fit = fit_table(np.zeros((len(root), 0), np.int64), root[:, c], [], s, cfg.backoff, cfg.l2)
+        cpts.append(CPT(cid, tuple(range(s)), (), fit.table))
+        support[cid] = fit.support
+    for j in range(last):
+        par, chi = rows(j, j), rows(j + 1, j)
+        col = {cid: k for k, cid in enumerate(ids[layers[j]])}
+        for ch, cid in enumerate(ids[layers[j + 1]]):
+            pnames = list(parents[cid])
+            fit = fit_table(par[:, [col[p] for p in pnames]], chi[:, ch], [s] * len(pnames), s, cfg.backoff, cfg.l2)
+            cpts.append(CPT(cid, tuple(range(s)), tuple(pnames), fit.table))
+            support[cid] = fit.support
+    par = rows(last, last)
+    yy = np.concatenate([y] + [iv_y[i].reshape(-1) for i in range(last + 1)])
+    col = {cid: k for k, cid in enumerate(ids[layers[last]])}
+    y_parents = list(parents[outcome])
+    fit = fit_table(par[:, [col[p] for p in y_parents]], yy, [s] * len(y_parents), num_classes, cfg.backoff, cfg.l2)
+    cpts.append(CPT(outcome, tuple(range(num_classes)), tuple(y_parents), fit.table))
+    support[outcome] = fit.support
+    return cpts, support, int(len(yy) - len(y))

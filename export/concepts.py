@@ -370,76 +370,20 @@ def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.n
     Returns the compiled network, each node's support (rows per parent configuration) and a
     structure report.
     """
-    from export.causal_fit import choose_parents, fit_table
-    from handlers.runtime.causal import CPT
+    from export.causal_fit import choose_structure, fit_tables
     layers = list(cfg.layers)
-    last = len(layers) - 1
     ids = {l: [concept_id(l, c) for c in range(observed[l].shape[1])] for l in layers}
-    s = cfg.states
-    # structure: Y first, then each layer's children, so connectivity to Y can be repaired
     reacting = {i: iv.change_of_prediction(i) for i in range(len(layers))}
-    parents: dict[str, list[str]] = {}
-    y_parents = choose_parents(reacting[last], cfg.outcome_max_indegree, 0.0)
-    connected = set(y_parents)
-    for c_np in np.flatnonzero(reacting[last] >= cfg.reacting_threshold):
-        if int(c_np) not in connected:
-            y_parents.append(int(c_np))
-            connected.add(int(c_np))
-    parents[OUTCOME] = [ids[layers[last]][c] for c in sorted(y_parents)]
-    added_for_paths = []
-    for i in range(last - 1, -1, -1):
-        child_layer = layers[i + 1]
-        infl = iv.influence(i, observed_values[child_layer].std(axis=0))  # (K_i, K_{i+1})
-        chosen = {ch: choose_parents(infl[:, ch], cfg.max_indegree, cfg.min_influence)
-                  for ch in range(infl.shape[1])}
-        has_path = {p: any(p in chosen[ch] for ch in connected) for p in range(infl.shape[0])}
-        for p_np in np.flatnonzero(reacting[i] >= cfg.reacting_threshold):
-            p = int(p_np)
-            if not has_path[p] and connected:
-                best = max(connected, key=lambda ch: infl[p, ch])
-                chosen[best].append(p)
-                added_for_paths.append(f"{ids[layers[i]][p]} -> {ids[child_layer][best]}")
-        for ch, ps in chosen.items():
-            parents[ids[child_layer][ch]] = [ids[layers[i]][p] for p in sorted(ps)]
-        connected = {p for p in range(infl.shape[0]) if any(p in chosen[ch] for ch in connected)}
-    for cid in ids[layers[0]]:
-        parents[cid] = []
-    # rows: observational + interventional, per layer pair
-    def rows(k: int, upto: int) -> np.ndarray:
-        """States of layer k (M, K_k) over the observational rows, then the rows of every
-        intervention at layers 0..upto (each of those rows records layer k, for k >= upto)."""
-        parts = [observed[layers[k]]] + [iv.states[i][k].reshape(-1, iv.states[i][k].shape[-1])
-                                         for i in range(upto + 1)]
-        return np.concatenate(parts).astype(np.int64)
-
-    cpts, support = [], {}
-    root = observed[layers[0]]
-    for c, cid in enumerate(ids[layers[0]]):
-        fit = fit_table(np.zeros((len(root), 0), np.int64), root[:, c], [], s, cfg.backoff, cfg.l2)
-        cpts.append(CPT(cid, tuple(range(s)), (), fit.table))
-        support[cid] = fit.support
-    for j in range(last):
-        par, chi = rows(j, j), rows(j + 1, j)
-        col = {cid: k for k, cid in enumerate(ids[layers[j]])}
-        for ch, cid in enumerate(ids[layers[j + 1]]):
-            pnames = parents[cid]
-            fit = fit_table(par[:, [col[p] for p in pnames]], chi[:, ch], [s] * len(pnames), s, cfg.backoff, cfg.l2)
-            cpts.append(CPT(cid, tuple(range(s)), tuple(pnames), fit.table))
-            support[cid] = fit.support
-    par = rows(last, last)
-    yy = np.concatenate([y] + [iv.y[i].reshape(-1) for i in range(last + 1)])
-    col = {cid: k for k, cid in enumerate(ids[layers[last]])}
-    fit = fit_table(par[:, [col[p] for p in parents[OUTCOME]]], yy, [s] * len(parents[OUTCOME]), num_classes,
-                    cfg.backoff, cfg.l2)
-    cpts.append(CPT(OUTCOME, tuple(range(num_classes)), tuple(parents[OUTCOME]), fit.table))
-    support[OUTCOME] = fit.support
-    compiled = CompiledCausalModel(cpts, OUTCOME)
-    info = {"rows_observational": int(len(y)), "rows_interventional": int(len(yy) - len(y)),
+    influence = [iv.influence(i, observed_values[layers[i + 1]].std(axis=0)) for i in range(len(layers) - 1)]
+    structure = choose_structure(ids, layers, reacting, influence, cfg, OUTCOME)
+    cpts, support, rows_interventional = fit_tables(ids, layers, structure.parents, observed, y, iv.states, iv.y,
+                                                    num_classes, cfg, OUTCOME)
+    info = {"rows_observational": int(len(y)), "rows_interventional": rows_interventional,
             "intervention_images": int(len(iv.y_observed)),
-            "edges_added_for_a_path_to_y": added_for_paths,
+            "edges_added_for_a_path_to_y": structure.added_for_paths,
             "reacting_concepts": int(sum((r >= cfg.reacting_threshold).sum() for r in reacting.values())),
             "change_of_prediction": {layers[i]: [round(float(v), 5) for v in r] for i, r in reacting.items()}}
-    return compiled, support, info
+    return CompiledCausalModel(cpts, OUTCOME), support, info
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
