@@ -525,65 +525,105 @@ def served_truth(model: nn.Module, explainer: Any, held_out: ImageDataset, spec:
     return report
 
 
-def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test: ImageDataset,
-                   activation_names: dict[str, str], out: Path, cfg: ConceptConfig,
-                   progress: bool = True) -> dict[str, Any]:
-    """Everything of method 1 into folder ``out``: encoder, decoder and intervention ONNX
-    files, causal network JSON, concepts.json with bins and the validity report. Returns the
-    report."""
-    from handlers.runtime.concepts import ConceptLayer, ConceptSpec
-    from handlers.runtime.settings import HandlerSettings
-    t0 = time.perf_counter()
-    aes, train_log = train_autoencoders(model, train, spec, cfg, progress)
+@dataclass(frozen=True)
+class _Variables:
+    """The concept variables of the training and held-out images: encoder outputs, quantile
+    bin edges (layer -> (K, S-1)), states (layer -> (N, K)) and each state's typical value."""
+
+    train: Any
+    test: Any
+    edges: dict[str, np.ndarray]
+    states_train: dict[str, np.ndarray]
+    states_test: dict[str, np.ndarray]
+    typical: dict[str, np.ndarray]
+
+
+def _concept_variables(model: nn.Module, aes: Any, train: ImageDataset, test: ImageDataset, spec: InputSpec,
+                       cfg: ConceptConfig, progress: bool) -> _Variables:
+    """Encode both sets, fit the bins on the training set and discretise both."""
     enc_train = encode_dataset(model, aes, train, spec, cfg.layers, progress=progress)
     enc_test = encode_dataset(model, aes, test, spec, cfg.layers, agreement=True, progress=progress)
     edges = {l: fit_edges(enc_train.values[l], cfg.states) for l in cfg.layers}
     st_train = {l: discretise(enc_train.values[l], edges[l]) for l in cfg.layers}
     st_test = {l: discretise(enc_test.values[l], edges[l]) for l in cfg.layers}
     typical = {l: typical_values(enc_train.values[l], st_train[l], edges[l]) for l in cfg.layers}
+    return _Variables(enc_train, enc_test, edges, st_train, st_test, typical)
+
+
+def _fit_and_save_network(model: nn.Module, aes: Any, train: ImageDataset, spec: InputSpec, cfg: ConceptConfig,
+                          v: _Variables, out: Path, progress: bool) -> tuple[CompiledCausalModel, Any, Any, dict[str, Any]]:
+    """Interventions on a sample of training images, the network fitted on them and the
+    observational rows, saved as ``causal_network.json`` (checked to round-trip). Returns the
+    network, its support, the interventions and a report (structure and seconds)."""
     t_bn = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     iv_idx = np.sort(rng.permutation(len(train))[: cfg.intervention_images])
-    iv = run_interventions(model, aes, train.take(iv_idx), spec, cfg.layers, edges, typical, progress=progress)
+    iv = run_interventions(model, aes, train.take(iv_idx), spec, cfg.layers, v.edges, v.typical, progress=progress)
     iv_seconds = time.perf_counter() - t_bn
-    compiled, support, structure = fit_network(st_train, enc_train.values, enc_train.logits.argmax(1),
-                                               enc_train.logits.shape[1], iv, cfg)
+    compiled, support, structure = fit_network(v.states_train, v.train.values, v.train.logits.argmax(1),
+                                               v.train.logits.shape[1], iv, cfg)
     bn_seconds = time.perf_counter() - t_bn
     compiled.save(out / "causal_network.json")
     if not np.array_equal(CompiledCausalModel.from_file(out / "causal_network.json").cpts[OUTCOME].table,
                           compiled.cpts[OUTCOME].table):
         raise RuntimeError("causal network JSON does not round-trip")
-    y_test = enc_test.logits.argmax(1)
-    fidelity = float(np.mean([compiled.outcome_posterior(evidence_row(st_test, i)).argmax() == y_test[i]
-                              for i in range(len(test))]))
-    n_val = min(cfg.validity_images, len(test))
-    val_idx = np.linspace(0, len(test) - 1, n_val).round().astype(int)
-    iv_test = run_interventions(model, aes, test.take(val_idx), spec, cfg.layers, edges, typical, progress=progress)
-    validity = causal_validity(iv_test, compiled, cfg, support)
-    screen = np.abs(measured_effects(iv, compiled)).mean(axis=0)
+    report = {"nodes": len(compiled.cpts), "edges": int(sum(len(c.parents) for c in compiled.cpts.values())),
+              "outcome_parents": list(compiled.cpts[OUTCOME].parents), "fit_seconds": round(bn_seconds, 1),
+              "intervention_seconds": round(iv_seconds, 1), "train_images": len(train),
+              "tables": "logistic on one-hot parent states, backed off with configuration counts", **structure}
+    return compiled, support, iv, report
+
+
+def _export_concept_layers(model: nn.Module, aes: Any, spec: InputSpec, cfg: ConceptConfig, v: _Variables,
+                           screen: np.ndarray, activation_names: dict[str, str], out: Path
+                           ) -> tuple[list[Any], dict[str, float]]:
+    """Each layer's encoder, decoder and intervention graphs (ONNX, with their parity) and its
+    :class:`~handlers.runtime.concepts.ConceptLayer` (bins, typical values, training state
+    shares, screening scores)."""
+    from handlers.runtime.concepts import ConceptLayer
     layers, parity, start = [], {}, 0
     for l in cfg.layers:
         enc_file, dec_file, iv_file, parity[l] = _export_layer(model, aes[l], l, spec, cfg.k, out)
-        baseline = np.stack([np.bincount(st_train[l][:, c], minlength=cfg.states) / len(st_train[l])
+        baseline = np.stack([np.bincount(v.states_train[l][:, c], minlength=cfg.states) / len(v.states_train[l])
                              for c in range(cfg.k)])
-        layers.append(ConceptLayer(l, activation_names[l], enc_file, dec_file, edges[l], typical[l],
+        layers.append(ConceptLayer(l, activation_names[l], enc_file, dec_file, v.edges[l], v.typical[l],
                                    (None,) * cfg.k, (None,) * cfg.k, baseline, iv_file, screen[start:start + cfg.k]))
         start += cfg.k
+    return layers, parity
+
+
+def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test: ImageDataset,
+                   activation_names: dict[str, str], out: Path, cfg: ConceptConfig,
+                   progress: bool = True) -> dict[str, Any]:
+    """Everything of method 1 into folder ``out``: encoder, decoder and intervention ONNX
+    files, causal network JSON, concepts.json with bins and the validity report. Returns the
+    report."""
+    from handlers.runtime.concepts import ConceptSpec
+    from handlers.runtime.settings import HandlerSettings
+    t0 = time.perf_counter()
+    aes, train_log = train_autoencoders(model, train, spec, cfg, progress)
+    v = _concept_variables(model, aes, train, test, spec, cfg, progress)
+    compiled, support, iv, network = _fit_and_save_network(model, aes, train, spec, cfg, v, out, progress)
+    y_test = v.test.logits.argmax(1)
+    fidelity = float(np.mean([compiled.outcome_posterior(evidence_row(v.states_test, i)).argmax() == y_test[i]
+                              for i in range(len(test))]))
+    val_idx = np.linspace(0, len(test) - 1, min(cfg.validity_images, len(test))).round().astype(int)
+    iv_test = run_interventions(model, aes, test.take(val_idx), spec, cfg.layers, v.edges, v.typical,
+                                progress=progress)
+    validity = causal_validity(iv_test, compiled, cfg, support)
+    screen = np.abs(measured_effects(iv, compiled)).mean(axis=0)
+    layers, parity = _export_concept_layers(model, aes, spec, cfg, v, screen, activation_names, out)
     explainer = _served_explainer(layers, compiled, cfg, out)
     truth = served_truth(model, explainer, test.take(val_idx), spec, iv_test, HandlerSettings().network_concepts)
     report = {
         "config": config_dict(cfg),
         "autoencoders": {**train_log, "onnx_parity_max_abs_diff": parity},
-        "agreement": enc_test.agreement,
+        "agreement": v.test.agreement,
         "fidelity": fidelity,
         "causal_validity": validity,
         "effect_truth": truth,
-        "network": {"nodes": len(compiled.cpts), "edges": int(sum(len(c.parents) for c in compiled.cpts.values())),
-                    "outcome_parents": list(compiled.cpts[OUTCOME].parents), "fit_seconds": round(bn_seconds, 1),
-                    "intervention_seconds": round(iv_seconds, 1), "train_images": len(train),
-                    "tables": "logistic on one-hot parent states, backed off with configuration counts",
-                    **structure},
-        "mostly_silent_concepts": {l: int((edges[l][:, -1] <= 0).sum()) for l in cfg.layers},
+        "network": network,
+        "mostly_silent_concepts": {l: int((v.edges[l][:, -1] <= 0).sum()) for l in cfg.layers},
         "held_out_images": len(test),
         "seconds": round(time.perf_counter() - t0, 1),
     }
