@@ -124,6 +124,45 @@ def _tv(z: torch.Tensor) -> torch.Tensor:
     return (z[:, :, 1:, :] - z[:, :, :-1, :]).abs().mean() + (z[:, :, :, 1:] - z[:, :, :, :-1]).abs().mean()
 
 
+def _new_autoencoders(acts: dict[str, torch.Tensor], cfg: ConceptConfig
+                      ) -> tuple[dict[str, ConceptAutoencoder], dict[str, float]]:
+    """One untrained autoencoder per concept layer, sized from a sample of its activations
+    (layer -> (N, C, H, W)), and each layer's mean squared activation (the loss scale)."""
+    aes: dict[str, ConceptAutoencoder] = {}
+    scale: dict[str, float] = {}
+    for l in cfg.layers:
+        a = acts[l]
+        if a.ndim != 4:
+            raise ValueError(f"concept layer {l} must have (N, C, H, W) activations, got {tuple(a.shape)}")
+        hidden = max(int(round(cfg.hidden_multiplier * a.shape[1])), 2 * cfg.k)
+        aes[l] = ConceptAutoencoder(a.shape[1], cfg.k, hidden=hidden, nonneg=bool((a >= 0).all()))
+        scale[l] = float(a.pow(2).mean()) + 1e-8
+    return aes, scale
+
+
+def _autoencoder_loss(model: nn.Module, aes: dict[str, ConceptAutoencoder], scale: dict[str, float],
+                      x: torch.Tensor, acts: dict[str, torch.Tensor], logp: torch.Tensor, ramp: float,
+                      cfg: ConceptConfig, sums: dict[str, float]) -> torch.Tensor:
+    """The batch's loss over every layer: shallow reconstruction (scaled MSE), deep
+    reconstruction (KL of the spliced network's prediction from the classifier's, weighted
+    by ``ramp``) and L1 sparsity of the code (plus total variation when configured). Adds
+    each term to ``sums`` ("layer/term")."""
+    loss = torch.zeros(())
+    for l in cfg.layers:
+        z, rec = aes[l](acts[l])
+        shallow = F.mse_loss(rec, acts[l]) / scale[l]
+        deep = F.kl_div(F.log_softmax(spliced_logits(model, l, x, rec), dim=1), logp,
+                        log_target=True, reduction="batchmean")
+        sparse = z.abs().mean() / np.sqrt(scale[l])
+        loss = loss + shallow + ramp * cfg.deep_weight * deep + cfg.sparsity_weight * sparse
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * _tv(z)
+        sums[f"{l}/shallow"] += float(shallow.detach())
+        sums[f"{l}/deep"] += float(deep.detach())
+        sums[f"{l}/sparse"] += float(sparse.detach())
+    return loss
+
+
 def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg: ConceptConfig,
                        progress: bool = True) -> tuple[dict[str, ConceptAutoencoder], dict[str, Any]]:
     """Train one autoencoder per layer with shallow + deep (KL) reconstruction + L1 sparsity.
@@ -138,15 +177,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     idx = rng.permutation(len(ds))[: cfg.train_images]
     with torch.no_grad():
         _, acts0 = capture(model, cfg.layers, torch.from_numpy(normalize(ds.pixels[idx[:256]], spec)))
-    aes: dict[str, ConceptAutoencoder] = {}
-    scale: dict[str, float] = {}
-    for l in cfg.layers:
-        a = acts0[l]
-        if a.ndim != 4:
-            raise ValueError(f"concept layer {l} must have (N, C, H, W) activations, got {tuple(a.shape)}")
-        hidden = max(int(round(cfg.hidden_multiplier * a.shape[1])), 2 * cfg.k)
-        aes[l] = ConceptAutoencoder(a.shape[1], cfg.k, hidden=hidden, nonneg=bool((a >= 0).all()))
-        scale[l] = float(a.pow(2).mean()) + 1e-8
+    aes, scale = _new_autoencoders(acts0, cfg)
     params = [p for ae in aes.values() for p in ae.parameters()]
     steps_per_epoch = -(-len(idx) // cfg.batch_size)
     epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
@@ -167,19 +198,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
                 logp = F.log_softmax(logits, dim=1)
             ramp = min(1.0, step / max(cfg.deep_warmup_epochs * steps_per_epoch, 1))
             step += 1
-            loss = torch.zeros(())
-            for l in cfg.layers:
-                z, rec = aes[l](acts[l])
-                shallow = F.mse_loss(rec, acts[l]) / scale[l]
-                deep = F.kl_div(F.log_softmax(spliced_logits(model, l, x, rec), dim=1), logp,
-                                log_target=True, reduction="batchmean")
-                sparse = z.abs().mean() / np.sqrt(scale[l])
-                loss = loss + shallow + ramp * cfg.deep_weight * deep + cfg.sparsity_weight * sparse
-                if cfg.tv_weight:
-                    loss = loss + cfg.tv_weight * _tv(z)
-                sums[f"{l}/shallow"] += float(shallow.detach())
-                sums[f"{l}/deep"] += float(deep.detach())
-                sums[f"{l}/sparse"] += float(sparse.detach())
+            loss = _autoencoder_loss(model, aes, scale, x, acts, logp, ramp, cfg, sums)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
