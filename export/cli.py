@@ -289,49 +289,36 @@ def cmd_query(args: argparse.Namespace) -> dict:
     return body
 
 
-def cmd_demo_report(args: argparse.Namespace) -> dict:
-    """Ask a running TorchServe for explanations of a few test images; print one, save the
-    full JSON and a PNG grid of the ClaDec triplets (input, RefAE, ClaDec per layer)."""
-    import base64
-    import io
-
-    from PIL import Image, ImageDraw
-
-    from export.client import TorchServeClient
-    from export.report import Section, summary_lines, write_report
-    client = TorchServeClient(args.url, key_file=args.key_file)
-    client.wait_ready(args.model, timeout=args.timeout)
-    files = sorted(Path(args.data, "test").glob("*/*.png"))
+def _one_image_per_class(data: Path, n: int) -> list[Path]:
+    """The first test image of each class folder (``data/test/<class>/*.png``), at most ``n``."""
     picks, seen = [], set()
-    for f in files:
+    for f in sorted(Path(data, "test").glob("*/*.png")):
         if f.parent.name not in seen:
             seen.add(f.parent.name)
             picks.append(f)
-    picks = picks[: args.images]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, first, answers = [], None, []
-    for f in picks:
-        raw = f.read_bytes()
-        status, body = client.post_image("explanations", args.model, raw)
-        if status != 200:
-            raise PipelineError(f"{f}: HTTP {status}: {body}")
-        answers.append((f, body))
-        size = len(json.dumps(body, separators=(",", ":")))
-        if first is None:
-            first = (f, body, size)
-        cells = [("input", Image.open(io.BytesIO(raw)).convert("RGB"))]
-        for e in body.get("cladec", []):
-            reference = e.get("reference_png") or e.get("reference_jpeg")  # the answer's image_format
-            if reference and not any(label == f"RefAE {e['layer']}" for label, _ in cells):
-                cells.append((f"RefAE {e['layer']}", Image.open(io.BytesIO(base64.b64decode(reference)))))
-            cells.append((f"ClaDec {e['layer']} a={e['alpha']:g}", Image.open(io.BytesIO(base64.b64decode(
-                e.get("reconstruction_png") or e["reconstruction_jpeg"])))))
-        rows.append(cells)
-    if first is None:
-        raise PipelineError(f"no test images to explain under {Path(args.data, 'test')} (--images {args.images})")
-    (out / "explanation.json").write_text(json.dumps(first[1], indent=1) + "\n")
-    scale, label_h = 2, 16
+    return picks[:n]
+
+
+def _triplet_cells(raw: bytes, body: dict[str, Any]) -> list[tuple[str, Any]]:
+    """One grid row of an explanation: the input, each layer's reference reconstruction (once)
+    and each ClaDec reconstruction, with their labels."""
+    import base64
+    import io
+
+    from PIL import Image
+    cells = [("input", Image.open(io.BytesIO(raw)).convert("RGB"))]
+    for e in body.get("cladec", []):
+        reference = e.get("reference_png") or e.get("reference_jpeg")  # the answer's image_format
+        if reference and not any(label == f"RefAE {e['layer']}" for label, _ in cells):
+            cells.append((f"RefAE {e['layer']}", Image.open(io.BytesIO(base64.b64decode(reference)))))
+        cells.append((f"ClaDec {e['layer']} a={e['alpha']:g}", Image.open(io.BytesIO(base64.b64decode(
+            e.get("reconstruction_png") or e["reconstruction_jpeg"])))))
+    return cells
+
+
+def _save_grid(rows: list[list[tuple[str, Any]]], path: Path, scale: int = 2, label_h: int = 16) -> None:
+    """The rows of labelled images as one PNG grid (labels over the first row's columns)."""
+    from PIL import Image, ImageDraw
     w, h = rows[0][0][1].size
     cw = max(w * scale, 118)
     grid = Image.new("RGB", (cw * len(rows[0]), label_h + h * scale * len(rows)), "white")
@@ -341,8 +328,30 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     for i, cells in enumerate(rows):
         for j, (_, img) in enumerate(cells):
             grid.paste(img.resize((w * scale, h * scale), Image.Resampling.NEAREST), (j * cw, label_h + i * h * scale))
-    grid.save(out / "cladec_grid.png")
-    f, body, size = first
+    grid.save(path)
+
+
+def cmd_demo_report(args: argparse.Namespace) -> dict:
+    """Ask a running TorchServe for explanations of a few test images; print one, save the
+    full JSON and a PNG grid of the ClaDec triplets (input, RefAE, ClaDec per layer)."""
+    from export.client import TorchServeClient
+    from export.report import Section, summary_lines, write_report
+    client = TorchServeClient(args.url, key_file=args.key_file)
+    client.wait_ready(args.model, timeout=args.timeout)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    answers = []
+    for f in _one_image_per_class(Path(args.data), args.images):
+        status, body = client.post_image("explanations", args.model, f.read_bytes())
+        if status != 200:
+            raise PipelineError(f"{f}: HTTP {status}: {body}")
+        answers.append((f, body))
+    if not answers:
+        raise PipelineError(f"no test images to explain under {Path(args.data, 'test')} (--images {args.images})")
+    f, body = answers[0]
+    size = len(json.dumps(body, separators=(",", ":")))
+    (out / "explanation.json").write_text(json.dumps(body, indent=1) + "\n")
+    _save_grid([_triplet_cells(p.read_bytes(), b) for p, b in answers], out / "cladec_grid.png")
     print(f"explanation of {f} ({size / 1024:.1f} KiB of JSON):")
     print("\n".join(summary_lines(body)))
     report = write_report([Section(str(p), p.read_bytes(), b) for p, b in answers], out / "report.html",
@@ -352,24 +361,9 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     return {"explanation_bytes": size}
 
 
-def cmd_explain(args: argparse.Namespace) -> dict:
-    """Explain images in process (no server): the runtime TorchServe runs, on a bundle or a
-    .mar; print the summary, write the /explanations JSON and the HTML report."""
-    import tempfile
-
-    from export.report import ReportError, Section, summary_lines, write_report
-    from handlers.runtime.errors import ArtifactError
+def _request_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The /explanations options the command line sets (the rest stay the archive's defaults)."""
     from handlers.runtime.request import ALPHA_CHOICES
-    from handlers.runtime.service import ExplainerService, RawRequest
-    from handlers.runtime.settings import HandlerSettings, SettingsError
-    from handlers.runtime.source import from_bundle, from_mar
-
-    images = []
-    for path in args.image:
-        try:
-            images.append((Path(path), Path(path).read_bytes()))
-        except OSError as exc:
-            raise PipelineError(f"cannot read image {path}: {exc.strerror or exc}") from None
     options: dict[str, Any] = {}
     if args.target is not None:
         options["target"] = int(args.target) if args.target.isdigit() else args.target
@@ -382,6 +376,19 @@ def cmd_explain(args: argparse.Namespace) -> dict:
         options["image_format"] = args.image_format
     if args.verify:
         options["verify"] = True
+    return options
+
+
+def _explain_in_process(args: argparse.Namespace, images: list[tuple[Path, bytes]], options: dict[str, Any]) -> list[Any]:
+    """The replies of the serving runtime, loaded from ``--mar`` or ``--bundle``, to one
+    explanation request per image. The requests go through the same parsing as a REST
+    client's, so the command line's options are checked exactly as the server checks them."""
+    import tempfile
+
+    from handlers.runtime.errors import ArtifactError
+    from handlers.runtime.service import ExplainerService, RawRequest
+    from handlers.runtime.settings import HandlerSettings, SettingsError
+    from handlers.runtime.source import from_bundle, from_mar
     with tempfile.TemporaryDirectory(prefix="explain-") as tmp:
         try:
             src = from_mar(Path(args.mar), Path(tmp)) if args.mar else from_bundle(Path(args.bundle), None, None)
@@ -392,9 +399,22 @@ def cmd_explain(args: argparse.Namespace) -> dict:
         try:
             raws = [RawRequest({"data": base64.b64encode(raw).decode(), **options}, "application/json", True)
                     if options else RawRequest(raw, "application/octet-stream", True) for _, raw in images]
-            replies = service.handle_batch(raws)
+            return service.handle_batch(raws)
         finally:
             service.close()
+
+
+def cmd_explain(args: argparse.Namespace) -> dict:
+    """Explain images in process (no server): the runtime TorchServe runs, on a bundle or a
+    .mar; print the summary, write the /explanations JSON and the HTML report."""
+    from export.report import ReportError, Section, summary_lines, write_report
+    images = []
+    for path in args.image:
+        try:
+            images.append((Path(path), Path(path).read_bytes()))
+        except OSError as exc:
+            raise PipelineError(f"cannot read image {path}: {exc.strerror or exc}") from None
+    replies = _explain_in_process(args, images, _request_options(args))
     bodies, failures = [], []
     for (path, raw), reply in zip(images, replies):
         body = reply.body
