@@ -18,13 +18,12 @@ import math
 import time
 
 import pytest
-import yaml
 from PIL import Image
 
 from bench.verify_drift import drifted_images, held_out_images
-from export.pipeline import ArchiveStep, archive
 from tests.integration.prometheus import Prometheus, alert_expression, query, wait_for
 from tests.integration.server import REPO, TorchServe, post
+from tests.integration.test_verify_live import verifying_archive
 
 pytestmark = pytest.mark.integration
 BUNDLE, DATA = REPO / "build" / "shapes" / "bundle", REPO / "data" / "shapes"
@@ -43,13 +42,7 @@ def demo_mar(tmp_path_factory):
     if not (BUNDLE / "manifest.json").is_file() or not (DATA / "test").is_dir():
         print("\nSKIP: no demo build (make build writes build/shapes/bundle and data/shapes)")
         pytest.skip("the demo build is not there")
-    tmp = tmp_path_factory.mktemp("drift")
-    cfg = yaml.safe_load((REPO / "export" / "model-config.yaml").read_text())
-    cfg["handler"]["verify_fraction"] = 1.0
-    (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
-    archive(ArchiveStep(bundle=BUNDLE, name="shapesv", version="1.0", model_store=tmp / "store",
-                        model_config=tmp / "model-config.yaml", accept_failed_checks=True))
-    return tmp / "store" / "shapesv.mar"
+    return verifying_archive(BUNDLE, "shapesv", "1.0", tmp_path_factory.mktemp("drift"))
 
 
 def test_live_agreement_falls_and_the_alert_fires_on_drift(demo_mar, tmp_path_factory):

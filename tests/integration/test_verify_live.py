@@ -29,15 +29,19 @@ pytestmark = pytest.mark.integration
 RULES = REPO / "deploy" / "prometheus-rules.yml"
 
 
-@pytest.fixture(scope="module")
-def verified_mar(tiny_full_bundle: Path, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("verify")
+def verifying_archive(bundle: Path, name: str, version: str, tmp: Path) -> Path:
+    """``bundle`` archived as ``name`` with the shipped settings and ``verify_fraction: 1``."""
     cfg = yaml.safe_load((REPO / "export" / "model-config.yaml").read_text())
     cfg["handler"]["verify_fraction"] = 1.0
     (tmp / "model-config.yaml").write_text(yaml.safe_dump(cfg))
-    archive(ArchiveStep(bundle=tiny_full_bundle, name="tinyv", version="0.1", model_store=tmp / "store",
+    archive(ArchiveStep(bundle=bundle, name=name, version=version, model_store=tmp / "store",
                         model_config=tmp / "model-config.yaml", accept_failed_checks=True))
-    return tmp / "store" / "tinyv.mar"
+    return tmp / "store" / f"{name}.mar"
+
+
+@pytest.fixture(scope="module")
+def verified_mar(tiny_full_bundle: Path, tmp_path_factory) -> Path:
+    return verifying_archive(tiny_full_bundle, "tinyv", "0.1", tmp_path_factory.mktemp("verify"))
 
 
 def expected_figures(bundle: Path, pngs: list[bytes]) -> dict[str, tuple[float, int, float, int]]:
