@@ -45,3 +45,14 @@ def test_a_registered_view_runs_after_the_others(model_dir, sample_pngs):
         assert json.loads(replies[2].wire_json())["predictions"]
     finally:
         service.close()
+
+
+def test_the_answer_digest_is_deterministic(tiny_full_bundle, tiny_data):
+    """bench.answer_digest, the before/after check of refactors, gives the same lines twice
+    and covers every request kind (21 answers per image, the bad ones 4xx)."""
+    from bench.answer_digest import OPTIONS, answers
+    images = sorted((tiny_data / "test").glob("*/*.png"))[:2]
+    first, second = answers(tiny_full_bundle, images), answers(tiny_full_bundle, images)
+    assert first == second and len(first) == 2 * (len(OPTIONS) + 3)
+    statuses = [json.loads(line)[0] for line in first[:len(OPTIONS) + 3]]
+    assert statuses.count(200) >= 15 and statuses[-1] == 400
