@@ -344,11 +344,6 @@ class ExplainerService:
             metrics.count(REQUESTS, endpoint=endpoint, status=str(reply.status))
             if isinstance(reply.answer, ErrorAnswer):
                 metrics.count(ERRORS, error_type=reply.answer.error.type)
-            elif isinstance(reply.answer, Explanation):
-                stages = reply.answer.timings_ms.stages()
-                for stage in STAGES:
-                    if stage in stages:
-                        metrics.observe(STAGE_LATENCY, stages[stage] / 1000.0, stage=stage)
         for job in jobs:  # the batch is answered: sampled verification goes to the background
             assert self.verifier is not None
             self.verifier.offer(job)
@@ -398,7 +393,12 @@ class ExplainerService:
             if error is not None:
                 replies[it.index] = self._error_reply(error)
                 continue
-            replies[it.index] = Reply(200, self._explanation(predictions, rows.targets[row], parts[row], batch_ms))
+            explanation = self._explanation(predictions, rows.targets[row], parts[row], batch_ms)
+            stages = explanation.timings_ms.stages()  # the stage metrics are the answer's own timings
+            for stage in STAGES:
+                if stage in stages:
+                    metrics.observe(STAGE_LATENCY, stages[stage] / 1000.0, stage=stage)
+            replies[it.index] = Reply(200, explanation)
         jobs += self._sampled_jobs(items, probs, rows.targets, replies, out.activations)
         return replies
 
