@@ -4,7 +4,8 @@ For test images of a data folder, side by side in one process: the classifier ru
 causal answer (:meth:`ConceptExplainer.answer`) from the Bayesian network's tables alone (no
 intervention graphs), and with the graphs for each ``--counts`` value of ``network_concepts``
 (0: the tables anchored at the network's level; the largest: every concept). Prints medians
-in milliseconds.
+in milliseconds, and for each count how well the answer's order ranks the image's concepts
+against the network's own effects of all of them (recall@3 mean, nDCG@5 median).
 
     python -m bench.network_answers --bundle build/shapes/bundle --data data/shapes
 """
@@ -20,7 +21,9 @@ import numpy as np
 from handlers.runtime.bundle import load_bundle
 from handlers.runtime.classifier import OnnxClassifier, make_session
 from handlers.runtime.concept_view import ConceptExplainer
+from handlers.runtime.faithfulness import ndcg_at_k, recall_at_k
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
+from handlers.runtime.verify import verify_records
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tables = ConceptExplainer(explainer.spec, explainer.network, explainer.sessions, None)
     times: dict[str, list[float]] = {"classifier": [], "tables alone (no anchor)": [],
                                      **{f"network_concepts={n}": [] for n in counts}}
+    recall: dict[int, list[float]] = {n: [] for n in counts}
+    ndcg: dict[int, list[float]] = {n: [] for n in counts}
     for f in files:
         x = normalize(to_pixels(decode_image(f.read_bytes(), max_pixels=10**8, allowed_formats=("PNG", "JPEG")),
                                 spec)[None], spec)
@@ -58,8 +63,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 explainer.answer(batch, 0, target, n)
                 times[f"network_concepts={n}"].append((time.perf_counter() - t0) * 1000)
+        # the answer's ranking against the network's own effects of every concept
+        network = {c.concept: c.network_effect for c in verify_records(
+            explainer, batch, 0, target, explainer.answer(batch, 0, target, explainer.num_concepts))}
+        for n in counts:
+            listed = [network[r.record.concept] for r in explainer.answer(batch, 0, target, n)]
+            order = np.arange(len(listed), 0, -1, dtype=np.float64)
+            recall[n].append(recall_at_k(order, np.array(listed), 3))
+            value = ndcg_at_k(order, np.array(listed), 5)
+            if value is not None:
+                ndcg[n].append(value)
     for name, values in times.items():
         print(f"{name:<22} median {np.median(values):7.2f} ms over {len(values)} runs")
+    print("ranking of each image's concepts against the network's effects of all of them:")
+    for n in counts:
+        print(f"network_concepts={n:<4} recall@3 mean {np.mean(recall[n]):.3f}, nDCG@5 median "
+              f"{np.median(ndcg[n]) if ndcg[n] else float('nan'):.3f} over {len(recall[n])} images")
     return 0
 
 
