@@ -147,3 +147,17 @@ def test_every_concept_asked_when_network_concepts_exceeds_them():
     view = explainer.explain(batch, 1, 1, top=3, pixels=None, network_concepts=99)
     assert [c.id for c in view.concepts] == [s.record.concept for s in answer[:3]]
     assert all(c.source == "network" and c.heatmap_png is None for c in view.concepts)
+
+
+def test_the_bench_reports_what_each_count_buys(tiny_full_bundle, tiny_data, capsys):
+    """bench.network_answers: with every concept answered by the network the ranking is the
+    network's own (recall@3 = nDCG@5 = 1); fewer network answers cannot rank better."""
+    import re
+
+    from bench.network_answers import main
+    assert main(["--bundle", str(tiny_full_bundle), "--data", str(tiny_data), "--images", "4", "--repeats", "1",
+                 "--counts", "0", "1000"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"network_concepts=(\d+)\s+recall@3 mean ([0-9.]+)", out))
+    assert float(rows["12"]) == 1.0 and float(rows["0"]) <= 1.0
+    assert "nDCG@5 median 1.000" in out.splitlines()[-1]
