@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from bench.server import TorchServe, post
-from bench.stats import percentile
+from bench.stats import percentile, write_json
 from export.archive import DEFAULT_MODEL_CONFIG, build_mar
 
 
@@ -57,8 +57,7 @@ def main() -> None:
            "monitor_fraction_0": {"p50_ms": round(p50["m0"], 2), "p99_ms": round(percentile(lat["m0"], 99), 2)},
            "monitor_fraction_1": {"p50_ms": round(p50["m1"], 2), "p99_ms": round(percentile(lat["m1"], 99), 2)},
            "p50_ratio": round(p50["m1"] / p50["m0"], 3)}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     print(json.dumps(out, indent=2))
 
 

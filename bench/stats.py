@@ -1,10 +1,19 @@
-"""Latency statistics shared by the benchmark scripts."""
+"""Latency statistics and result files shared by the benchmark scripts."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+
+def write_json(path: str | Path, result: Any) -> None:
+    """A result as indented JSON at ``path``, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def percentile(xs: list[float], q: float) -> float:

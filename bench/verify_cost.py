@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from bench.server import REPO, TorchServe, post
-from bench.stats import summary
+from bench.stats import summary, write_json
 from export.archive import build_mar
 
 
@@ -105,8 +105,7 @@ def main() -> int:
           f"two identical workers without it differ by {eight['twin_p50_change']:+.1%} / "
           f"{eight['twin_throughput_change']:+.1%}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -14,7 +14,6 @@ bundle's offline figures.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bench.stats import write_json
 from handlers.runtime.imaging import normalize, to_pixels
 from handlers.runtime.service import ExplainerService
 from handlers.runtime.settings import HandlerSettings
@@ -115,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ccc = f"{r['ccc_per_answer_mean']:.3f}" if r.get("ccc_per_answer_mean") is not None else ""
         print(f"{name:<24}{acc:>9}{cells}{r['probability_error'].get(ALL_LAYERS, float('nan')):>10.4f}{ccc:>7}")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
     return 0
 
 

@@ -562,8 +562,7 @@ class _ClaDecBuild:
                ) -> None:
         from export.onnx_export import export_module, module_parity
         export_module(module, example, self.out / file, input_name, "reconstruction")
-        self.parity[file] = (module_parity(module, self.out / file, tuple(example.shape[1:]), nonneg=True) if nonneg
-                             else module_parity(module, self.out / file, tuple(example.shape[1:])))
+        self.parity[file] = module_parity(module, self.out / file, tuple(example.shape[1:]), nonneg=nonneg)
 
     def refae(self, layer: str, act_shape: tuple[int, ...]) -> tuple[dict[str, Any], str]:
         """The layer's reference autoencoder (MSE only, encoder trained from scratch), exported;

@@ -273,12 +273,12 @@ class ExplainerService:
     def offline_verification_samples(self) -> list[Sample]:
         """Gauges with the bundle's offline figures that live verification is compared with:
         per concept layer and over all layers, the mean agreement (recall@3) and the mean
-        absolute error of ``P(target | do(state))`` on the export's held-out images. None for
+        absolute error of ``P(target | do(state))`` on the export's held-out images. Empty for
         a bundle exported without its effect-truth report."""
         report = (self.concepts.spec.report or {}).get("effect_truth") if self.concepts is not None else None
         if not report or self.verifier is None:
             return []
-        figures = {**{layer: m for layer, m in report["per_layer"].items()}, ALL_LAYERS: report["answer"]}
+        figures = {**report["per_layer"], ALL_LAYERS: report["answer"]}
         out = []
         for layer, m in figures.items():
             labels = (("layer", layer), ("model_version", self.verifier.version))

@@ -177,6 +177,7 @@ class BackgroundVerifier:
         self._queue: queue.Queue[VerifyJob | None] = queue.Queue(maxsize=capacity)
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
+        self._start_lock = threading.Lock()
         self._idle = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
@@ -208,7 +209,7 @@ class BackgroundVerifier:
 
     def _start(self) -> None:
         if self._thread is None:
-            with self._rng_lock:
+            with self._start_lock:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="concept-verifier", daemon=True)
                     self._thread.start()
