@@ -3,15 +3,18 @@
 For test images of a data folder, side by side in one process: the classifier run, and the
 causal answer (:meth:`ConceptExplainer.answer`) from the Bayesian network's tables alone (no
 intervention graphs), and with the graphs for each ``--counts`` value of ``network_concepts``
-(0: the tables anchored at the network's level; the largest: every concept). Prints medians
-in milliseconds, and for each count how well the answer's order ranks the image's concepts
-against the network's own effects of all of them (recall@3 mean, nDCG@5 median).
+(0: the tables anchored at the network's level; the largest: every concept), each with the
+bundle's probes (states per concept the network is run at, the others interpolated), and
+every concept at every state ("exact"). Prints medians in milliseconds, and for each how
+well the answer's order ranks the image's concepts against the network's own effects of all
+of them at every state (recall@3 mean, nDCG@5 median).
 
     python -m bench.network_answers --bundle build/shapes/bundle --data data/shapes
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,10 +47,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = files[:: max(1, len(files) // args.images)][: args.images]
     counts = tuple(dict.fromkeys(min(n, explainer.num_concepts) for n in args.counts))
     tables = ConceptExplainer(explainer.spec, explainer.network, explainer.sessions, None)
-    times: dict[str, list[float]] = {"classifier": [], "tables alone (no anchor)": [],
-                                     **{f"network_concepts={n}": [] for n in counts}}
-    recall: dict[int, list[float]] = {n: [] for n in counts}
-    ndcg: dict[int, list[float]] = {n: [] for n in counts}
+    exact = every_state(explainer)
+    probes = {l.layer: l.probes or explainer.spec.states for l in explainer.spec.layers}
+    print("network runs per concept (probes) by layer:", probes)
+    variants: dict[str, tuple[ConceptExplainer, int]] = {
+        **{f"network_concepts={n}": (explainer, n) for n in counts},
+        "exact": (exact, explainer.num_concepts)}
+    times: dict[str, list[float]] = {"classifier": [], "tables alone (no anchor)": [], **{k: [] for k in variants}}
+    recall: dict[str, list[float]] = {k: [] for k in variants}
+    ndcg: dict[str, list[float]] = {k: [] for k in variants}
     for f in files:
         x = normalize(to_pixels(decode_image(f.read_bytes(), max_pixels=10**8, allowed_formats=("PNG", "JPEG")),
                                 spec)[None], spec)
@@ -59,27 +67,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0 = time.perf_counter()
             tables.answer(batch, 0, target, 0)
             times["tables alone (no anchor)"].append((time.perf_counter() - t0) * 1000)
-            for n in counts:
+            for name, (view, n) in variants.items():
                 t0 = time.perf_counter()
-                explainer.answer(batch, 0, target, n)
-                times[f"network_concepts={n}"].append((time.perf_counter() - t0) * 1000)
-        # the answer's ranking against the network's own effects of every concept
+                view.answer(batch, 0, target, n)
+                times[name].append((time.perf_counter() - t0) * 1000)
+        # the answer's ranking against the network's own effects of every concept at every state
         network = {c.concept: c.network_effect for c in verify_records(
-            explainer, batch, 0, target, explainer.answer(batch, 0, target, explainer.num_concepts))}
-        for n in counts:
-            listed = [network[r.record.concept] for r in explainer.answer(batch, 0, target, n)]
+            explainer, batch, 0, target, exact.answer(batch, 0, target, None))}
+        for name, (view, n) in variants.items():
+            listed = [network[r.record.concept] for r in view.answer(batch, 0, target, n)]
             order = np.arange(len(listed), 0, -1, dtype=np.float64)
-            recall[n].append(recall_at_k(order, np.array(listed), 3))
+            recall[name].append(recall_at_k(order, np.array(listed), 3))
             value = ndcg_at_k(order, np.array(listed), 5)
             if value is not None:
-                ndcg[n].append(value)
+                ndcg[name].append(value)
     for name, values in times.items():
         print(f"{name:<22} median {np.median(values):7.2f} ms over {len(values)} runs")
     print("ranking of each image's concepts against the network's effects of all of them:")
-    for n in counts:
-        print(f"network_concepts={n:<4} recall@3 mean {np.mean(recall[n]):.3f}, nDCG@5 median "
-              f"{np.median(ndcg[n]) if ndcg[n] else float('nan'):.3f} over {len(recall[n])} images")
+    for name in variants:
+        print(f"{name:<22} recall@3 mean {np.mean(recall[name]):.3f}, nDCG@5 median "
+              f"{np.median(ndcg[name]) if ndcg[name] else float('nan'):.3f} over {len(recall[name])} images")
     return 0
+
+
+def every_state(explainer: ConceptExplainer) -> ConceptExplainer:
+    """The same concepts view with the network run at every state of every concept."""
+    spec = dataclasses.replace(explainer.spec, layers=tuple(dataclasses.replace(l, probes=None)
+                                                            for l in explainer.spec.layers))
+    return ConceptExplainer(spec, explainer.network, explainer.sessions, explainer.interventions)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class EffectTable:
 
 
 def served_table(explainer: ConceptExplainer, batch: ConceptBatch, targets: Sequence[int] | np.ndarray,
-                 network_concepts: int) -> EffectTable:
+                 network_concepts: int | None) -> EffectTable:
     """What the serving code answers for each row of ``batch`` (targets: one class per row)."""
     ids = tuple(cid for l in explainer.spec.layers for cid in l.ids())
     layer_of = tuple(l.layer for l in explainer.spec.layers for _ in l.ids())
@@ -65,7 +65,7 @@ def served_table(explainer: ConceptExplainer, batch: ConceptBatch, targets: Sequ
             j = col[sourced.record.concept]
             p[i, j], pi[i, j] = sourced.record.probabilities, sourced.record.prior
             observed[i, j], order[i, j] = sourced.record.state, pos
-            network[i, j] = sourced.source == "network"
+            network[i, j] = sourced.source != "bayesian_network"
     return EffectTable(ids, layer_of, p, pi, observed, order, network)
 
 

@@ -287,7 +287,7 @@ class Interventions:
     class; ``p_pred[i]`` (K_i, S, N) the probability of the image's observed prediction.
     ``observed`` holds the observed states per layer (N, K_l); ``y_observed`` (N,);
     ``p_null`` (L, N) the probability of the prediction with layer i's autoencoder spliced in
-    and nothing changed.
+    and nothing changed; ``observed_values`` the observed pooled values per layer (N, K_l).
     """
 
     layers: tuple[str, ...]
@@ -298,6 +298,7 @@ class Interventions:
     observed: dict[str, np.ndarray]
     y_observed: np.ndarray
     p_null: np.ndarray
+    observed_values: dict[str, np.ndarray]
 
     def measured_p(self) -> np.ndarray:
         """P(prediction | do(c = x)) as (N, C, S), concepts in layer order."""
@@ -342,6 +343,7 @@ def run_interventions(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: 
     ys = [np.zeros((k, s_count, n), np.int64) for k in ks]
     ps = [np.zeros((k, s_count, n)) for k in ks]
     observed = {l: np.zeros((n, k), np.int64) for l, k in zip(layers, ks)}
+    observed_values = {l: np.zeros((n, k), np.float32) for l, k in zip(layers, ks)}
     y_obs = np.zeros(n, np.int64)
     p_null = np.zeros((len(layers), n))
     total = -(-n // batch_size) * sum(k * s_count for k in ks)
@@ -355,7 +357,8 @@ def run_interventions(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: 
         y_obs[rows] = pred.numpy()
         codes = {l: aes[l].encoder(acts[l]) for l in layers}
         for i, l in enumerate(layers):
-            observed[l][rows] = discretise(pooled_values(codes[l].numpy()), edges[l])
+            observed_values[l][rows] = pooled_values(codes[l].numpy())
+            observed[l][rows] = discretise(observed_values[l][rows], edges[l])
             unchanged = spliced_logits(model, l, x, aes[l].decoder(codes[l]))
             p_null[i, rows] = F.softmax(unchanged, dim=1).gather(1, pred[:, None])[:, 0].numpy()
         for i, l in enumerate(layers):
@@ -376,7 +379,7 @@ def run_interventions(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: 
                         states[i][j][c, s, rows] = discretise(v, edges[layers[j]])
                     bar.update(1)
     bar.close()
-    return Interventions(layers, states, values, ys, ps, observed, y_obs, p_null)
+    return Interventions(layers, states, values, ys, ps, observed, y_obs, p_null, observed_values)
 
 
 def fit_network(observed: dict[str, np.ndarray], observed_values: dict[str, np.ndarray], y: np.ndarray,
@@ -433,7 +436,7 @@ def causal_validity(iv: Interventions, bn: CompiledCausalModel, cfg: ConceptConf
     evidence = [evidence_row(iv.observed, i) for i in range(n)]
     work = [(li, l, c) for li, l in enumerate(layers) for c in range(iv.observed[l].shape[1])]
     bn_effect = np.zeros((n, len(work)))
-    measured = measured_effects(iv, bn)
+    measured = measured_effects(iv, *served_weights(iv, bn))
     unseen = np.zeros((n, len(work), cfg.states), bool)
     for w, (_li, l, c) in enumerate(work):
         cid = concept_id(l, c)
@@ -476,16 +479,70 @@ def config_dict(cfg: ConceptConfig) -> dict[str, Any]:
     return d
 
 
-def measured_effects(iv: Interventions, bn: CompiledCausalModel) -> np.ndarray:
-    """The network's effect of every concept on every image of ``iv``: (N, C), concepts in
-    layer order, ``P_t(x_o) - sum_x pi(x) P_t(x)`` with the network's weights ``pi``."""
-    from handlers.runtime.faithfulness import effects
+def served_weights(iv: Interventions, bn: CompiledCausalModel) -> tuple[np.ndarray, np.ndarray]:
+    """The weights ``pi`` (N, C, S) the served answers use on the images of ``iv`` and their
+    observed states (N, C), concepts in layer order."""
     ids = [concept_id(l, c) for l in iv.layers for c in range(iv.observed[l].shape[1])]
     n = len(iv.y_observed)
     evidence = [evidence_row(iv.observed, i) for i in range(n)]
     pi = np.array([[bn.prior(evidence[i], cid) for cid in ids] for i in range(n)])
     observed = np.array([[evidence[i][cid] for cid in ids] for i in range(n)])
+    return pi, observed
+
+
+def measured_effects(iv: Interventions, pi: np.ndarray, observed: np.ndarray) -> np.ndarray:
+    """The network's effect of every concept on every image of ``iv``: (N, C), concepts in
+    layer order, ``P_t(x_o) - sum_x pi(x) P_t(x)`` with the served weights ``pi`` (N, C, S)
+    and observed states (N, C) of :func:`served_weights`."""
+    from handlers.runtime.faithfulness import effects
     return effects(iv.measured_p(), pi, observed)
+
+
+#: A layer's network answers may interpolate states when the interpolation's mean |effect
+#: error| on the training interventions is at most this share of the layer's noise floor.
+PROBE_ERROR_SHARE = 0.5
+
+
+def choose_probes(iv: Interventions, pi: np.ndarray, observed: np.ndarray, typical: dict[str, np.ndarray],
+                  share: float = PROBE_ERROR_SHARE) -> tuple[dict[str, int], dict[str, Any]]:
+    """Per concept layer, at how many states the network must be run for its answers to stay
+    true: the smallest number P (1..S) whose interpolated answers
+    (:func:`~handlers.runtime.concepts.interpolate_states` through the unchanged code and the
+    P states farthest from the observed peak) differ from the network's answer at every state
+    by a mean |effect| of at most ``share`` times the layer's noise floor, measured on the
+    training images of ``iv`` (pi (N, C, S), observed (N, C) as :func:`served_weights`).
+
+    The noise floor is that of the held-out report: mean |P(target) with the layer's
+    autoencoder spliced in unchanged - P(target | do(c = its observed state's typical value))|.
+    Returns ({layer: P}, a report per layer: the floor and each P's errors)."""
+    from handlers.runtime.concepts import interpolate_states, probe_states
+    from handlers.runtime.faithfulness import effects
+    chosen: dict[str, int] = {}
+    report: dict[str, Any] = {"error_share_of_noise_floor": share, "layers": {}}
+    start = 0
+    for i, layer in enumerate(iv.layers):
+        p = iv.p_pred[i].transpose(2, 0, 1)  # (N, K, S)
+        n, k, s = p.shape
+        cols = slice(start, start + k)
+        start += k
+        anchor, peaks, obs = iv.p_null[i], iv.observed_values[layer].astype(np.float64), observed[:, cols]
+        exact = effects(p, pi[:, cols], obs)
+        floor = float(np.abs(anchor[:, None] - np.take_along_axis(p, obs[..., None], axis=-1)[..., 0]).mean())
+        rows: dict[str, Any] = {}
+        chosen[layer] = s
+        for probes in range(1, s):
+            approx = np.empty_like(p)
+            for img in range(n):
+                probed = probe_states(typical[layer], peaks[img], probes)
+                approx[img] = interpolate_states(typical[layer], peaks[img], float(anchor[img]), probed,
+                                                 np.take_along_axis(p[img], probed, axis=1))
+            err = float(np.abs(effects(approx, pi[:, cols], obs) - exact).mean())
+            rows[str(probes)] = {"effect_mae": round(err, 6), "mae_p": round(float(np.abs(approx - p).mean()), 6)}
+            if err <= share * floor:
+                chosen[layer] = probes
+                break
+        report["layers"][layer] = {"noise_floor": round(floor, 6), "probes": chosen[layer], "tried": rows}
+    return chosen, report
 
 
 def _export_layer(model: nn.Module, ae: ConceptAutoencoder, layer: str, spec: InputSpec, k: int,
@@ -525,7 +582,7 @@ def _served_explainer(spec_layers: Sequence[Any], compiled: CompiledCausalModel,
 
 
 def served_truth(model: nn.Module, explainer: Any, held_out: ImageDataset, spec: InputSpec,
-                 iv: Interventions, network_concepts: int) -> dict[str, Any]:
+                 iv: Interventions, network_concepts: int | None) -> dict[str, Any]:
     """The effect-unit report (:func:`export.causal_truth.effect_truth`) of what the serving
     code answers on ``held_out`` with ``network_concepts``, against the network's own
     interventions ``iv`` on the same images; also the Bayesian network alone and the network
@@ -540,7 +597,7 @@ def served_truth(model: nn.Module, explainer: Any, held_out: ImageDataset, spec:
     everything = served_table(explainer, batch, targets, explainer.num_concepts)
     # only the answer's own metrics are kept, so one shuffled baseline run is enough here
     report["network_answers_every_concept"] = effect_truth(everything, measured_p, null_p, shuffles=1)["answer"]
-    report["network_concepts"] = network_concepts
+    report["network_concepts"] = explainer.num_concepts if network_concepts is None else network_concepts
     return report
 
 
@@ -594,11 +651,11 @@ def _fit_and_save_network(model: nn.Module, aes: Any, train: ImageDataset, spec:
 
 
 def _export_concept_layers(model: nn.Module, aes: Any, spec: InputSpec, cfg: ConceptConfig, v: _Variables,
-                           screen: np.ndarray, activation_names: dict[str, str], out: Path
+                           screen: np.ndarray, probes: dict[str, int], activation_names: dict[str, str], out: Path
                            ) -> tuple[list[Any], dict[str, float]]:
     """Each layer's encoder, decoder and intervention graphs (ONNX, with their parity) and its
     :class:`~handlers.runtime.concepts.ConceptLayer` (bins, typical values, training state
-    shares, screening scores)."""
+    shares, screening scores, network probes)."""
     from handlers.runtime.concepts import ConceptLayer
     layers, parity, start = [], {}, 0
     for l in cfg.layers:
@@ -606,7 +663,8 @@ def _export_concept_layers(model: nn.Module, aes: Any, spec: InputSpec, cfg: Con
         baseline = np.stack([np.bincount(v.states_train[l][:, c], minlength=cfg.states) / len(v.states_train[l])
                              for c in range(cfg.k)])
         layers.append(ConceptLayer(l, activation_names[l], enc_file, dec_file, v.edges[l], v.typical[l],
-                                   (None,) * cfg.k, (None,) * cfg.k, baseline, iv_file, screen[start:start + cfg.k]))
+                                   (None,) * cfg.k, (None,) * cfg.k, baseline, iv_file, screen[start:start + cfg.k],
+                                   probes[l]))
         start += cfg.k
     return layers, parity
 
@@ -630,8 +688,10 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     iv_test = run_interventions(model, aes, test.take(val_idx), spec, cfg.layers, v.edges, v.typical,
                                 progress=progress)
     validity = causal_validity(iv_test, compiled, cfg, support)
-    screen = np.abs(measured_effects(iv, compiled)).mean(axis=0)
-    layers, parity = _export_concept_layers(model, aes, spec, cfg, v, screen, activation_names, out)
+    pi, observed = served_weights(iv, compiled)
+    screen = np.abs(measured_effects(iv, pi, observed)).mean(axis=0)
+    probes, probe_report = choose_probes(iv, pi, observed, v.typical)
+    layers, parity = _export_concept_layers(model, aes, spec, cfg, v, screen, probes, activation_names, out)
     explainer = _served_explainer(layers, compiled, cfg, out)
     truth = served_truth(model, explainer, test.take(val_idx), spec, iv_test, HandlerSettings().network_concepts)
     report = {
@@ -641,6 +701,7 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
         "fidelity": fidelity,
         "causal_validity": validity,
         "effect_truth": truth,
+        "network_probes": probe_report,
         "network": network,
         "mostly_silent_concepts": {l: int((v.edges[l][:, -1] <= 0).sum()) for l in cfg.layers},
         "held_out_images": len(test),

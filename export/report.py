@@ -39,6 +39,12 @@ class Section:
     answer: dict[str, Any]
 
 
+#: How the report says who answered a concept's interventions (the answer's ``source``).
+SOURCE_WORDS = {"network": "the network (every state)",
+                "network_interpolated": "the network (some states, the rest interpolated)",
+                "bayesian_network": "the Bayesian network's tables"}
+
+
 def check_answer(body: Any, where: str = "answer") -> dict[str, Any]:
     """``body`` if it is an ``/explanations`` body, else :class:`ReportError` naming the first problem."""
     if not isinstance(body, dict):
@@ -221,7 +227,7 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
             f'<div class="stack tiny"><img alt="input" src="{input_uri}">{heat}</div>'
             f'<div class="meta"><b>{_e(name)}</b><div class="label">state {c["state"]} · activation '
             f'{_fmt(c["activation"])} · effect <b>{c["effect"]:+.4f}</b> · sensitivity {c["sensitivity"]:.4f}'
-            f' · answered by the {_e(c.get("source", "bayesian_network").replace("_", " "))}</div>'
+            f' · answered by {_e(SOURCE_WORDS.get(c.get("source", "bayesian_network"), "?"))}</div>'
             f'{_signed_bar(c["effect"], scale)}'
             f'<div class="label">P(target | do(state)) — observed state dark</div><div class="states">{states}</div>'
             f'{verified}</div></div>')

@@ -197,8 +197,11 @@ class Concept(Answer):
     state: int = Field(ge=0, description="the observed state (0 low ... states-1 high)")
     effect: Decimals6
     sensitivity: Decimals6
-    source: Literal["network", "bayesian_network"] = Field(description=(
-        "who answered the interventions: the network itself (code set, decoded, rest of the classifier run) "
+    source: Literal["network", "network_interpolated", "bayesian_network"] = Field(description=(
+        "who answered the interventions: the network itself at every state (code set, decoded, rest of the "
+        "classifier run); the network at some states with the others interpolated linearly in the code's peak value "
+        "through them and the unchanged code (network_interpolated; the bundle chose how many states per layer so "
+        "the interpolation error stays well under the layer's noise floor); "
         "or the Bayesian network's tables (their differences between states, anchored at the network's P(target) "
         "with the concept's layer spliced in, where the bundle has intervention graphs)"))
     interventions: list[Intervention] = Field(min_length=1, description="one per state")

@@ -294,6 +294,12 @@ class CompiledCausalModel:
         """``pi(x) = P(concept = x | its parents as observed)``, shape (states of concept,)."""
         return self._at_parents(concept, evidence)
 
+    def weights(self, evidence: Mapping[str, Hashable]) -> list[tuple[str, int, np.ndarray]]:
+        """Per concept in topological order: (id, observed state index, ``pi`` (S,)); what
+        :meth:`explain` gives without the tables' interventions, for answers whose
+        ``P(target | do(x))`` come from elsewhere."""
+        return [(x, self._index(evidence, x), self.prior(evidence, x)) for x in self.concepts]
+
     def outcome_posterior(self, evidence: Mapping[str, Hashable]) -> np.ndarray:
         """``P(outcome | all concepts observed)`` = the outcome's CPT at its parents' states."""
         return self._at_parents(self.outcome, evidence)

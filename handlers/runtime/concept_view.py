@@ -13,7 +13,14 @@ from handlers.runtime.answer import Concept, Intervention
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CausalRecord, CompiledCausalModel
 from handlers.runtime.classifier import GraphOpener
-from handlers.runtime.concepts import ConceptSpec, discretise, evidence_row, pooled_values, set_code_peak
+from handlers.runtime.concepts import (
+    ConceptSpec,
+    discretise,
+    evidence_row,
+    interpolate_states,
+    pooled_values,
+    probe_states,
+)
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.heatmaps import heatmap_levels, heatmap_overlay, heatmap_palette
 from handlers.runtime.imaging import encode_indexed_png, encode_png
@@ -59,6 +66,9 @@ class ConceptExplainer:
         if sorted(ids) != sorted(network.concepts):
             raise ArtifactError("concepts.json and the causal network disagree on the concept ids")
         self.num_concepts = len(ids)
+        for layer in spec.layers:
+            if layer.probes is not None and not 1 <= layer.probes <= spec.states:
+                raise ArtifactError(f"concepts.json: layer {layer.layer} probes {layer.probes} is not in 1..{spec.states}")
         self._where = {cid: (l.layer, c) for l in spec.layers for c, cid in enumerate(l.ids())}
         self._screen = {cid: float(l.screen[c]) if l.screen is not None else 0.0
                         for l in spec.layers for c, cid in enumerate(l.ids())}
@@ -100,22 +110,33 @@ class ConceptExplainer:
         return self._where[concept]
 
     def network_probabilities(self, batch: ConceptBatch, row: int, layer: str, channels: Sequence[int],
-                              target: int) -> tuple[float, np.ndarray]:
+                              target: int, probes: int | None = None) -> tuple[float, np.ndarray]:
         """The network's own answers on image ``row`` for the ``channels`` of ``layer``, in one
-        batch of ``1 + len(channels) * S`` rows through the layer's intervention graph:
+        batch through the layer's intervention graph:
 
         - the anchor: ``P(target)`` with the layer's autoencoder spliced in and its code unchanged;
         - ``P(target | do(c = x))``: each concept's code channel set to each state's typical
           value (:func:`set_code_peak`), decoded and the rest of the classifier run.
 
-        Returns (anchor, float64 (len(channels), S))."""
+        probes: run only that many states per concept (those farthest from its observed peak,
+        :func:`probe_states`) and interpolate the others (:func:`interpolate_states`); None or
+        S: every state, ``1 + len(channels) * S`` rows. Returns (anchor, float64 (len(channels), S))."""
         session = self.interventions[layer]
         spec = self.layers[layer]
+        s = spec.typical.shape[1]
         code = batch.codes[layer][row:row + 1]
-        rows = [code] + [set_code_peak(code, c, float(v)) for c in channels for v in spec.typical[c]]
-        probs = session.run(None, {session.get_inputs()[0].name: np.concatenate(rows)})[0][:, target]
+        chans = list(channels)
+        typical = spec.typical[chans]
+        if probes is None or probes >= s:
+            probed = np.tile(np.arange(s), (len(chans), 1))
+        else:
+            probed = probe_states(typical, batch.values[layer][row, chans], probes)
+        probs = session.run(None, {session.get_inputs()[0].name: intervened_codes(code, chans, typical, probed)})[0][:, target]
         probs = probs.astype(np.float64)
-        return float(probs[0]), probs[1:].reshape(len(channels), spec.typical.shape[1])
+        anchor, at_probes = float(probs[0]), probs[1:].reshape(len(chans), probed.shape[1])
+        if probed.shape[1] == s:
+            return anchor, at_probes
+        return anchor, interpolate_states(typical, batch.values[layer][row, chans], anchor, probed, at_probes)
 
     def screening_order(self, records: Sequence[CausalRecord]) -> list[int]:
         """Indices of ``records`` in the order the network is asked about them: largest
@@ -123,44 +144,56 @@ class ConceptExplainer:
         return sorted(range(len(records)), key=lambda i: (-screening_score(records[i], self._screen[records[i].concept]),
                                                           records[i].concept))
 
-    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int) -> list[SourcedRecord]:
+    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int | None) -> list[SourcedRecord]:
         """Every concept's causal answer for image ``row``, in the order an answer lists them:
-        the ``network_concepts`` concepts the network answered (first by screening order, then
-        sorted by |effect|), followed by the ones the Bayesian network answered (by |effect|).
-        Ties by concept id.
+        the concepts the network answered (``network_concepts`` of them, None = all; chosen by
+        screening order when fewer than all, then sorted by |effect|), followed by the ones the
+        Bayesian network answered (by |effect|). Ties by concept id.
 
-        Where the bundle has intervention graphs, a Bayesian-network answer keeps the tables'
-        differences between states but is anchored at the network's level: its probability at
-        the observed state is the network's ``P(target)`` with the concept's layer spliced in
-        unchanged (:meth:`CausalRecord.anchored_at`). Effects are unchanged by the anchor unless
-        a probability had to be clipped to [0, 1]. Without the graphs the tables answer alone."""
-        records = self.network.explain(batch.evidence(row), target)
-        if not self.interventions:
-            return sorted((SourcedRecord(r, "bayesian_network") for r in records), key=_by_effect)
-        asked = set(self.screening_order(records)[:network_concepts])
+        The network runs each answered concept at its layer's ``probes`` states
+        (:meth:`network_probabilities`); the source is "network" where that is every state and
+        "network_interpolated" where some states are interpolated. Where the bundle has
+        intervention graphs, a Bayesian-network answer keeps the tables' differences between
+        states but is anchored at the network's level: its probability at the observed state
+        is the network's ``P(target)`` with the concept's layer spliced in unchanged
+        (:meth:`CausalRecord.anchored_at`). Effects are unchanged by the anchor unless a
+        probability had to be clipped to [0, 1]. Without the graphs the tables answer alone."""
+        evidence = batch.evidence(row)
+        count = self.num_concepts if network_concepts is None else min(network_concepts, self.num_concepts)
+        if self.interventions and count == self.num_concepts:
+            # the tables' own answers are not needed: only the weights pi and the states
+            records = [CausalRecord(c, x, pi, np.full(pi.shape, np.nan)) for c, x, pi in self.network.weights(evidence)]
+            asked = set(range(len(records)))
+        else:
+            records = self.network.explain(evidence, target)
+            if not self.interventions:
+                return sorted((SourcedRecord(r, "bayesian_network") for r in records), key=_by_effect)
+            asked = set(self.screening_order(records)[:count])
         by_layer: dict[str, list[int]] = {l.layer: [] for l in self.spec.layers}  # every layer runs, for its anchor
         for i in sorted(asked, key=lambda i: records[i].concept):
             by_layer[self._where[records[i].concept][0]].append(i)
         answered: list[SourcedRecord] = []
         anchors: dict[str, float] = {}
         for layer, idx in by_layer.items():
+            probes = self.layers[layer].probes
             anchors[layer], probs = self.network_probabilities(
-                batch, row, layer, [self._where[records[i].concept][1] for i in idx], target)
-            answered += [SourcedRecord(records[i].answered_by(p), "network") for i, p in zip(idx, probs)]
+                batch, row, layer, [self._where[records[i].concept][1] for i in idx], target, probes)
+            source: Source = "network" if probes is None or probes >= self.spec.states else "network_interpolated"
+            answered += [SourcedRecord(records[i].answered_by(p), source) for i, p in zip(idx, probs)]
         rest = [SourcedRecord(r.anchored_at(anchors[self._where[r.concept][0]]), "bayesian_network")
                 for i, r in enumerate(records) if i not in asked]
         return sorted(answered, key=_by_effect) + sorted(rest, key=_by_effect)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int = 0) -> ConceptsPart:
+                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int | None = 0) -> ConceptsPart:
         """The ``concepts`` view for one image, in the order of :meth:`answer`.
 
         row: the image's row in ``batch``; top: how many concepts (None: all).
         pixels: uint8 (H, W, C) model input for heatmaps, or None for no images.
         heatmap: "overlay" = a palette PNG with transparency, to draw over the input;
         "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
-        network_concepts: how many concepts the network answers (0: the Bayesian network
-        answers all, anchored where the bundle has intervention graphs).
+        network_concepts: how many concepts the network answers (None: all; 0: the Bayesian
+        network answers all, anchored where the bundle has intervention graphs).
         """
         t0 = time.perf_counter()
         records = self.answer(batch, row, target, network_concepts)
@@ -189,14 +222,16 @@ class ConceptExplainer:
                             records=list(records))
 
 
-Source = Literal["network", "bayesian_network"]
+Source = Literal["network", "network_interpolated", "bayesian_network"]
 
 
 @dataclass(frozen=True)
 class SourcedRecord:
     """A concept's causal answer and who gave its probabilities: "network" (the intervention
-    graphs) or "bayesian_network" (the compiled tables' differences between states, anchored
-    at the network's level where the bundle has intervention graphs)."""
+    graphs, at every state), "network_interpolated" (the intervention graphs at some states,
+    the others interpolated in the code peak) or "bayesian_network" (the compiled tables'
+    differences between states, anchored at the network's level where the bundle has
+    intervention graphs)."""
 
     record: CausalRecord
     source: Source
@@ -204,6 +239,26 @@ class SourcedRecord:
 
 def _by_effect(s: SourcedRecord) -> tuple[float, str]:
     return -abs(s.record.effect), s.record.concept
+
+
+def intervened_codes(code: np.ndarray, channels: Sequence[int], typical: np.ndarray, probed: np.ndarray) -> np.ndarray:
+    """The rows one intervention-graph run takes: the unchanged code (1, K, H, W) first, then
+    for each of ``channels`` (in order) and each of its ``probed`` states (len(channels), P)
+    the code with that channel's peak set to the state's typical value (``typical``
+    (len(channels), S); :func:`set_code_peak`, one channel changed per row). Returns float32
+    (1 + len(channels) * P, K, H, W)."""
+    base = np.asarray(code, dtype=np.float32)
+    p = probed.shape[1] if len(channels) else 0
+    rows = np.repeat(base, 1 + len(channels) * p, axis=0)
+    peaks = base[0].max(axis=(1, 2))
+    for i, c in enumerate(channels):
+        values = typical[i, probed[i]].astype(np.float32)
+        block = rows[1 + i * p: 1 + (i + 1) * p, c]
+        if peaks[c] > 1e-6:
+            block *= (values / peaks[c])[:, None, None]
+        else:
+            block[...] = values[:, None, None]
+    return rows
 
 
 def screening_score(record: CausalRecord, screen: float) -> float:

@@ -47,6 +47,53 @@ def set_code_peak(codes: np.ndarray, channel: int, value: float) -> np.ndarray:
     return out
 
 
+def probe_states(typical: np.ndarray, peaks: np.ndarray, probes: int) -> np.ndarray:
+    """Which states the network is run at when only ``probes`` of the S are: for each concept,
+    the states whose typical value lies farthest from its observed peak (ties: lower state),
+    in increasing state order.
+
+    typical (K, S); peaks (K,) the code channels' observed spatial max (0 for a silent
+    channel). Returns int64 (K, probes)."""
+    typical, peaks = np.asarray(typical, np.float64), np.asarray(peaks, np.float64)
+    s = typical.shape[1]
+    probes = min(max(int(probes), 1), s)
+    distance = np.abs(typical - peaks[:, None])
+    # stable sort on -distance keeps the lower state first among equals
+    farthest = np.argsort(-distance, axis=1, kind="stable")[:, :probes]
+    return np.sort(farthest, axis=1)
+
+
+def interpolate_states(typical: np.ndarray, peaks: np.ndarray, anchor: float, probed: np.ndarray,
+                       probed_p: np.ndarray) -> np.ndarray:
+    """``P(target | do(c = x))`` for every state from the network's answers at some of them.
+
+    The probability is taken as piecewise linear in the value the intervention gives the code
+    peak, through the unchanged code (x = the observed peak, y = ``anchor``) and the probed
+    states (x = their typical values, y = ``probed_p``), continued by the outer segments'
+    lines beyond the outer points. Probed states keep their network values exactly.
+
+    typical (K, S); peaks (K,); anchor: P(target) with the layer's autoencoder spliced in
+    and the code unchanged; probed int (K, P) and probed_p (K, P) from :func:`probe_states`
+    and the network. Returns float64 (K, S)."""
+    typical, peaks = np.asarray(typical, np.float64), np.asarray(peaks, np.float64)
+    probed, probed_p = np.asarray(probed, np.int64), np.asarray(probed_p, np.float64)
+    k = typical.shape[0]
+    xs = np.concatenate([peaks[:, None], np.take_along_axis(typical, probed, axis=1)], axis=1)  # (K, P+1)
+    ys = np.concatenate([np.full((k, 1), float(anchor)), probed_p], axis=1)
+    order = np.argsort(xs, axis=1, kind="stable")
+    xs, ys = np.take_along_axis(xs, order, axis=1), np.take_along_axis(ys, order, axis=1)
+    # segment of each state's value: the last point at or below it, kept inside [0, P-1]
+    seg = (xs[:, None, :] <= typical[:, :, None]).sum(axis=2) - 1  # (K, S)
+    seg = np.clip(seg, 0, xs.shape[1] - 2)
+    x0, x1 = np.take_along_axis(xs, seg, axis=1), np.take_along_axis(xs, seg + 1, axis=1)
+    y0, y1 = np.take_along_axis(ys, seg, axis=1), np.take_along_axis(ys, seg + 1, axis=1)
+    dx = x1 - x0
+    slope = np.divide(y1 - y0, dx, out=np.zeros_like(dx), where=np.abs(dx) > 1e-12)
+    out = y0 + (typical - x0) * slope
+    np.put_along_axis(out, probed, probed_p, axis=1)
+    return out
+
+
 def fit_edges(values: np.ndarray, states: int) -> np.ndarray:
     """Quantile bin edges per channel: (N, K) -> (K, states - 1)."""
     qs = np.arange(1, states) / states
@@ -71,7 +118,9 @@ class ConceptLayer:
     ``intervention_file``: the ONNX graph decoder + rest of the classifier (codes -> class
     probabilities) that answers interventions in the network itself; None in bundles built
     without it. ``screen`` (K,): each concept's mean |effect| measured in the network on
-    training images, the image-independent part of the order in which the network is asked."""
+    training images, the image-independent part of the order in which the network is asked.
+    ``probes``: at how many states per concept the network is run when it answers (the
+    others are interpolated, :func:`interpolate_states`); None = every state."""
 
     layer: str
     activation: str
@@ -84,6 +133,7 @@ class ConceptLayer:
     baseline: np.ndarray | None = None  # (K, S) share of training images in each state
     intervention_file: str | None = None
     screen: np.ndarray | None = None
+    probes: int | None = None
 
     @property
     def k(self) -> int:
@@ -112,7 +162,8 @@ class ConceptSpec:
                             "names": list(l.names), "name_bits": list(l.name_bits),
                             "baseline": None if l.baseline is None else l.baseline.tolist(),
                             **({} if l.intervention_file is None else {"intervention_file": l.intervention_file}),
-                            **({} if l.screen is None else {"screen": l.screen.tolist()})}
+                            **({} if l.screen is None else {"screen": l.screen.tolist()}),
+                            **({} if l.probes is None else {"probes": l.probes})}
                            for l in self.layers]}
 
     @classmethod
@@ -127,7 +178,8 @@ class ConceptSpec:
                                        tuple(l.get("names") or [None] * k), tuple(l.get("name_bits") or [None] * k),
                                        None if l.get("baseline") is None else np.asarray(l["baseline"], dtype=np.float64),
                                        l.get("intervention_file"),
-                                       None if l.get("screen") is None else np.asarray(l["screen"], dtype=np.float64)))
+                                       None if l.get("screen") is None else np.asarray(l["screen"], dtype=np.float64),
+                                       None if l.get("probes") is None else int(l["probes"])))
         return cls(int(d["states"]), tuple(layers), d["network_file"], d.get("outcome", "Y"),
                    dict(d.get("report", {})))
 

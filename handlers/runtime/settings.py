@@ -61,6 +61,13 @@ def _parse_int(name: str, value: Any) -> int:
     raise SettingsError(f"handler setting {name} must be an integer, got {_show(value)}")
 
 
+def _parse_count_or_all(name: str, value: Any) -> int | None:
+    """``"all"`` (None) or an integer as :func:`_parse_int` reads it."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    return _parse_int(name, value)
+
+
 def _parse_float(name: str, value: Any) -> float:
     """Finite numbers or strings holding one; never bools."""
     out: float | None = None
@@ -148,7 +155,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "cladec_alphas": _parse_alpha_choice,
     "cladec_image_format": _parse_image_format,
     "cladec_chunk_rows": _parse_int,
-    "network_concepts": _parse_int,
+    "network_concepts": _parse_count_or_all,
     "verify_fraction": _parse_float,
     "verify_fraction_predictions": _parse_float,
     "verify_queue": _parse_int,
@@ -198,7 +205,8 @@ class HandlerSettings:
             ``batchSize`` (``make bench`` measures the effect on peak memory and latency).
         network_concepts: how many concepts per explanation the network itself answers (their
             ``P(target | do(state))`` comes from the archive's intervention graphs: code set,
-            decoded, rest of the classifier run); the others are answered by the Bayesian
+            decoded, rest of the classifier run, at the states the archive's ``probes`` name);
+            None ("all", the default): every concept. The others are answered by the Bayesian
             network, anchored at the network's level (one unchanged row per layer in the same
             run). Concepts are asked in the archive's screening order; 0: the Bayesian
             network answers every concept; capped at the number of concepts.
@@ -231,15 +239,15 @@ class HandlerSettings:
     cladec_alphas: str = "lowest"
     cladec_image_format: str = "png"
     cladec_chunk_rows: int = 2
-    network_concepts: int = 8
+    network_concepts: int | None = None
     verify_fraction: float = 0.01
     verify_fraction_predictions: float = 0.0
     verify_queue: int = 64
 
     def __post_init__(self) -> None:
-        if self.network_concepts < 0:
+        if self.network_concepts is not None and self.network_concepts < 0:
             raise SettingsError(f"handler setting network_concepts must be >= 0 (0 = the Bayesian network answers "
-                                f"every concept), got {self.network_concepts}")
+                                f"every concept) or all, got {self.network_concepts}")
         if self.cladec_chunk_rows < 0:
             raise SettingsError(f"handler setting cladec_chunk_rows must be >= 0 (0 = the whole batch), "
                                 f"got {self.cladec_chunk_rows}")

@@ -158,7 +158,7 @@ class VerifyJob:
 
     activations: dict[str, np.ndarray]
     target: int
-    network_concepts: int
+    network_concepts: int | None
 
 
 class BackgroundVerifier:

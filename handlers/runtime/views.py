@@ -117,7 +117,7 @@ def _ms(t0: float) -> float:
 class ConceptsStep(View):
     """Method 1: concept states, causal answers and heatmaps of the listed concepts."""
 
-    def __init__(self, explainer: ConceptExplainer, network_concepts: int) -> None:
+    def __init__(self, explainer: ConceptExplainer, network_concepts: int | None) -> None:
         self.explainer, self.network_concepts = explainer, network_concepts
 
     def wants(self, req: ResolvedExplain) -> bool:

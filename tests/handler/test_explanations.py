@@ -93,32 +93,51 @@ def test_bad_heatmap_style_is_a_400(handler, model_dir, sample_pngs):
     assert status == 400 and body["error"]["type"] == "InvalidOption" and "heatmap" in body["error"]["message"]
 
 
-def test_effects_equal_offline_pgmpy_and_torch_computations(handler, model_dir, tiny_concept_bundle, tiny_full_bundle,
-                                                            tiny_classifier, sample_pngs):
-    """Concepts the network answers equal torch's interventions in the classifier; the others
-    equal pgmpy's answer on the Bayesian network moved to the level of torch's spliced
-    classifier; both use the network's weights pi."""
+@pytest.mark.parametrize("network_concepts", ["all", 8])
+def test_effects_equal_offline_pgmpy_and_torch_computations(network_concepts, model_dir, tiny_concept_bundle,
+                                                            tiny_full_bundle, tiny_classifier, sample_pngs):
+    """Concepts the network answers at every state equal torch's interventions in the
+    classifier; those it answers at the bundle's probes equal torch's at the probed states and
+    the interpolation of torch's numbers elsewhere; the others equal pgmpy's answer on the
+    Bayesian network moved to the level of torch's spliced classifier; all use the network's
+    weights pi."""
+    from handlers.runtime.concepts import interpolate_states, probe_states
+    handler = ConceptExplainerHandler()
+    handler.initialize(make_context(model_dir, {"network_concepts": network_concepts}))
     model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
+    spec = json.loads((tiny_full_bundle / "concepts.json").read_text())
+    layers = {l["layer"]: l for l in spec["layers"]}
     for png in sample_pngs[:3]:
         status, body = explain(handler, model_dir, png, images=False, top_concepts=12)
         assert status == 200 and len(body["concepts"]) == 12
         sources = [c["source"] for c in body["concepts"]]
-        assert sources == ["network"] * 8 + ["bayesian_network"] * 4  # model-config network_concepts: 8
-        for part in (body["concepts"][:8], body["concepts"][8:]):
+        asked = 12 if network_concepts == "all" else 8
+        assert all(s in ("network", "network_interpolated") for s in sources[:asked])
+        assert sources[asked:] == ["bayesian_network"] * (12 - asked)
+        for part in (body["concepts"][:asked], body["concepts"][asked:]):
             effects = [abs(c["effect"]) for c in part]
             assert effects == sorted(effects, reverse=True)
         evidence, predicted = offline_evidence(tiny_full_bundle, png, int8=True)
         assert body["target"]["index"] == predicted
         for c in body["concepts"]:
             assert c["state"] == evidence[c["id"]]
+            probes = layers[c["layer"]].get("probes") or 3
+            assert c["source"] == {3: "network"}.get(probes, c["source"])
             if c["source"] == "network":
                 p = offline_network_interventions(tiny_full_bundle, tiny_classifier, png, c["id"], predicted)
-                atol = 1e-5
+            elif c["source"] == "network_interpolated":
+                exact = offline_network_interventions(tiny_full_bundle, tiny_classifier, png, c["id"], predicted)
+                typical = np.array(layers[c["layer"]]["typical"])[c["channel"]][None]
+                peak = np.array([c["activation"]])
+                probed = probe_states(typical, peak, probes)
+                level = offline_anchor(tiny_full_bundle, tiny_classifier, png, c["layer"], predicted)
+                p = interpolate_states(typical, peak, level, probed, exact[None, probed[0]])[0]
+                np.testing.assert_allclose(p[probed[0]], exact[probed[0]])
             else:  # the tables' differences, anchored at the spliced network's P(target)
                 p = np.array([do_query(model, c["id"], s, evidence)[predicted] for s in range(3)])
                 level = offline_anchor(tiny_full_bundle, tiny_classifier, png, c["layer"], predicted)
                 p = np.clip(level + p - p[c["state"]], 0, 1)
-                atol = 1e-5
+            atol = 1e-5 if c["source"] != "network_interpolated" else 1e-4  # the peak is rounded to 5 decimals
             np.testing.assert_allclose([i["probability"] for i in c["interventions"]], p, atol=atol)
             parents = model.get_parents(c["id"])
             cpd = model.get_cpds(c["id"])

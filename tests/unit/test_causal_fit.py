@@ -105,7 +105,9 @@ def test_concept_report_has_checks_and_interventional_rows(tiny_concept_bundle: 
             "effect truth recall@3 mean", "effect truth beats baseline mean_effect",
             "effect truth beats baseline shuffled_concepts"} <= names
     truth = report["effect_truth"]
-    assert set(truth["per_layer"]) == {"layer1", "layer2", "layer3"} and truth["network_concepts"] == 8
+    assert set(truth["per_layer"]) == {"layer1", "layer2", "layer3"} and truth["network_concepts"] == 12
+    probes = report["network_probes"]["layers"]
+    assert set(probes) == {"layer1", "layer2", "layer3"} and all(1 <= l["probes"] <= 3 for l in probes.values())
     assert 0.0 <= truth["answer"]["mae_p"] <= 1.0
     cv = report["causal_validity"]
     assert 0.0 <= cv["interventions_on_unseen_configurations"] <= 1.0

@@ -150,14 +150,120 @@ def test_every_concept_asked_when_network_concepts_exceeds_them():
 
 
 def test_the_bench_reports_what_each_count_buys(tiny_full_bundle, tiny_data, capsys):
-    """bench.network_answers: with every concept answered by the network the ranking is the
-    network's own (recall@3 = nDCG@5 = 1); fewer network answers cannot rank better."""
+    """bench.network_answers: with every concept answered by the network at every state the
+    ranking is the network's own (recall@3 = nDCG@5 = 1); the others are measured against it."""
     import re
 
     from bench.network_answers import main
     assert main(["--bundle", str(tiny_full_bundle), "--data", str(tiny_data), "--images", "4", "--repeats", "1",
                  "--counts", "0", "1000"]) == 0
     out = capsys.readouterr().out
-    rows = dict(re.findall(r"network_concepts=(\d+)\s+recall@3 mean ([0-9.]+)", out))
-    assert float(rows["12"]) == 1.0 and float(rows["0"]) <= 1.0
-    assert "nDCG@5 median 1.000" in out.splitlines()[-1]
+    rows = dict(re.findall(r"(network_concepts=\d+|exact)\s+recall@3 mean ([0-9.]+)", out))
+    assert set(rows) == {"network_concepts=0", "network_concepts=12", "exact"}
+    assert float(rows["exact"]) == 1.0 and all(0.0 <= float(v) <= 1.0 for v in rows.values())
+    assert out.splitlines()[-1].startswith("exact") and "nDCG@5 median 1.000" in out.splitlines()[-1]
+
+
+# --- answers from fewer network runs: probes and interpolation -----------------------------
+
+def test_probe_states_are_the_farthest_from_the_peak_lower_state_first_on_ties():
+    from handlers.runtime.concepts import probe_states
+    typical = np.array([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.5, 1.0, 3.0]])
+    peaks = np.array([1.0, 1.9, 0.0])
+    assert probe_states(typical, peaks, 1).tolist() == [[0], [0], [2]]
+    assert probe_states(typical, peaks, 2).tolist() == [[0, 2], [0, 1], [1, 2]]
+    assert probe_states(typical, peaks, 3).tolist() == [[0, 1, 2]] * 3
+    assert probe_states(typical, peaks, 7).shape == (3, 3)  # capped at S
+
+
+@pytest.mark.parametrize("peak, probed, probed_p, expected", [
+    # one probe: the line through (peak, anchor) and the probe, both ways beyond
+    (1.0, [[0]], [[0.2]], [0.2, 0.5, 0.8]),
+    # two probes around the peak: the middle state is read off the two segments
+    (1.5, [[0, 2]], [[0.2, 0.9]], [0.2, 0.2 + 1.0 * 0.3 / 1.5, 0.9]),
+    # a peak below every typical value (silent channel, peak 0): extrapolation above
+    (0.0, [[2]], [[0.8]], [0.5 + 1.0 / 3.0 * 0.3, 0.5 + 2.0 / 3.0 * 0.3, 0.8]),
+])
+def test_interpolated_states_by_hand(peak, probed, probed_p, expected):
+    from handlers.runtime.concepts import interpolate_states
+    typical = np.array([[0.0, 1.0, 2.0]]) if peak != 0.0 else np.array([[1.0, 2.0, 3.0]])
+    out = interpolate_states(typical, np.array([peak]), 0.5, np.array(probed), np.array(probed_p))
+    np.testing.assert_allclose(out[0], expected, rtol=0, atol=1e-12)
+
+
+def test_interpolation_extends_the_outer_segment_below_the_points():
+    from handlers.runtime.concepts import interpolate_states
+    # points (0.5, 0.4) [anchor] and (3, 0.9) [probe of state 2]; state 0 at x = 0 lies below both
+    out = interpolate_states(np.array([[0.0, 1.0, 3.0]]), np.array([0.5]), 0.4, np.array([[2]]), np.array([[0.9]]))
+    slope = 0.5 / 2.5
+    np.testing.assert_allclose(out[0], [0.4 - 0.5 * slope, 0.4 + 0.5 * slope, 0.9], atol=1e-12)
+
+
+def test_the_rows_sent_equal_one_set_code_peak_per_probe():
+    from handlers.runtime.concept_view import intervened_codes
+    from handlers.runtime.concepts import set_code_peak
+    explainer, batch, _ = _explainer()
+    for layer, row in (("a", 0), ("b", 1)):  # b row 1 has a silent channel
+        code = batch.codes[layer][row:row + 1]
+        typical = explainer.layers[layer].typical
+        probed = np.array([[0, 2], [1, 2]])
+        expected = np.concatenate([code] + [set_code_peak(code, c, float(typical[c, x])) for c in range(2) for x in probed[c]])
+        np.testing.assert_array_equal(intervened_codes(code, [0, 1], typical, probed), expected)
+
+
+def _with_probes(explainer: ConceptExplainer, probes: int) -> ConceptExplainer:
+    import dataclasses
+    spec = dataclasses.replace(explainer.spec, layers=tuple(dataclasses.replace(l, probes=probes)
+                                                            for l in explainer.spec.layers))
+    return ConceptExplainer(spec, explainer.network, explainer.sessions, explainer.interventions)
+
+
+@pytest.mark.parametrize("row", [0, 1])
+def test_one_probe_per_concept_answers_every_concept_from_fewer_rows(row):
+    """probes 1: the network runs 1 + K rows per layer (not 1 + K S); the probed state's
+    probability is the network's, the others lie on the line through it and the anchor."""
+    explainer, batch, graphs = _explainer()
+    answer = _with_probes(explainer, 1).answer(batch, row, 1, network_concepts=None)
+    assert [s.source for s in answer] == ["network_interpolated"] * 4
+    assert [g.calls for g in graphs.values()] == [[(3, 2, 4, 4)], [(3, 2, 2, 2)]]
+    priors = {r.concept: r.prior for r in explainer.network.explain(batch.evidence(row), 1)}
+    for s in answer:
+        layer, c = s.record.concept.split("/c")
+        c = int(c)
+        exact = _by_hand(batch, explainer, row, layer, c, 1)
+        typical = explainer.layers[layer].typical[c]
+        peak = float(batch.codes[layer][row, c].max())
+        far = int(np.argmax(np.abs(typical - peak)))
+        anchor = _spliced_by_hand(batch, row, layer, 1)
+        line = anchor + (exact[far] - anchor) * (typical - peak) / (typical[far] - peak)
+        line[far] = exact[far]
+        np.testing.assert_allclose(s.record.probabilities, line, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(s.record.prior, priors[s.record.concept])
+        assert s.record.effect == pytest.approx(line[s.record.state] - priors[s.record.concept] @ line, abs=1e-6)
+
+
+def test_probes_at_every_state_are_the_exact_network_answer():
+    explainer, batch, _ = _explainer()
+    exact = explainer.answer(batch, 0, 1, network_concepts=None)
+    probed = _with_probes(explainer, S).answer(batch, 0, 1, network_concepts=None)
+    assert [s.source for s in probed] == ["network"] * 4
+    for a, b in zip(exact, probed):
+        np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
+
+
+def test_probes_round_trip_and_out_of_range_probes_are_refused(tmp_path):
+    import dataclasses
+
+    from handlers.runtime.errors import ArtifactError
+    explainer, _, graphs = _explainer()
+    spec = _with_probes(explainer, 2).spec
+    spec.save(tmp_path / "concepts.json")
+    assert [l.probes for l in ConceptSpec.from_file(tmp_path / "concepts.json").layers] == [2, 2]
+    legacy = dataclasses.replace(spec, layers=tuple(dataclasses.replace(l, probes=None) for l in spec.layers))
+    legacy.save(tmp_path / "legacy.json")
+    assert "probes" not in (tmp_path / "legacy.json").read_text()
+    with pytest.raises(ArtifactError, match="probes 4"):
+        _with_probes(explainer, S + 1)
+    with pytest.raises(ArtifactError, match="probes 0"):
+        ConceptExplainer(dataclasses.replace(spec, layers=(dataclasses.replace(spec.layers[0], probes=0), spec.layers[1])),
+                         explainer.network, {}, graphs)

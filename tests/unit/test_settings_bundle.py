@@ -80,7 +80,7 @@ def test_counts_below_one_are_rejected_naming_the_setting(name, value):
     ("allowed_formats", 5), ("providers", "CUDAExecutionprovider"), ("providers", [None]), ("providers", 3),
     ("cladec_alphas", "highest"), ("cladec_alphas", 0.0), ("cladec_alphas", None), ("cladec_image_format", "webp"),
     ("cladec_image_format", ""), ("cladec_image_format", 3), ("cladec_chunk_rows", -1), ("cladec_chunk_rows", 1.5),
-    ("network_concepts", -1), ("network_concepts", "all"), ("network_concepts", True),
+    ("network_concepts", -1), ("network_concepts", "every"), ("network_concepts", True),
     ("max_inflight", 0), ("max_inflight", "many"),
     ("verify_fraction", 1.5), ("verify_fraction", -0.01), ("verify_fraction", "often"), ("verify_fraction", True),
     ("verify_fraction_predictions", 2), ("verify_fraction_predictions", None), ("verify_queue", 0),
@@ -98,6 +98,8 @@ def test_lenient_but_exact_conversions():
                                       "cladec_alphas": "all", "cladec_chunk_rows": "0", "network_concepts": "0"})
     assert (s.cladec_image_format, s.cladec_alphas, s.cladec_chunk_rows) == ("jpeg", "all", 0)
     assert s.network_concepts == 0
+    assert HandlerSettings.from_mapping({"network_concepts": " All "}).network_concepts is None  # every concept
+    assert HandlerSettings().network_concepts is None
     assert s.max_request_bytes == 10_000_000 and s.top_concepts == 4 and s.intra_op_threads == 0
     assert s.allowed_formats == ("PNG", "JPEG") and s.providers == ("CPUExecutionProvider",)
     assert s.monitor_fraction == 0.5 and HandlerSettings.from_mapping({"monitor_fraction": 0}).monitor_fraction == 0.0
