@@ -30,8 +30,8 @@ demo: build serve query
 	@echo "The inference key is in key_file.json. Stop the server with: make stop"
 
 build: venv
-	# The demo still misses one validity target, the effect CCC within layer1 (README, Method 1):
-	# archive it anyway; its answers list the failed checks in validity.failed_checks.
+	# The demo's Bayesian network still misses the fidelity target on some builds (README,
+	# Method 1): archive it anyway; its answers list the failed checks in validity.failed_checks.
 	$(BIN)/concept-explainer build-demo --model-store model_store --name $(MODEL) --accept-failed-checks
 
 serve: venv
