@@ -755,9 +755,24 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{cv['interventions_on_unseen_configurations']:>9.4f}   (answered by the logistic table)")
     lines.append(f"{'spearman over per-concept mean effects':<44} "
                  f"{'n/a' if cv['spearman_per_concept'] is None else round(cv['spearman_per_concept'], 4)!s:>9}")
+    if "network_probes" in report:
+        lines += ["", format_probes(report["network_probes"])]
     if "effect_truth" in report:
         from export.causal_truth import format_truth
         lines += ["", format_truth(report["effect_truth"])]
+    return "\n".join(lines)
+
+
+def format_probes(report: dict[str, Any]) -> str:
+    """:func:`choose_probes`' report as lines: per layer the states the network is run at, and
+    each smaller count's interpolation error against the bound."""
+    share = report["error_share_of_noise_floor"]
+    lines = [f"network runs per concept (probes), training interventions; bound: interpolated effect error "
+             f"<= {share} x the layer's noise floor"]
+    for layer, r in report["layers"].items():
+        tried = ", ".join(f"{p} probe(s) {t['effect_mae']:.5f}" for p, t in r["tried"].items())
+        lines.append(f"  {layer:<10} probes {r['probes']}  noise floor {r['noise_floor']:.5f}  "
+                     f"bound {share * r['noise_floor']:.5f}  tried: {tried or 'none'}")
     return "\n".join(lines)
 
 

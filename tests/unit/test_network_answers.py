@@ -267,3 +267,47 @@ def test_probes_round_trip_and_out_of_range_probes_are_refused(tmp_path):
     with pytest.raises(ArtifactError, match="probes 0"):
         ConceptExplainer(dataclasses.replace(spec, layers=(dataclasses.replace(spec.layers[0], probes=0), spec.layers[1])),
                          explainer.network, {}, graphs)
+
+
+def _interventions(p: np.ndarray, anchor: np.ndarray, peaks: np.ndarray, observed: np.ndarray):
+    """A one-layer :class:`export.concepts.Interventions` holding what choose_probes reads:
+    p (N, K, S), anchor (N,), peaks and observed states (N, K)."""
+    from export.concepts import Interventions
+    n = p.shape[0]
+    return Interventions(("a",), [{}], [{}], [np.zeros(p.shape[1:][::-1] + (n,), np.int64)], [p.transpose(1, 2, 0)],
+                         {"a": observed}, np.zeros(n, np.int64), anchor[None], {"a": peaks})
+
+
+def test_choose_probes_takes_one_probe_where_the_network_is_linear_along_the_peak():
+    from export.concepts import choose_probes
+    rng = np.random.default_rng(1)
+    n, typical = 40, np.array([[0.0, 1.0, 2.0], [0.0, 0.5, 3.0]])
+    peaks = rng.uniform(0, 3, (n, 2))
+    observed = (peaks[:, :, None] > np.array([[0.5, 1.5], [0.25, 1.0]])[None]).sum(2)
+    anchor = rng.uniform(0.2, 0.8, n)
+    slope = np.array([0.1, -0.05])
+    p = anchor[:, None, None] + slope[None, :, None] * (typical[None] - peaks[:, :, None])
+    pi = rng.dirichlet(np.ones(3), (n, 2))
+    chosen, report = choose_probes(_interventions(p, anchor, peaks, observed), pi, observed, {"a": typical})
+    assert chosen == {"a": 1}
+    assert report["layers"]["a"]["tried"]["1"]["effect_mae"] == pytest.approx(0.0, abs=1e-12)
+    floor = np.abs(anchor[:, None] - np.take_along_axis(p, observed[..., None], -1)[..., 0]).mean()
+    assert report["layers"]["a"]["noise_floor"] == pytest.approx(floor, abs=1e-6)
+
+
+def test_choose_probes_needs_more_where_the_network_bends():
+    """Peaks sit exactly at their state's typical value (noise floor 0) and P is quadratic in
+    the peak: one probe leaves an error, two probes and the anchor pin all three states."""
+    from export.concepts import choose_probes
+    rng = np.random.default_rng(2)
+    n, typical = 30, np.array([[0.0, 1.0, 2.0]])
+    observed = rng.integers(0, 3, (n, 1))
+    peaks = typical[0, observed]
+    anchor = rng.uniform(0.3, 0.6, n)
+    p = anchor[:, None, None] + 0.2 * (typical[None] - peaks[:, :, None]) ** 2
+    pi = rng.dirichlet(np.ones(3), (n, 1))
+    chosen, report = choose_probes(_interventions(p, anchor, peaks, observed), pi, observed, {"a": typical})
+    assert chosen == {"a": 2}
+    tried = report["layers"]["a"]["tried"]
+    assert tried["1"]["effect_mae"] > 0.01 and tried["2"]["effect_mae"] == pytest.approx(0.0, abs=1e-12)
+    assert report["layers"]["a"]["noise_floor"] == 0.0
