@@ -67,7 +67,7 @@ def summary_lines(body: dict[str, Any], concepts: int = 5) -> list[str]:
     lines.append(f"  predictions: {preds}; target: {body['target']['label']}")
     for c in body.get("concepts", [])[:concepts]:
         lines.append(f"  concept {c['id']:<10} name={c['name']:<10} state={c['state']} effect={c['effect']:+.4f} "
-                     f"sensitivity={c['sensitivity']:.4f} answered by the {c['source'].replace('_', ' ')}")
+                     f"sensitivity={c['sensitivity']:.4f} answered by {SOURCE_WORDS.get(c['source'], c['source'])}")
         if "verified" in c:
             net = ", ".join(f"{i['probability']:.3f}" for i in c["verified"]["interventions"])
             served = ", ".join(f"{i['probability']:.3f}" for i in c["interventions"])

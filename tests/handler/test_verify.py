@@ -76,8 +76,10 @@ def test_verify_equals_torch_interventions(handler, model_dir, tiny_full_bundle,
         assert v["concepts"] == 12
         assert v["mae_p"] == pytest.approx(np.mean(errors), abs=2e-6)
         assert v["effect_mae"] == pytest.approx(np.abs(s - m).mean(), abs=2e-6)
-        # recomputed from effects rounded to 6 decimals; the tiny model's effects are ~1e-3
-        assert v["ccc"] == pytest.approx(lin, abs=1e-3)
+        # recomputed from effects rounded to 6 decimals (error <= 5e-7 each): CCC moves by about
+        # that error over the effects' spread, which is small for the tiny model's effects
+        rounding = 1e-4 + 10 * 5e-7 / max(min(s.std(), m.std()), 1e-9)
+        assert v["ccc"] == pytest.approx(lin, abs=rounding)
         assert v["recall3"] == pytest.approx(len(top3_network & {0, 1, 2}) / 3)
         assert body["timings_ms"]["verify"] >= 0
 
