@@ -14,7 +14,6 @@ of them at every state (recall@3 mean, nDCG@5 median).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = files[:: max(1, len(files) // args.images)][: args.images]
     counts = tuple(dict.fromkeys(min(n, explainer.num_concepts) for n in args.counts))
     tables = ConceptExplainer(explainer.spec, explainer.network, explainer.sessions, None)
-    exact = every_state(explainer)
+    exact = explainer.every_state()
     probes = {l.layer: l.probes or explainer.spec.states for l in explainer.spec.layers}
     print("network runs per concept (probes) by layer:", probes)
     variants: dict[str, tuple[ConceptExplainer, int]] = {
@@ -88,13 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name:<22} recall@3 mean {np.mean(recall[name]):.3f}, nDCG@5 median "
               f"{np.median(ndcg[name]) if ndcg[name] else float('nan'):.3f} over {len(recall[name])} images")
     return 0
-
-
-def every_state(explainer: ConceptExplainer) -> ConceptExplainer:
-    """The same concepts view with the network run at every state of every concept."""
-    spec = dataclasses.replace(explainer.spec, layers=tuple(dataclasses.replace(l, probes=None)
-                                                            for l in explainer.spec.layers))
-    return ConceptExplainer(spec, explainer.network, explainer.sessions, explainer.interventions)
 
 
 if __name__ == "__main__":

@@ -594,7 +594,7 @@ def served_truth(model: nn.Module, explainer: Any, held_out: ImageDataset, spec:
     served = served_table(explainer, batch, targets, network_concepts)
     bayesian = served_table(explainer, batch, targets, 0)
     report = effect_truth(served, measured_p, null_p, bayesian)
-    everything = served_table(explainer, batch, targets, explainer.num_concepts)
+    everything = served_table(explainer.every_state(), batch, targets, None)
     # only the answer's own metrics are kept, so one shuffled baseline run is enough here
     report["network_answers_every_concept"] = effect_truth(everything, measured_p, null_p, shuffles=1)["answer"]
     report["network_concepts"] = explainer.num_concepts if network_concepts is None else network_concepts

@@ -2,6 +2,7 @@
 discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +102,13 @@ class ConceptExplainer:
             values[layer.layer] = pooled_values(z)
             states[layer.layer] = discretise(values[layer.layer], layer.edges)
         return ConceptBatch(codes, values, states)
+
+    def every_state(self) -> ConceptExplainer:
+        """The same concepts view with the network run at every state of every concept (the
+        bundle's probes ignored): the reference the interpolated answers are measured against."""
+        layers = tuple(dataclasses.replace(l, probes=None) for l in self.spec.layers)
+        return ConceptExplainer(dataclasses.replace(self.spec, layers=layers), self.network, self.sessions,
+                                self.interventions)
 
     def where(self, concept: str) -> tuple[str, int]:
         """(layer, channel) of a concept id.
