@@ -515,10 +515,13 @@ def choose_probes(iv: Interventions, pi: np.ndarray, observed: np.ndarray, typic
     The noise floor is that of the held-out report: mean |P(target) with the layer's
     autoencoder spliced in unchanged - P(target | do(c = its observed state's typical value))|.
     Returns ({layer: P}, a report per layer: the floor and each P's errors)."""
+    from export.causal_truth import noise_floor
     from handlers.runtime.concepts import interpolate_states, probe_states
     from handlers.runtime.faithfulness import effects
     chosen: dict[str, int] = {}
     report: dict[str, Any] = {"error_share_of_noise_floor": share, "layers": {}}
+    layer_of = [l for l in iv.layers for _ in range(iv.observed[l].shape[1])]
+    floors = noise_floor(iv.p_null.T, iv.measured_p(), observed, layer_of)
     start = 0
     for i, layer in enumerate(iv.layers):
         p = iv.p_pred[i].transpose(2, 0, 1)  # (N, K, S)
@@ -527,7 +530,7 @@ def choose_probes(iv: Interventions, pi: np.ndarray, observed: np.ndarray, typic
         start += k
         anchor, peaks, obs = iv.p_null[i], iv.observed_values[layer].astype(np.float64), observed[:, cols]
         exact = effects(p, pi[:, cols], obs)
-        floor = float(np.abs(anchor[:, None] - np.take_along_axis(p, obs[..., None], axis=-1)[..., 0]).mean())
+        floor = floors[layer]
         rows: dict[str, Any] = {}
         chosen[layer] = s
         for probes in range(1, s):

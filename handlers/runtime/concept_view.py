@@ -21,6 +21,7 @@ from handlers.runtime.concepts import (
     interpolate_states,
     pooled_values,
     probe_states,
+    set_peaks_in_place,
 )
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.heatmaps import heatmap_levels, heatmap_overlay, heatmap_palette
@@ -134,17 +135,17 @@ class ConceptExplainer:
         s = spec.typical.shape[1]
         code = batch.codes[layer][row:row + 1]
         chans = list(channels)
-        typical = spec.typical[chans]
+        typical, peaks = spec.typical[chans], batch.values[layer][row, chans]
         if probes is None or probes >= s:
             probed = np.tile(np.arange(s), (len(chans), 1))
         else:
-            probed = probe_states(typical, batch.values[layer][row, chans], probes)
+            probed = probe_states(typical, peaks, probes)
         probs = session.run(None, {session.get_inputs()[0].name: intervened_codes(code, chans, typical, probed)})[0][:, target]
         probs = probs.astype(np.float64)
         anchor, at_probes = float(probs[0]), probs[1:].reshape(len(chans), probed.shape[1])
         if probed.shape[1] == s:
             return anchor, at_probes
-        return anchor, interpolate_states(typical, batch.values[layer][row, chans], anchor, probed, at_probes)
+        return anchor, interpolate_states(typical, peaks, anchor, probed, at_probes)
 
     def screening_order(self, records: Sequence[CausalRecord]) -> list[int]:
         """Indices of ``records`` in the order the network is asked about them: largest
@@ -258,14 +259,8 @@ def intervened_codes(code: np.ndarray, channels: Sequence[int], typical: np.ndar
     base = np.asarray(code, dtype=np.float32)
     p = probed.shape[1] if len(channels) else 0
     rows = np.repeat(base, 1 + len(channels) * p, axis=0)
-    peaks = base[0].max(axis=(1, 2))
     for i, c in enumerate(channels):
-        values = typical[i, probed[i]].astype(np.float32)
-        block = rows[1 + i * p: 1 + (i + 1) * p, c]
-        if peaks[c] > 1e-6:
-            block *= (values / peaks[c])[:, None, None]
-        else:
-            block[...] = values[:, None, None]
+        set_peaks_in_place(rows[1 + i * p: 1 + (i + 1) * p], c, typical[i, probed[i]])
     return rows
 
 

@@ -40,11 +40,18 @@ def set_code_peak(codes: np.ndarray, channel: int, value: float) -> np.ndarray:
     is rescaled so its spatial max is ``value``, or is a flat map of ``value`` where the
     channel is silent (max <= 1e-6)."""
     out = np.array(codes, dtype=np.float32, copy=True)
-    peak = out[:, channel].max(axis=(1, 2))
-    live = peak > 1e-6
-    out[live, channel] *= (np.float32(value) / peak[live])[:, None, None]
-    out[~live, channel] = np.float32(value)
+    set_peaks_in_place(out, channel, value)
     return out
+
+
+def set_peaks_in_place(codes: np.ndarray, channel: int, values: float | np.ndarray) -> None:
+    """The rule of :func:`set_code_peak`, in place on float32 codes (N, K, H, W), with one
+    value for every row or one per row (N,)."""
+    values = np.broadcast_to(np.asarray(values, dtype=np.float32), (codes.shape[0],))
+    peak = codes[:, channel].max(axis=(1, 2))
+    live = peak > 1e-6
+    codes[live, channel] *= (values[live] / peak[live])[:, None, None]
+    codes[~live, channel] = values[~live][:, None, None]
 
 
 def probe_states(typical: np.ndarray, peaks: np.ndarray, probes: int) -> np.ndarray:
