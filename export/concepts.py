@@ -37,7 +37,7 @@ class ConceptConfig:
 
     layers: tuple[str, ...] = ("layer1", "layer2", "layer3")
     k: int = 8
-    states: int = 3
+    states: int = 4
     epochs: int = 4
     min_steps: int = 180  # small data sets train more epochs, so every autoencoder gets this many steps
     batch_size: int = 128
