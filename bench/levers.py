@@ -10,10 +10,9 @@ beside the server figures; each lever kept or dropped in the README cites these 
 3. Graph optimisation saved at export (onnxruntime's optimised model file, basic and
    extended levels) vs optimising at load: session creation and batch-1 latency.
 4. Image encodings of the ClaDec images of one answer: PNG (ours), lossless WebP, JPEG q90.
-5. Views side by side (``overlap_views``): in line, ClaDec's references only beside the
-   classifier, references and then decoders on ClaDec's thread, and that with the concept
-   layers' intervention graphs side by side too (the shipped mode); one explanation at a
-   time through the in-process service.
+5. ClaDec on a second thread (``overlap_views``): in line, references only beside the
+   classifier, references and then decoders on that thread (the shipped mode); one
+   explanation at a time through the in-process service.
 6. ClaDec decoders and reference autoencoders a few rows at a time (``cladec_chunk_rows``):
    peak resident memory of fresh processes explaining batches of 8, whole batch vs 2 rows
    (the default).
@@ -225,11 +224,9 @@ def _test_png(data: Path) -> bytes:
 
 def overlap_modes(bundle_dir: Path, data: Path, n: int, tmp: Path) -> dict[str, float] | None:
     """Median ms of one explanation (every view, images on) through the in-process service:
-    ClaDec in line, only the references on the ClaDec thread, references then decoders there,
-    and that with the concept layers' intervention graphs side by side (shipped)."""
+    ClaDec in line, only the references on the ClaDec thread, references then decoders there."""
     from handlers.runtime import cladec
     from handlers.runtime.service import RawRequest
-    from handlers.runtime.views import ConceptsStep
     if "cladec" not in load_bundle(bundle_dir).metadata.extra:
         return None
     model_dir = tmp / "model"
@@ -238,26 +235,19 @@ def overlap_modes(bundle_dir: Path, data: Path, n: int, tmp: Path) -> dict[str, 
     image = _test_png(data)
     overlapped, serial = _service(model_dir), _service(model_dir, overlap_views=False)
     shipped = cladec.ClaDecJob.decode
-    concepts = next((s for s in overlapped.steps if isinstance(s, ConceptsStep)), None)
-    layer_pool = concepts.pool if concepts is not None else None
 
-    def explain(service: Any, decode: Callable[..., None], layers_side_by_side: bool = False) -> Callable[[], Any]:
+    def explain(service: Any, decode: Callable[..., None]) -> Callable[[], Any]:
         def call() -> Any:
             cladec.ClaDecJob.decode = decode  # type: ignore[method-assign]
-            if concepts is not None:
-                concepts.pool = layer_pool if layers_side_by_side else None
             return service.handle_batch([RawRequest(image, "image/png", True)])
         return call
 
     try:
         ms = alternating_ms({"in line": explain(serial, shipped),
                              "references on the thread": explain(overlapped, lambda self, activations: None),
-                             "references, then decoders on the thread": explain(overlapped, shipped),
-                             "and the concept layers side by side": explain(overlapped, shipped, True)}, n)
+                             "references, then decoders on the thread": explain(overlapped, shipped)}, n)
     finally:
         cladec.ClaDecJob.decode = shipped  # type: ignore[method-assign]
-        if concepts is not None:
-            concepts.pool = layer_pool
         overlapped.close()
         serial.close()
     return ms

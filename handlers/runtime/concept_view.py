@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -154,8 +153,7 @@ class ConceptExplainer:
         return sorted(range(len(records)), key=lambda i: (-screening_score(records[i], self._screen[records[i].concept]),
                                                           records[i].concept))
 
-    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int | None,
-               pool: Executor | None = None) -> list[SourcedRecord]:
+    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int | None) -> list[SourcedRecord]:
         """Every concept's causal answer for image ``row``, in the order an answer lists them:
         the concepts the network answered (``network_concepts`` of them, None = all; chosen by
         screening order when fewer than all, then sorted by |effect|), followed by the ones the
@@ -168,10 +166,7 @@ class ConceptExplainer:
         states but is anchored at the network's level: its probability at the observed state
         is the network's ``P(target)`` with the concept's layer spliced in unchanged
         (:meth:`CausalRecord.anchored_at`). Effects are unchanged by the anchor unless a
-        probability had to be clipped to [0, 1]. Without the graphs the tables answer alone.
-
-        pool: where given, every layer's intervention graph but the last runs on it, beside
-        the last one on this thread (onnxruntime releases the GIL); the answer is the same."""
+        probability had to be clipped to [0, 1]. Without the graphs the tables answer alone."""
         evidence = batch.evidence(row)
         count = self.num_concepts if network_concepts is None else min(network_concepts, self.num_concepts)
         if self.interventions and count == self.num_concepts:
@@ -186,21 +181,12 @@ class ConceptExplainer:
         by_layer: dict[str, list[int]] = {l.layer: [] for l in self.spec.layers}  # every layer runs, for its anchor
         for i in sorted(asked, key=lambda i: records[i].concept):
             by_layer[self._where[records[i].concept][0]].append(i)
-
-        def ask(layer: str) -> tuple[float, np.ndarray]:
-            return self.network_probabilities(batch, row, layer, [self._where[records[i].concept][1]
-                                                                  for i in by_layer[layer]],
-                                              target, self.layers[layer].probes)
-
-        layers = list(by_layer)
-        elsewhere = {l: pool.submit(ask, l) for l in layers[:-1]} if pool is not None else {}
-        results = {l: ask(l) for l in layers if l not in elsewhere}
-        results.update({l: f.result() for l, f in elsewhere.items()})
         answered: list[SourcedRecord] = []
         anchors: dict[str, float] = {}
         for layer, idx in by_layer.items():
             probes = self.layers[layer].probes
-            anchors[layer], probs = results[layer]
+            anchors[layer], probs = self.network_probabilities(
+                batch, row, layer, [self._where[records[i].concept][1] for i in idx], target, probes)
             source: Source = "network" if probes is None or probes >= self.spec.states else "network_interpolated"
             answered += [SourcedRecord(records[i].answered_by(p), source) for i, p in zip(idx, probs)]
         rest = [SourcedRecord(r.anchored_at(anchors[self._where[r.concept][0]]), "bayesian_network")
@@ -208,8 +194,7 @@ class ConceptExplainer:
         return sorted(answered, key=_by_effect) + sorted(rest, key=_by_effect)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int | None = 0,
-                pool: Executor | None = None) -> ConceptsPart:
+                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int | None = 0) -> ConceptsPart:
         """The ``concepts`` view for one image, in the order of :meth:`answer`.
 
         row: the image's row in ``batch``; top: how many concepts (None: all).
@@ -217,11 +202,10 @@ class ConceptExplainer:
         heatmap: "overlay" = a palette PNG with transparency, to draw over the input;
         "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
         network_concepts: how many concepts the network answers (None: all; 0: the Bayesian
-        network answers all, anchored where the bundle has intervention graphs); pool: see
-        :meth:`answer`.
+        network answers all, anchored where the bundle has intervention graphs).
         """
         t0 = time.perf_counter()
-        records = self.answer(batch, row, target, network_concepts, pool)
+        records = self.answer(batch, row, target, network_concepts)
         records = records[:top] if top else records
         t1 = time.perf_counter()
         concepts = []

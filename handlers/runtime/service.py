@@ -167,7 +167,7 @@ class ExplainerService:
         # The views, in the order they run on a batch (a later one reads the earlier ones' parts).
         self.steps: list[View] = []
         if concepts is not None:
-            self.steps += [ConceptsStep(concepts, settings.network_concepts, settings.overlap_views), VerifyStep(concepts, self.meta.name)]
+            self.steps += [ConceptsStep(concepts, settings.network_concepts), VerifyStep(concepts, self.meta.name)]
         if features is not None:
             self.steps.append(FeaturesStep(features))
         if cladec is not None:

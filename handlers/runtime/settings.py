@@ -188,8 +188,8 @@ class HandlerSettings:
             its layer (at 224 px the two demo layers' RefAEs cost 1.8 classifier runs).
         overlap_views: run ClaDec on a second thread: the reference autoencoders (they need
             only the input) beside the classifier, then the decoders beside the concept and
-            feature views (onnxruntime and zlib release the GIL); and the concept layers'
-            intervention graphs side by side. Lowers explanation latency when a core is free.
+            feature views (onnxruntime and zlib release the GIL); lowers explanation latency
+            when a core is free.
         providers: onnxruntime execution providers, in order of preference; providers
             not available on the machine are skipped, CPU is always the last resort.
             Names onnxruntime does not know at all (typos) are rejected.

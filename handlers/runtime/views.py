@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,17 +115,10 @@ def _ms(t0: float) -> float:
 
 
 class ConceptsStep(View):
-    """Method 1: concept states, causal answers and heatmaps of the listed concepts.
+    """Method 1: concept states, causal answers and heatmaps of the listed concepts."""
 
-    overlap: run the concept layers' intervention graphs side by side, every layer but the
-    last on threads this view holds (``pool``, :meth:`ConceptExplainer.answer`); setting
-    ``pool`` to None runs them in line."""
-
-    def __init__(self, explainer: ConceptExplainer, network_concepts: int | None, overlap: bool = False) -> None:
+    def __init__(self, explainer: ConceptExplainer, network_concepts: int | None) -> None:
         self.explainer, self.network_concepts = explainer, network_concepts
-        parallel = len(explainer.interventions) - 1
-        self.pool = (ThreadPoolExecutor(parallel, thread_name_prefix="concept-layers")
-                      if overlap and parallel > 0 else None)
 
     def wants(self, req: ResolvedExplain) -> bool:
         return req.wants("concepts")
@@ -136,14 +128,9 @@ class ConceptsStep(View):
         req = rows.requests[row]
         part = self.explainer.explain(rows.concepts, row, rows.targets[row], req.top_concepts,
                                       rows.pixels[row] if req.images else None, heatmap=req.heatmap,
-                                      network_concepts=self.network_concepts, pool=self.pool)
+                                      network_concepts=self.network_concepts)
         return Part(fields={"concepts": part.concepts}, ms={"causal": part.causal_ms, "encode": part.encode_ms},
                     carry={"records": part.records})
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True)
-            self.pool = None
 
 
 class VerifyStep(View):

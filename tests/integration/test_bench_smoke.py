@@ -53,7 +53,7 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
         assert levers["merged_concept_encoders"]["encoders"] == 3
         assert [r["file"] for r in levers["saved_optimisation"]][0] == "classifier.onnx"
         assert {"png", "webp_lossless", "jpeg_q90"} <= set(levers["image_formats"])
-        assert len(levers["overlap_modes"]) == 4 and all(v > 0 for v in levers["overlap_modes"].values())
+        assert len(levers["overlap_modes"]) == 3 and all(v > 0 for v in levers["overlap_modes"].values())
         assert all(levers["chunk_memory"][k]["peak_rss_mb"] > 0 for k in ("chunk_rows_0", "chunk_rows_2"))
     kserve = result["sizes"][0]["kserve"]  # the KServe-native server beside TorchServe, demo size only
     for c in ("concurrency_1", "concurrency_8"):

@@ -1,9 +1,6 @@
 """The concepts view asking the network itself: which concepts, what it sends, what it serves."""
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pytest
 
@@ -23,7 +20,7 @@ class FakeInterventionGraph:
     """codes (M, 2, h, w) -> softmax(peaks @ W[layer's rows]); records every batch it gets."""
 
     def __init__(self, rows: slice) -> None:
-        self.rows, self.calls, self.threads = rows, [], []
+        self.rows, self.calls = rows, []
 
     def get_inputs(self):
         return [_Input()]
@@ -31,7 +28,6 @@ class FakeInterventionGraph:
     def run(self, _outputs, feeds):
         code = feeds["code"]
         self.calls.append(code.shape)
-        self.threads.append(threading.current_thread().name)
         logits = code.max(axis=(2, 3)) @ W[self.rows]
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return [(e / e.sum(axis=1, keepdims=True)).astype(np.float32)]
@@ -253,34 +249,6 @@ def test_probes_at_every_state_are_the_exact_network_answer():
     assert [s.source for s in probed] == ["network"] * 4
     for a, b in zip(exact, probed):
         np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
-
-
-@pytest.mark.parametrize("probes", [1, S])
-def test_layers_run_side_by_side_give_the_same_answer(probes):
-    """With a pool every layer but the last runs on it; the answer is the one run in line."""
-    explainer, batch, graphs = _explainer()
-    explainer = _with_probes(explainer, probes)
-    alone = explainer.answer(batch, 1, 0, network_concepts=None)
-    with ThreadPoolExecutor(1, thread_name_prefix="layers-test") as pool:
-        side_by_side = explainer.answer(batch, 1, 0, network_concepts=None, pool=pool)
-    assert graphs["a"].threads[-1].startswith("layers-test")
-    assert graphs["b"].threads[-1] == threading.current_thread().name
-    assert [s.record.concept for s in side_by_side] == [s.record.concept for s in alone]
-    for a, b in zip(alone, side_by_side):
-        assert a.source == b.source
-        np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
-        assert a.record.effect == b.record.effect
-
-
-def test_the_concepts_step_holds_layer_threads_only_when_overlapping():
-    from handlers.runtime.views import ConceptsStep
-    explainer, _, _ = _explainer()
-    assert ConceptsStep(explainer, None).pool is None
-    step = ConceptsStep(explainer, None, overlap=True)
-    assert step.pool is not None
-    step.close()
-    step.close()  # idempotent
-    assert step.pool is None
 
 
 def test_probes_round_trip_and_out_of_range_probes_are_refused(tmp_path):
