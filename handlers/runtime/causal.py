@@ -74,7 +74,7 @@ class CompiledCausalModel:
     #: costlier tables are filled one observed combination at a time (at most
     #: ``MAX_LOOKUP_COMBINATIONS``) or not at all (the plan is contracted per request). The
     #: trade between load-time tables and per-request contraction is measured by
-    #: ``python -m bench.causal_speed``; the figures are in the README.
+    #: ``python -m bench.causal_speed``; the figures are in docs/benchmarks.md and docs/validity.md.
     MAX_TABULATION_FLOPS = 2e8
     MAX_LOOKUP_COMBINATIONS = 256
 
@@ -96,7 +96,9 @@ class CompiledCausalModel:
         self.order = self._topological_order()
         self.concepts: tuple[str, ...] = tuple(n for n in self.order if n != outcome)
         self._state_index = {n: {s: i for i, s in enumerate(c.states)} for n, c in self.cpts.items()}
-        self._plans = {x: self._with_lookup(self._compile(x)) for x in self.concepts}
+        # compiled on first use (:meth:`_plan`), or all at once by :meth:`precompile`: a worker
+        # whose interventions the network itself answers never needs them
+        self._plans: dict[str, _Plan] = {}
 
     # -- construction ----------------------------------------------------------------------
 
@@ -261,6 +263,25 @@ class CompiledCausalModel:
         return np.einsum(plan.subscripts, *[self._sliced(n, spec, index) for n, spec in plan.factors],
                          optimize=plan.path)
 
+    def _plan(self, concept: str) -> _Plan:
+        """The compiled query of ``concept`` (compiled and kept on first use).
+
+        Raises:
+            ValueError: not a concept of the network."""
+        plan = self._plans.get(concept)
+        if plan is None:
+            if concept not in self.cpts or concept == self.outcome:
+                raise ValueError(f"unknown concept {concept!r}")
+            plan = self._plans[concept] = self._with_lookup(self._compile(concept))
+        return plan
+
+    def precompile(self) -> CompiledCausalModel:
+        """Compile every concept's query now (lookup tables included) rather than on its first
+        request; for workers whose answers come from the tables. Returns self."""
+        for x in self.concepts:
+            self._plan(x)
+        return self
+
     # -- queries ---------------------------------------------------------------------------
 
     def _index(self, evidence: Mapping[str, Hashable], node: str) -> int:
@@ -282,9 +303,7 @@ class CompiledCausalModel:
 
         Returns float64 array (states of concept, states of outcome); each row sums to one.
         """
-        plan = self._plans.get(concept)
-        if plan is None:
-            raise ValueError(f"unknown concept {concept!r}")
+        plan = self._plan(concept)
         if plan.lookup is not None:
             return plan.lookup[tuple(self._index(evidence, p) for p in plan.lookup_vars)]
         needed = {p for _, spec in plan.factors for kind, p in spec if kind == "obs"}

@@ -104,6 +104,9 @@ def test_effects_equal_offline_pgmpy_and_torch_computations(network_concepts, mo
     from handlers.runtime.concepts import interpolate_states, probe_states
     handler = ConceptExplainerHandler()
     handler.initialize(make_context(model_dir, {"network_concepts": network_concepts}))
+    # the tables are compiled at load only where they answer (a count); with "all" never
+    compiled = set(handler.service.concepts.network._plans)
+    assert compiled == (set() if network_concepts == "all" else set(handler.service.concepts.network.concepts))
     model = load_pgmpy(tiny_concept_bundle / "causal_network.json")
     spec = json.loads((tiny_full_bundle / "concepts.json").read_text())
     layers = {l["layer"]: l for l in spec["layers"]}

@@ -70,7 +70,7 @@ def compile_mode(request, monkeypatch):
 def test_matches_pgmpy_graph_surgery(params, compile_mode):
     model = random_layered_network(**params)
     compiled = CompiledCausalModel.from_pgmpy(model, outcome="Y")
-    uses_lookup = all(p.lookup is not None for p in compiled._plans.values())
+    uses_lookup = all(p.lookup is not None for p in compiled.precompile()._plans.values())
     assert uses_lookup == (compile_mode == "lookup")
     rng = np.random.default_rng(100 + params["seed"])
     for _ in range(3):
@@ -186,3 +186,19 @@ def test_evidence_combinations_exhaustive_small_network(compile_mode):
         nd = {n: s for n, s in e.items() if n != x and n not in compiled.descendants(x)}
         for s in range(model.get_cardinality(x)):
             np.testing.assert_allclose(compiled.interventions(e, x)[s], pgmpy_do_surgery(model, x, s, nd), atol=1e-9)
+
+
+def test_queries_are_compiled_on_first_use_with_the_same_answers():
+    """A worker whose interventions the network answers never compiles the tables; a query
+    compiles only its own concept, and gives what the precompiled model gives."""
+    model = random_layered_network(**NETWORKS[0])
+    lazy = CompiledCausalModel.from_pgmpy(model, outcome="Y")
+    eager = CompiledCausalModel.from_pgmpy(model, outcome="Y").precompile()
+    assert lazy._plans == {} and set(eager._plans) == set(eager.concepts)
+    e = random_evidence(model, np.random.default_rng(7))
+    x = lazy.concepts[0]
+    np.testing.assert_array_equal(lazy.interventions(e, x), eager.interventions(e, x))
+    assert set(lazy._plans) == {x}
+    assert [r.probabilities.tolist() for r in lazy.explain(e, 0)] == [r.probabilities.tolist() for r in eager.explain(e, 0)]
+    with pytest.raises(ValueError, match="unknown concept"):
+        lazy.interventions(e, "Y")
