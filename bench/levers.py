@@ -1,5 +1,5 @@
 """Offline measurements of the serving levers, on one bundle (what ``make bench`` records
-beside the server figures; each lever kept or dropped in the README cites these rows).
+beside the server figures; each lever kept or dropped in docs/benchmarks.md cites these rows).
 
     python -m bench.levers --bundle build/shapes/bundle --data data/shapes
 

@@ -14,7 +14,7 @@ Per model size, on one real TorchServe on loopback (the shipped config, token au
    archive without explanation artifacts serving predictions;
 and offline: 4. the compiled causal model vs pgmpy (the full per-request table), 5. onnxruntime
 vs torch eager for the classifier and the concept encoders (batch 1, one thread each). Medians,
-p99 and ratios go to bench/results/latest.json and latest.md (the table the README embeds).
+p99 and ratios go to bench/results/latest.json and latest.md (the tables docs/benchmarks.md embeds, through bench.figures).
 """
 from __future__ import annotations
 

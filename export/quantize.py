@@ -10,7 +10,7 @@ from the float graph. What is quantized are graphs that only *describe* those ac
 
 The ClaDec decoders stay float: they are mostly ``ConvTranspose``, for which onnxruntime's
 CPU provider has no 8-bit kernel, so an 8-bit decoder is no faster and only less exact
-(``make bench`` measures it, README "Benchmark suite").
+(``make bench`` measures it, docs/benchmarks.md).
 
 Weights are quantized per channel (int8), activations per tensor (uint8) with ranges from
 calibration images of the training split, in onnxruntime's QDQ format, restricted to the

@@ -25,7 +25,7 @@ def make_session(path: str | Path, providers: Sequence[ProviderSpec], intra_op_t
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # No CPU memory arena: an explaining worker holds about ten sessions, and each arena keeps
     # its largest batch's buffers for good (ResNet-18/224, batch 8: 639 -> 446 MB peak RSS);
-    # latency was unchanged at 64 and 224 px (bench/results, README "Benchmark suite").
+    # latency was unchanged at 64 and 224 px (bench/results, docs/benchmarks.md).
     options.enable_cpu_mem_arena = False
     available = set(ort.get_available_providers())
     chosen: list[ProviderSpec] = [p for p in providers if (p if isinstance(p, str) else p[0]) in available
