@@ -81,8 +81,8 @@ def tables(results: dict[str, Any]) -> str:
 BLOCKS = {"headline": (README, headline), "tables": (BENCH_PAGE, tables)}
 
 
-def _pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- bench:{name}:start -->\n)(.*?)(\n<!-- bench:{name}:end -->)", re.S)
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -90,10 +90,11 @@ def replace_block(text: str, name: str, body: str) -> str:
 
     Raises:
         ValueError: the markers are missing."""
-    pattern = _pattern(name)
+    start, end = _markers(name)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if not pattern.search(text):
-        raise ValueError(f"no <!-- bench:{name}:start/end --> markers")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+        raise ValueError(f"no {start} ... {end} markers")
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text, count=1)
 
 
 def stale(results: dict[str, Any], files: dict[str, Path] | None = None) -> list[str]:
