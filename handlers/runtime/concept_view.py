@@ -147,6 +147,16 @@ class ConceptExplainer:
             return anchor, at_probes
         return anchor, interpolate_states(typical, peaks, anchor, probed, at_probes)
 
+    def tables_answer(self, network_concepts: int | None) -> bool:
+        """Whether :meth:`answer` with this ``network_concepts`` reads the Bayesian network's
+        intervention tables: when the bundle has no intervention graphs, or the network answers
+        fewer than every concept. Otherwise only the weights pi and the states are read."""
+        return not self.interventions or self._asked_count(network_concepts) < self.num_concepts
+
+    def _asked_count(self, network_concepts: int | None) -> int:
+        """How many concepts the network answers: ``network_concepts`` capped at all of them (None: all)."""
+        return self.num_concepts if network_concepts is None else min(network_concepts, self.num_concepts)
+
     def screening_order(self, records: Sequence[CausalRecord]) -> list[int]:
         """Indices of ``records`` in the order the network is asked about them: largest
         screening score first (ties by concept id); see :func:`screening_score`."""
@@ -168,8 +178,7 @@ class ConceptExplainer:
         (:meth:`CausalRecord.anchored_at`). Effects are unchanged by the anchor unless a
         probability had to be clipped to [0, 1]. Without the graphs the tables answer alone."""
         evidence = batch.evidence(row)
-        count = self.num_concepts if network_concepts is None else min(network_concepts, self.num_concepts)
-        if self.interventions and count == self.num_concepts:
+        if not self.tables_answer(network_concepts):
             # the tables' own answers are not needed: only the weights pi and the states
             records = [CausalRecord(c, x, pi, np.full(pi.shape, np.nan)) for c, x, pi in self.network.weights(evidence)]
             asked = set(range(len(records)))
@@ -177,7 +186,7 @@ class ConceptExplainer:
             records = self.network.explain(evidence, target)
             if not self.interventions:
                 return sorted((SourcedRecord(r, "bayesian_network") for r in records), key=_by_effect)
-            asked = set(self.screening_order(records)[:count])
+            asked = set(self.screening_order(records)[:self._asked_count(network_concepts)])
         by_layer: dict[str, list[int]] = {l.layer: [] for l in self.spec.layers}  # every layer runs, for its anchor
         for i in sorted(asked, key=lambda i: records[i].concept):
             by_layer[self._where[records[i].concept][0]].append(i)

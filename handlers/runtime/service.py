@@ -240,7 +240,7 @@ class ExplainerService:
         concepts = cladec = features = None
         if "concepts" in meta.extra:
             concepts = ConceptExplainer.load(bundle, meta.extra["concepts"], open_graph)
-            if settings.network_concepts is not None or not concepts.interventions:
+            if concepts.tables_answer(settings.network_concepts):
                 concepts.network.precompile()  # the tables answer some concepts: at load, not on a request
         if "cladec" in meta.extra:
             cladec = ClaDecView.load(bundle, meta.extra["cladec"], open_graph, settings.cladec_chunk_rows)

@@ -311,3 +311,14 @@ def test_choose_probes_needs_more_where_the_network_bends():
     tried = report["layers"]["a"]["tried"]
     assert tried["1"]["effect_mae"] > 0.01 and tried["2"]["effect_mae"] == pytest.approx(0.0, abs=1e-12)
     assert report["layers"]["a"]["noise_floor"] == 0.0
+
+
+def test_the_tables_answer_only_when_the_network_answers_fewer_than_every_concept():
+    """What the worker compiles at load follows this: a count at or above the number of
+    concepts is the same as "all"."""
+    explainer, _, _ = _explainer()
+    assert explainer.num_concepts == 4
+    assert [explainer.tables_answer(n) for n in (None, 4, 100)] == [False, False, False]
+    assert [explainer.tables_answer(n) for n in (0, 3)] == [True, True]
+    no_graphs = ConceptExplainer(explainer.spec, explainer.network, explainer.sessions, None)
+    assert no_graphs.tables_answer(None) and no_graphs.tables_answer(100)
