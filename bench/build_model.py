@@ -1,56 +1,99 @@
 """Build the benchmark's second model size: a ResNet-18-sized classifier at 224 x 224 with every
 explanation artifact (concept autoencoders and network, ClaDec decoders and RefAEs, features).
 
-    python -m bench.build_model --out build/bench/resnet18_224          # 7 to 10 minutes on 2 cores
+    python -m bench.build_model --out build/bench/resnet18_224                  # timing model, 7-10 min on 2 cores
+    python -m bench.build_model --out build/bench/resnet18_224_trained --trained --device auto
 
-For timing only: the classifier takes one training step (its weights are as good as untrained)
-and every autoencoder and decoder trains one short epoch on a few hundred rendered images, so
-the artifacts have the shapes and the cost of real ones, not their quality. It runs the same
-`concept-explainer` steps as the demo build (export.pipeline), with small counts; the layer analysis
-is left out (it adds names, not serving cost). ``--size``/``--arch`` give other sizes.
+Without ``--trained`` it is a timing model: the classifier takes one training step (its weights
+are as good as untrained) and every autoencoder and decoder trains one short epoch on a few
+hundred rendered images, so the artifacts have the shapes and the cost of real ones, not their
+quality. With ``--trained`` the classifier trains ``--epochs`` epochs on ``--n-train`` rendered
+images and the methods get the counts given (``--ae-images`` for the concept autoencoders and
+ClaDec, ``--intervention-images``, ``--validity-images``), their defaults otherwise, plus the
+layer analysis that names the concepts; the report records every step's wall time and the
+device. It runs the same `concept-explainer` steps as the demo build (export.pipeline).
+``--size``/``--arch`` give other sizes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from export import pipeline
 from export.cladec import ClaDecConfig
 from export.concepts import ConceptConfig
+from export.device import resolve_device
 from export.features import FeatureConfig
 from export.pipeline import ModelSource
 from export.train import TrainConfig
 
 
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """How much a build trains and measures (the timing model's counts by default)."""
+
+    n_train: int = 400
+    n_test: int = 100
+    ae_images: int = 300
+    epochs: int = 0  # classifier epochs; 0: one step (the timing model)
+    intervention_images: int = 40
+    validity_images: int = 20
+    cladec_eval_images: int = 20
+    ae_epochs: int | None = 1  # None: the methods' defaults (epochs with their least step counts)
+
+
+TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=6, intervention_images=200, validity_images=100,
+                 cladec_eval_images=300, ae_epochs=None)
+
+
+def _timed(report: dict[str, Any], name: str, run: Any) -> None:
+    t0 = time.perf_counter()
+    report[name] = run()
+    report.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t0, 1)
+
+
 def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int = 400, n_test: int = 100,
-          ae_images: int = 300, seed: int = 0) -> dict:
-    """Render, train one step, export, fit concepts, ClaDec and features into ``out / "bundle"``.
-    Returns the build report (also written to ``out / "build-report.json"``)."""
+          ae_images: int = 300, seed: int = 0, counts: Counts | None = None, device: str = "auto") -> dict:
+    """Render, train, export, fit concepts, ClaDec and features into ``out / "bundle"`` (and the
+    layer analysis for a trained model), torch on ``device``. ``counts`` None: the timing model
+    with ``n_train``, ``n_test`` and ``ae_images``. Returns the build report (also written to
+    ``out / "build-report.json"``)."""
+    c = counts or Counts(n_train=n_train, n_test=n_test, ae_images=ae_images)
+    trained = c.epochs > 0
     t0 = time.perf_counter()
     data, classifier, bundle = out / "data", out / "classifier", out / "bundle"
     model = ModelSource(classifier=classifier)
-    report: dict = {"arch": arch, "size": size, "trained": "1 step (untrained for timing)"}
-    report["render"] = pipeline.render(pipeline.RenderStep(out=data, n_train=n_train, n_test=n_test, size=size,
-                                                           seed=seed))
-    report["train"] = pipeline.train(pipeline.TrainStep(
-        data=data, out=classifier, arch=arch,
-        training=TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=seed, max_steps=1)))
-    report["export"] = pipeline.export_bundle(pipeline.ExportStep(out=bundle, model=model, name=f"{arch}_{size}",
-                                                                  version="bench"))
-    report["concepts"] = pipeline.add_concepts(pipeline.ConceptsStep(
-        bundle=bundle, data=data, model=model,
-        concepts=ConceptConfig(epochs=1, min_steps=0, train_images=ae_images, validity_images=20,
-                               intervention_images=40, seed=seed)))
-    report["cladec"] = pipeline.add_cladec(pipeline.ClaDecStep(
-        bundle=bundle, data=data, model=model,
-        # a timing model: only the served decoders, no alpha sweep
-        cladec=ClaDecConfig(epochs=1, min_steps=0, train_images=ae_images, eval_images=20,
-                            fresh_classifier_epochs=0, sweep_alphas=(), seed=seed)))
-    report["features"] = pipeline.add_features(pipeline.FeaturesStep(
-        bundle=bundle, data=data, model=model, features=FeatureConfig(finetune_epochs=0)))
-    report["quantization"] = pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data))
+    report: dict = {"arch": arch, "size": size, "device": str(resolve_device(device)), "counts": dataclasses.asdict(c),
+                    "trained": f"{c.epochs} epochs" if trained else "1 step (untrained for timing)"}
+    _timed(report, "render", lambda: pipeline.render(pipeline.RenderStep(out=data, n_train=c.n_train, n_test=c.n_test,
+                                                                         size=size, seed=seed)))
+    training = (TrainConfig(epochs=c.epochs, batch_size=64, lr=2e-3, seed=seed) if trained
+                else TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=seed, max_steps=1))
+    _timed(report, "train", lambda: pipeline.train(pipeline.TrainStep(data=data, out=classifier, arch=arch,
+                                                                      device=device, training=training)))
+    _timed(report, "export", lambda: pipeline.export_bundle(pipeline.ExportStep(
+        out=bundle, model=model, name=f"{arch}_{size}", version="bench" + ("-trained" if trained else ""))))
+    ae: dict[str, Any] = {} if c.ae_epochs is None else {"epochs": c.ae_epochs, "min_steps": 0}
+    _timed(report, "concepts", lambda: pipeline.add_concepts(pipeline.ConceptsStep(
+        bundle=bundle, data=data, model=model, device=device,
+        concepts=ConceptConfig(train_images=c.ae_images, validity_images=c.validity_images,
+                               intervention_images=c.intervention_images, seed=seed, **ae))))
+    _timed(report, "cladec", lambda: pipeline.add_cladec(pipeline.ClaDecStep(
+        bundle=bundle, data=data, model=model, device=device,
+        # only the served decoders, no alpha sweep and no fresh classifiers
+        cladec=ClaDecConfig(train_images=c.ae_images, eval_images=c.cladec_eval_images, fresh_classifier_epochs=0,
+                            sweep_alphas=(), seed=seed, **ae))))
+    _timed(report, "features", lambda: pipeline.add_features(pipeline.FeaturesStep(
+        bundle=bundle, data=data, model=model, device=device, features=FeatureConfig(finetune_epochs=0))))
+    _timed(report, "quantization", lambda: pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data)))
+    if trained:
+        _timed(report, "analysis", lambda: {k: v for k, v in pipeline.analyze(pipeline.AnalyzeStep(
+            bundle=bundle, data=data, model=model, device=device, images=c.n_train,
+            out=out / "analysis")).items() if k != "concept_names"})
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
@@ -61,12 +104,19 @@ def main() -> None:
     ap.add_argument("--out", default="build/bench/resnet18_224")
     ap.add_argument("--arch", default="resnet18_like")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--n-train", type=int, default=400)
-    ap.add_argument("--n-test", type=int, default=100)
-    ap.add_argument("--ae-images", type=int, default=300)
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    ap.add_argument("--trained", action="store_true", help="train the classifier and the methods for real "
+                    f"(counts default to {dataclasses.asdict(TRAINED)})")
+    for f in dataclasses.fields(Counts):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=int, default=None,
+                        help=f"(default: {getattr(Counts(), f.name)}, with --trained {getattr(TRAINED, f.name)})")
     args = ap.parse_args()
-    report = build(Path(args.out), args.arch, args.size, args.n_train, args.n_test, args.ae_images)
-    print(f"bench model built in {report['seconds']} s: {Path(args.out) / 'bundle'}")
+    base = TRAINED if args.trained else Counts()
+    counts = dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Counts)
+                                          if getattr(args, f.name) is not None})
+    report = build(Path(args.out), args.arch, args.size, counts=counts, device=args.device)
+    print(f"bench model built in {report['seconds']} s on {report['device']}: {Path(args.out) / 'bundle'}; "
+          f"step seconds {report['step_seconds']}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from tqdm import tqdm
 
 from export.concepts import capture
 from export.data.loader import ImageDataset
+from export.device import device_of, to_numpy
 from export.train import TrainConfig, accuracy, batches, one_cycle
 from handlers.runtime.cladec import FORMAT as CLADEC_FORMAT
 from handlers.runtime.imaging import InputSpec, normalize
@@ -247,20 +248,22 @@ class RefAE(nn.Module):
         return self.decoder(self.encode(x))
 
 
-def to_unit(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] (the reconstruction target)."""
-    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float() / 255.0
+def to_unit(pixels: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float32 (N, C, H, W) in [0, 1] (the reconstruction target), on
+    ``device`` (default: the CPU)."""
+    unit = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).float() / 255.0
+    return unit if device is None else unit.to(device)
 
 
 def to_uint8_pixels(images: torch.Tensor) -> np.ndarray:
     """[0, 1] float (N, C, H, W) -> uint8 (N, H, W, C), as the served PNGs quantise them."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return to_numpy((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1))
 
 
 def renormalize(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """[0, 1] images (N, C, H, W) -> the classifier's normalised input."""
-    mean = torch.tensor(spec.mean, dtype=images.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=images.dtype).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     return (images - mean) / std
 
 
@@ -284,10 +287,12 @@ def _subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
 
 @torch.no_grad()
 def _activations(model: nn.Module, layer: str, ds: ImageDataset, spec: InputSpec, bs: int = 256) -> torch.Tensor:
-    """The frozen classifier's activations at ``layer`` for every image of ``ds``: (N, ...)."""
+    """The frozen classifier's activations at ``layer`` for every image of ``ds``: (N, ...), on
+    the classifier's device."""
     out = []
+    device = device_of(model)
     for s in range(0, len(ds), bs):
-        _, acts = capture(model, [layer], torch.from_numpy(normalize(ds.pixels[s:s + bs], spec)))
+        _, acts = capture(model, [layer], torch.from_numpy(normalize(ds.pixels[s:s + bs], spec)).to(device))
         out.append(acts[layer])
     return torch.cat(out)
 
@@ -322,10 +327,11 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
     """Minimise ``(1 - alpha) MSE + alpha CE`` over ``ds`` with Adam and a one-cycle rate,
     over every trainable parameter of ``module``. ``inputs`` are cached activations (N, ...)
     for ClaDec, or None for the RefAE (the module then takes normalised images); ``steps``
-    defaults to :func:`train_steps`."""
+    defaults to :func:`train_steps`. Trains on the module's device."""
     if len(ds) == 0:
         raise ValueError("no training images")
     torch.manual_seed(cfg.seed)
+    device = device_of(module)
     rng = np.random.default_rng(cfg.seed)
     steps = train_steps(len(ds), cfg) if steps is None else steps
     params = [p for p in module.parameters() if p.requires_grad]
@@ -342,9 +348,10 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
                 idx = order[s:s + cfg.batch_size]
                 if len(idx) < 2 and len(ds) > 1:  # batch norm (RefAE) cannot train on one image
                     continue
-                target = to_unit(ds.pixels[idx])
-                x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec))
-                loss = cladec_loss(module(x), target, alpha, classifier, spec, torch.from_numpy(ds.labels[idx]))
+                target = to_unit(ds.pixels[idx], device)
+                x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec)).to(device)
+                loss = cladec_loss(module(x), target, alpha, classifier, spec,
+                                   torch.from_numpy(ds.labels[idx]).to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -367,7 +374,7 @@ def train_decoder(acts: torch.Tensor, ds: ImageDataset, spec: InputSpec, cfg: Cl
     starting from a copy of ``init`` (a decoder of the same activations) when given.
     Returns the decoder (eval mode) and its training log."""
     torch.manual_seed(cfg.seed)
-    dec = Decoder(tuple(acts.shape[1:]), spec.channels, spec.height)
+    dec = Decoder(tuple(acts.shape[1:]), spec.channels, spec.height).to(acts.device)
     if init is not None:
         dec.load_state_dict(init.state_dict())
     else:
@@ -386,7 +393,7 @@ def new_refae(classifier: nn.Module, layer: str, act_shape: Sequence[int], ds: I
     on the untrained encoder in eval mode did not match the batch statistics it sees in
     training, and the RefAE collapsed to a black image.)"""
     torch.manual_seed(seed)
-    ref = RefAE(classifier, layer, Decoder(act_shape, spec.channels, spec.height))
+    ref = RefAE(classifier, layer, Decoder(act_shape, spec.channels, spec.height)).to(device_of(classifier))
     ref.decoder.set_output_prior(mean_pixel(ds))
     return ref
 
@@ -472,7 +479,7 @@ def fresh_classifier(model_factory: ModelFactory, train_pixels: np.ndarray, trai
     best_acc, best_epoch, best_state, stopped, epoch = -1.0, 0, None, "max_epochs", 0
     for epoch in range(1, cfg.fresh_classifier_epochs + 1):
         model.train()
-        for x, y in batches(fit, spec, cfg.fresh_classifier_batch_size, rng.permutation(len(fit))):
+        for x, y in batches(fit, spec, cfg.fresh_classifier_batch_size, rng.permutation(len(fit)), device_of(model)):
             if len(y) < 2:  # batch norm cannot train on one image
                 continue
             loss = F.cross_entropy(model(x), y)
@@ -526,9 +533,10 @@ class _ClaDecBuild:
     parity: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.x_te_unit = to_unit(self.te.pixels)
-        self.x_te_norm = torch.from_numpy(normalize(self.te.pixels, self.spec))
-        self.x_tr_norm = torch.from_numpy(normalize(self.tr.pixels, self.spec))
+        self.device = device_of(self.model)
+        self.x_te_unit = to_unit(self.te.pixels, self.device)
+        self.x_te_norm = torch.from_numpy(normalize(self.te.pixels, self.spec)).to(self.device)
+        self.x_tr_norm = torch.from_numpy(normalize(self.tr.pixels, self.spec)).to(self.device)
 
     def fresh(self, module: nn.Module | None = None, inputs_tr: torch.Tensor | None = None,
               rec_te: torch.Tensor | None = None) -> FreshResult | None:
@@ -552,7 +560,7 @@ class _ClaDecBuild:
 
     def baselines(self) -> dict[str, Any]:
         """The constant (training-mean) image, the classifier and the fresh classifier on real images."""
-        constant = to_unit(self.tr.pixels).mean(0, keepdim=True)
+        constant = to_unit(self.tr.pixels, self.device).mean(0, keepdim=True)
         return {"mse_constant_image": float(F.mse_loss(constant.expand_as(self.x_te_unit), self.x_te_unit)),
                 "classifier_accuracy_on_real": classifier_accuracy(self.model, self.x_te_unit, self.te.labels,
                                                                    self.spec),

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.data.loader import ImageDataset
+from export.device import device_of, to_numpy
 from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.concepts import concept_id, discretise, evidence_row, fit_edges, pooled_values
@@ -99,13 +100,13 @@ def pooled_activations(model: nn.Module, layers: Sequence[str], ds: ImageDataset
     and for the layers in ``keep_raw`` only, the raw activations (N, C, H, W)."""
     pooled: dict[str, list[np.ndarray]] = {l: [] for l in layers}
     raw: dict[str, list[np.ndarray]] = {l: [] for l in keep_raw}
-    for x, _ in batches(ds, spec, 256):
+    for x, _ in batches(ds, spec, 256, device=device_of(model)):
         _, acts = capture(model, list(dict.fromkeys([*layers, *keep_raw])), x)
         for l in layers:
             a = acts[l]
-            pooled[l].append((a.mean(dim=(2, 3)) if a.ndim == 4 else a.reshape(a.shape[0], -1)).numpy())
+            pooled[l].append(to_numpy(a.mean(dim=(2, 3)) if a.ndim == 4 else a.reshape(a.shape[0], -1)))
         for l in keep_raw:
-            raw[l].append(acts[l].numpy())
+            raw[l].append(to_numpy(acts[l]))
     return ({l: np.concatenate(v).astype(np.float64) for l, v in pooled.items()},
             {l: np.concatenate(v) for l, v in raw.items()})
 
@@ -127,7 +128,8 @@ def _tv(z: torch.Tensor) -> torch.Tensor:
 def _new_autoencoders(acts: dict[str, torch.Tensor], cfg: ConceptConfig
                       ) -> tuple[dict[str, ConceptAutoencoder], dict[str, float]]:
     """One untrained autoencoder per concept layer, sized from a sample of its activations
-    (layer -> (N, C, H, W)), and each layer's mean squared activation (the loss scale)."""
+    (layer -> (N, C, H, W)) and created on their device, and each layer's mean squared
+    activation (the loss scale)."""
     aes: dict[str, ConceptAutoencoder] = {}
     scale: dict[str, float] = {}
     for l in cfg.layers:
@@ -135,7 +137,7 @@ def _new_autoencoders(acts: dict[str, torch.Tensor], cfg: ConceptConfig
         if a.ndim != 4:
             raise ValueError(f"concept layer {l} must have (N, C, H, W) activations, got {tuple(a.shape)}")
         hidden = max(int(round(cfg.hidden_multiplier * a.shape[1])), 2 * cfg.k)
-        aes[l] = ConceptAutoencoder(a.shape[1], cfg.k, hidden=hidden, nonneg=bool((a >= 0).all()))
+        aes[l] = ConceptAutoencoder(a.shape[1], cfg.k, hidden=hidden, nonneg=bool((a >= 0).all())).to(a.device)
         scale[l] = float(a.pow(2).mean()) + 1e-8
     return aes, scale
 
@@ -147,7 +149,7 @@ def _autoencoder_loss(model: nn.Module, aes: dict[str, ConceptAutoencoder], scal
     reconstruction (KL of the spliced network's prediction from the classifier's, weighted
     by ``ramp``) and L1 sparsity of the code (plus total variation when configured). Adds
     each term to ``sums`` ("layer/term")."""
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=x.device)
     for l in cfg.layers:
         z, rec = aes[l](acts[l])
         shallow = F.mse_loss(rec, acts[l]) / scale[l]
@@ -167,16 +169,18 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
                        progress: bool = True) -> tuple[dict[str, ConceptAutoencoder], dict[str, Any]]:
     """Train one autoencoder per layer with shallow + deep (KL) reconstruction + L1 sparsity.
 
-    The classifier stays frozen. Returns the autoencoders (eval mode) and a training log.
+    The classifier stays frozen; training runs on its device. Returns the autoencoders (eval
+    mode, on that device) and a training log.
     """
     torch.manual_seed(cfg.seed)
+    device = device_of(model)
     rng = np.random.default_rng(cfg.seed)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     idx = rng.permutation(len(ds))[: cfg.train_images]
     with torch.no_grad():
-        _, acts0 = capture(model, cfg.layers, torch.from_numpy(normalize(ds.pixels[idx[:256]], spec)))
+        _, acts0 = capture(model, cfg.layers, torch.from_numpy(normalize(ds.pixels[idx[:256]], spec)).to(device))
     aes, scale = _new_autoencoders(acts0, cfg)
     params = [p for ae in aes.values() for p in ae.parameters()]
     steps_per_epoch = -(-len(idx) // cfg.batch_size)
@@ -192,7 +196,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     for epoch in range(epochs):
         sums = {f"{l}/{t}": 0.0 for l in cfg.layers for t in ("shallow", "deep", "sparse")}
         n = 0
-        for x, _ in batches(sub, spec, cfg.batch_size, rng.permutation(len(sub))):
+        for x, _ in batches(sub, spec, cfg.batch_size, rng.permutation(len(sub)), device):
             with torch.no_grad():
                 logits, acts = capture(model, cfg.layers, x)
                 logp = F.log_softmax(logits, dim=1)
@@ -231,13 +235,13 @@ def encode_dataset(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Ima
     logits_all: list[np.ndarray] = []
     values: dict[str, list[np.ndarray]] = {l: [] for l in layers}
     agree = {l: 0 for l in layers}
-    for x, _ in tqdm(batches(ds, spec, batch_size), total=-(-len(ds) // batch_size), desc="encode",
-                     disable=not progress, unit="batch"):
+    for x, _ in tqdm(batches(ds, spec, batch_size, device=device_of(model)), total=-(-len(ds) // batch_size),
+                     desc="encode", disable=not progress, unit="batch"):
         logits, acts = capture(model, layers, x)
-        logits_all.append(logits.numpy())
+        logits_all.append(to_numpy(logits))
         for l in layers:
             z, rec = aes[l](acts[l])
-            values[l].append(pooled_values(z.numpy()))
+            values[l].append(pooled_values(to_numpy(z)))
             if agreement:
                 agree[l] += int((spliced_logits(model, l, x, rec).argmax(1) == logits.argmax(1)).sum())
     out = Encoded(np.concatenate(logits_all), {l: np.concatenate(v) for l, v in values.items()})
@@ -261,8 +265,8 @@ def typical_values(values: np.ndarray, states: np.ndarray, edges: np.ndarray) ->
 
 
 def set_code_peak(z: torch.Tensor, channel: int, value: float) -> torch.Tensor:
-    """:func:`handlers.runtime.concepts.set_code_peak` on a torch tensor (N, K, H, W)."""
-    return torch.from_numpy(_set_code_peak(z.numpy(), channel, value))
+    """:func:`handlers.runtime.concepts.set_code_peak` on a torch tensor (N, K, H, W), on its device."""
+    return torch.from_numpy(_set_code_peak(to_numpy(z), channel, value)).to(z.device)
 
 
 def spliced_capture(model: nn.Module, layer: str, x: torch.Tensor, replacement: torch.Tensor,
@@ -349,32 +353,32 @@ def run_interventions(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: 
     total = -(-n // batch_size) * sum(k * s_count for k in ks)
     bar = tqdm(total=total, desc="interventions", disable=not progress, unit="pass")
     start = 0
-    for x, _ in batches(ds, spec, batch_size):
+    for x, _ in batches(ds, spec, batch_size, device=device_of(model)):
         rows = slice(start, start + len(x))
         start += len(x)
         logits, acts = capture(model, layers, x)
         pred = logits.argmax(1)
-        y_obs[rows] = pred.numpy()
+        y_obs[rows] = to_numpy(pred)
         codes = {l: aes[l].encoder(acts[l]) for l in layers}
         for i, l in enumerate(layers):
-            observed_values[l][rows] = pooled_values(codes[l].numpy())
+            observed_values[l][rows] = pooled_values(to_numpy(codes[l]))
             observed[l][rows] = discretise(observed_values[l][rows], edges[l])
             unchanged = spliced_logits(model, l, x, aes[l].decoder(codes[l]))
-            p_null[i, rows] = F.softmax(unchanged, dim=1).gather(1, pred[:, None])[:, 0].numpy()
+            p_null[i, rows] = to_numpy(F.softmax(unchanged, dim=1).gather(1, pred[:, None])[:, 0])
         for i, l in enumerate(layers):
             for c in range(ks[i]):
                 for s in range(s_count):
                     zz = set_code_peak(codes[l], c, float(typical[l][c, s]))
                     out, later = spliced_capture(model, l, x, aes[l].decoder(zz), layers[i + 1:])
-                    ys[i][c, s, rows] = out.argmax(1).numpy()
-                    ps[i][c, s, rows] = F.softmax(out, dim=1).gather(1, pred[:, None])[:, 0].numpy()
-                    v_here = pooled_values(zz.numpy())
+                    ys[i][c, s, rows] = to_numpy(out.argmax(1))
+                    ps[i][c, s, rows] = to_numpy(F.softmax(out, dim=1).gather(1, pred[:, None])[:, 0])
+                    v_here = pooled_values(to_numpy(zz))
                     values[i][i][c, s, rows] = v_here
                     st = observed[l][rows].copy()
                     st[:, c] = s
                     states[i][i][c, s, rows] = st
                     for j in range(i + 1, len(layers)):
-                        v = pooled_values(aes[layers[j]].encoder(later[layers[j]]).numpy())
+                        v = pooled_values(to_numpy(aes[layers[j]].encoder(later[layers[j]])))
                         values[i][j][c, s, rows] = v
                         states[i][j][c, s, rows] = discretise(v, edges[layers[j]])
                     bar.update(1)
@@ -554,7 +558,8 @@ def _export_layer(model: nn.Module, ae: ConceptAutoencoder, layer: str, spec: In
     layer as ONNX files in ``out``: their names and the worst onnxruntime-vs-torch difference."""
     from export.onnx_export import export_intervention_graph, export_module, module_parity
     with torch.no_grad():
-        _, acts = capture(model, [layer], torch.zeros(1, spec.channels, spec.height, spec.width))
+        _, acts = capture(model, [layer], torch.zeros(1, spec.channels, spec.height, spec.width,
+                                                      device=device_of(model)))
     a_shape = tuple(acts[layer].shape[1:])
     z_shape = (k, *a_shape[1:])
     safe = layer.replace(".", "_")

@@ -21,6 +21,7 @@ from torch import nn
 
 from export.concepts import pooled_activations
 from export.data.loader import ImageDataset
+from export.device import to_numpy
 from handlers.runtime.features import FORMAT, decomposed_head, subset_mask
 from handlers.runtime.imaging import InputSpec
 
@@ -131,8 +132,8 @@ def build_features(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     head = dict(model.named_modules()).get(cfg.head)
     if not isinstance(head, nn.Linear):
         raise ValueError(f"head {cfg.head!r} is not an nn.Linear module of the classifier")
-    weight = head.weight.detach().numpy().astype(np.float64)
-    bias = head.bias.detach().numpy().astype(np.float64) if head.bias is not None else np.zeros(weight.shape[0])
+    weight = to_numpy(head.weight).astype(np.float64)
+    bias = to_numpy(head.bias).astype(np.float64) if head.bias is not None else np.zeros(weight.shape[0])
     layers = tuple(dict.fromkeys([cfg.layer, *(cfg.selectivity_layers or ())]))
     f_train, _ = pooled_activations(model, layers, train, spec)
     f_test, _ = pooled_activations(model, layers, test, spec)

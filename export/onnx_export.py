@@ -15,6 +15,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export.device import cpu_module
 from handlers.runtime.bundle import LayerInfo
 from handlers.runtime.imaging import InputSpec
 
@@ -99,8 +100,9 @@ def output_name(layer: str) -> str:
 
 
 def export_classifier(model: nn.Module, spec: InputSpec, layers: Sequence[str], path: str | Path) -> list[LayerInfo]:
-    """Write ``path`` (one self-contained ONNX file, dynamic batch) and describe its layer outputs."""
-    model = model.eval()
+    """Write ``path`` (one self-contained ONNX file, dynamic batch) and describe its layer outputs.
+    Exports a CPU copy when ``model`` lives on a GPU."""
+    model = cpu_module(model).eval()
     x = torch.zeros(2, spec.channels, spec.height, spec.width)
     names = [LOGITS_NAME, *[output_name(l) for l in layers]]
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -116,7 +118,8 @@ def export_classifier(model: nn.Module, spec: InputSpec, layers: Sequence[str], 
 
 def parity(model: nn.Module, path: str | Path, spec: InputSpec, layers: Sequence[str],
            batch_sizes: Sequence[int] = (1, 8), seed: int = 0) -> float:
-    """Max abs difference between torch and onnxruntime over logits and activations."""
+    """Max abs difference between torch (on the CPU) and onnxruntime over logits and activations."""
+    model = cpu_module(model)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
@@ -135,8 +138,9 @@ def parity(model: nn.Module, path: str | Path, spec: InputSpec, layers: Sequence
 
 def export_module(module: nn.Module, example: torch.Tensor, path: str | Path, input_name: str,
                   output_name: str) -> None:
-    """Export a one-input, one-output module (dynamic batch) as one self-contained ONNX file."""
-    module = module.eval()
+    """Export a one-input, one-output module (dynamic batch) as one self-contained ONNX file
+    (from a CPU copy when it lives on a GPU)."""
+    module = cpu_module(module).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     with onnx_export_quiet():
         torch.onnx.export(module, (example,), str(path), dynamo=True, external_data=False,
@@ -146,7 +150,8 @@ def export_module(module: nn.Module, example: torch.Tensor, path: str | Path, in
 
 def module_parity(module: nn.Module, path: str | Path, example_shape: Sequence[int],
                   batch_sizes: Sequence[int] = (1, 8), seed: int = 0, nonneg: bool = False) -> float:
-    """Max abs difference between torch and onnxruntime for a one-input module."""
+    """Max abs difference between torch (on the CPU) and onnxruntime for a one-input module."""
+    module = cpu_module(module)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
@@ -195,6 +200,6 @@ def export_intervention_graph(model: nn.Module, decoder: nn.Module, layer: str, 
     """Write :class:`DecodeAndRest` for ``layer`` to ``path`` (input ``code`` (M, K, h, w),
     output ``probabilities``) and return its largest difference from torch (non-negative
     random codes, batches 1 and 8)."""
-    wrapped = DecodeAndRest(model.eval(), decoder.eval(), layer, spec).eval()
+    wrapped = DecodeAndRest(cpu_module(model).eval(), cpu_module(decoder).eval(), layer, spec).eval()
     export_module(wrapped, torch.zeros(2, *code_shape), path, "code", "probabilities")
     return module_parity(wrapped, path, code_shape, nonneg=True)

@@ -33,6 +33,7 @@ from torch import nn
 from export.cladec import ClaDecConfig
 from export.concepts import ConceptConfig
 from export.data.loader import ImageDataset
+from export.device import DEVICE_HELP, resolve_device
 from export.errors import FailedChecksError, PipelineError, describe_checks
 from export.features import FeatureConfig
 from export.quantize import QuantizeConfig
@@ -111,6 +112,16 @@ class LoadedClassifier:
     classes: tuple[str, ...]
     info: dict[str, Any]
     factory: Callable[[], nn.Module]
+
+    def to(self, device: str) -> LoadedClassifier:
+        """The same classifier on ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
+        :func:`export.device.resolve_device`), with a factory whose fresh copies start there."""
+        from export.device import resolve_device
+        dev = resolve_device(device)
+        if dev.type == "cpu":
+            return self
+        make = self.factory
+        return dataclasses.replace(self, model=self.model.to(dev), factory=lambda: make().to(dev))
 
 
 def source_from_bundle(source: ModelSource, meta: ModelMetadata, bundle: Path) -> ModelSource:
@@ -252,6 +263,7 @@ class TrainStep:
     limit: int | None = field(default=None, metadata=_help(
         "use at most this many training images, and a quarter as many held-out ones (default: all)"))
     threads: int | None = field(default=None, metadata=_help("torch CPU threads (default: torch's choice)"))
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
     training: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -267,19 +279,21 @@ def train(step: TrainStep) -> dict[str, Any]:
     spec = infer_input_spec(step.data, size=step.size)
     train_ds = load_image_folder(step.data, spec, "train", limit=step.limit)
     test_ds = load_image_folder(step.data, spec, "test", limit=step.limit and max(step.limit // 4, 1))
-    model = build_model(step.arch, len(train_ds.classes), spec.channels)
+    device = resolve_device(step.device)
+    model = build_model(step.arch, len(train_ds.classes), spec.channels).to(device)
     result = train_classifier(model, train_ds, test_ds, spec, step.training)
     out = Path(step.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_weights(model, out / CLASSIFIER_WEIGHTS)
+    save_weights(model.cpu(), out / CLASSIFIER_WEIGHTS)
     info = {"architecture": step.arch, "classes": list(train_ds.classes), "input": spec.to_json(),
             "training": {"epochs": step.training.epochs, "steps": result.steps, "train_images": len(train_ds),
                          "test_images": len(test_ds), "test_accuracy": round(result.test_accuracy, 4),
                          "seconds": round(result.seconds, 1), "threads": torch.get_num_threads(),
+                         "device": str(device),
                          "history": result.history}}
     (out / CLASSIFIER_INFO).write_text(json.dumps(info, indent=2) + "\n")
     print(f"trained {step.arch}: held-out accuracy {result.test_accuracy:.4f} "
-          f"in {result.seconds:.0f} s ({result.steps} steps, {torch.get_num_threads()} threads)")
+          f"in {result.seconds:.0f} s ({result.steps} steps, {torch.get_num_threads()} threads, {device})")
     return info
 
 
@@ -340,6 +354,7 @@ class BundleStep(BundleData):
     """A bundle step that also runs the torch classifier (the bundle's recorded one by default)."""
 
     model: ModelSource = field(default_factory=ModelSource)
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
 
 
 def _add_to_bundle(step: BundleData, meta: ModelMetadata, layers: tuple[str, ...], key: str, filename: str,
@@ -369,7 +384,7 @@ def _bundle_and_classifier(step: BundleStep) -> tuple[ModelMetadata, LoadedClass
     """The bundle's metadata and the classifier the step names, or else the one the bundle records."""
     from handlers.runtime.bundle import load_bundle
     meta = load_bundle(step.bundle).metadata
-    return meta, load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data)
+    return meta, load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data).to(step.device)
 
 
 @dataclass(frozen=True)
@@ -475,6 +490,7 @@ class AnalyzeStep:
                                     metadata=_help("comma-separated modules analysed"))
     pca_dims: int = field(default=4, metadata=_help("PCA dimensions of a layer's pooled activations"))
     pose_factor: str = field(default="pos_x", metadata=_help("factor the pose-invariance figure is measured on"))
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
     name_concepts: bool = field(default=True, metadata=_help(
         "do not write concept names into the bundle (default: names are written when it has concepts)",
         flag="--no-names"))
@@ -492,7 +508,7 @@ def analyze(step: AnalyzeStep) -> dict[str, Any]:
     from handlers.runtime.concepts import ConceptSpec
     bundle = load_bundle(step.bundle)
     meta = bundle.metadata
-    model = load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data).model
+    model = load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data).to(step.device).model
     ds = load_image_folder(step.data, meta.input, step.split, limit=step.images)
     kinds_file = Path(step.data) / "factors.json"
     kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
@@ -624,30 +640,44 @@ class BuildStep:
     model_store: Path = field(default=Path("model_store"), metadata=_help("folder the .mar is written into"))
     accept_failed_checks: bool = field(default=False, metadata=_help(
         "archive even if the concept validity checks failed (default: refuse, and say which failed)"))
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
+
+
+def _timed(report: dict[str, Any], name: str, run: Callable[[], dict[str, Any]]) -> None:
+    """``report[name] = run()``, and its wall time in ``report["step_seconds"][name]``."""
+    t0 = time.perf_counter()
+    report[name] = run()
+    report.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t0, 1)
 
 
 def _method_steps(bundle: Path, data: Path, model: ModelSource, concepts: ConceptConfig, cladec: ClaDecConfig,
                   features: FeatureConfig, analysis: AnalyzeStep | None, archive_step: ArchiveStep,
-                  say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+                  say: Callable[[str], None] = lambda _: None, device: str = "auto",
+                  report: dict[str, Any] | None = None) -> dict[str, Any]:
     """What every build runs on an exported bundle, in order: methods 1-3, the 8-bit graphs,
-    method 4 (``analysis``; None when the data has no factors) and the archive. ``say``
-    announces each step. Returns the steps' reports by name."""
-    report: dict[str, Any] = {}
+    method 4 (``analysis``; None when the data has no factors) and the archive, torch on
+    ``device``. ``say`` announces each step. Adds the steps' reports by name to ``report``
+    (a new dict by default), with each step's wall time under ``step_seconds``; returns it."""
+    report = {} if report is None else report
     say("[2/7] concepts (method 1)")
-    report["concepts"] = add_concepts(ConceptsStep(bundle=bundle, data=data, model=model, concepts=concepts))
+    _timed(report, "concepts", lambda: add_concepts(
+        ConceptsStep(bundle=bundle, data=data, model=model, device=device, concepts=concepts)))
     say("[3/7] ClaDec (method 2)")
-    report["cladec"] = add_cladec(ClaDecStep(bundle=bundle, data=data, model=model, cladec=cladec))
+    _timed(report, "cladec", lambda: add_cladec(
+        ClaDecStep(bundle=bundle, data=data, model=model, device=device, cladec=cladec)))
     say("[4/7] class-specific features (method 3)")
-    report["features"] = add_features(FeaturesStep(bundle=bundle, data=data, model=model, features=features))
+    _timed(report, "features", lambda: add_features(
+        FeaturesStep(bundle=bundle, data=data, model=model, device=device, features=features)))
     say("[5/7] 8-bit concept encoders and reference autoencoders")
-    report["quantization"] = quantize(QuantizeStep(bundle=bundle, data=data))
+    _timed(report, "quantization", lambda: quantize(QuantizeStep(bundle=bundle, data=data)))
     if analysis is not None:
         say("[6/7] layer analysis (method 4)")
-        report["analysis"] = {k: v for k, v in analyze(analysis).items() if k != "concept_names"}
+        step = dataclasses.replace(analysis, device=device)
+        _timed(report, "analysis", lambda: {k: v for k, v in analyze(step).items() if k != "concept_names"})
     else:
         say("[6/7] layer analysis skipped: the data has no factors.csv")
     say("[7/7] archive")
-    report["archive"] = archive(archive_step)
+    _timed(report, "archive", lambda: archive(archive_step))
     return report
 
 
@@ -676,20 +706,21 @@ def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDec
     print("layers chosen from the model:\n  " + "\n  ".join(layout.reasons))
     report: dict[str, Any] = {"layout": {"head": layout.head, "penultimate": layout.penultimate,
                                          "concept_layers": list(concept_layers), "cladec_layers": list(cladec_layers)}}
-    print("[1/7] export")
+    print(f"[1/7] export (torch on {resolve_device(step.device)} from here on; export on the CPU)")
     version = version or "1.0"
-    report["export"] = export_bundle(ExportStep(out=bundle, model=source, data=step.data, layers=exported,
-                                                name=step.name, version=version))
+    report["device"] = str(resolve_device(step.device))
+    _timed(report, "export", lambda: export_bundle(ExportStep(out=bundle, model=source, data=step.data,
+                                                              layers=exported, name=step.name, version=version)))
     recorded = ModelSource()  # from here on the bundle names the model
     analysis = (AnalyzeStep(bundle=bundle, data=step.data, model=recorded, layers=layout.blocks, out=out / "analysis")
                 if (Path(step.data) / "factors.csv").is_file() else None)
-    report |= _method_steps(
+    _method_steps(
         bundle, Path(step.data), recorded,
         dataclasses.replace(concepts or ConceptConfig(), layers=tuple(concept_layers)),
         dataclasses.replace(cladec or ClaDecConfig(), layers=tuple(cladec_layers)),
         FeatureConfig(layer=layout.penultimate, head=layout.head), analysis,
         ArchiveStep(bundle=bundle, name=step.name, version=version, model_store=step.model_store,
-                    accept_failed_checks=step.accept_failed_checks), say=print)
+                    accept_failed_checks=step.accept_failed_checks), say=print, device=step.device, report=report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"built {report['archive']['mar']} in {report['seconds']} s; concept checks failed: "
@@ -752,6 +783,7 @@ class BuildDemoStep:
     cladec_sweep: bool = field(default=False, metadata=_help(
         "also train and judge ClaDec's report-only alphas (the trade-off sweep; default: only the served "
         "alphas, which keeps make demo within 15 minutes on 2 cores; concept-explainer cladec sweeps them)"))
+    device: str = field(default="auto", metadata=_help(DEVICE_HELP))
 
 
 def demo_cladec_config(sweep: bool) -> ClaDecConfig:
@@ -769,19 +801,22 @@ def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, clade
     data, build = Path(step.data), Path(step.build)
     source = ModelSource(classifier=build / "classifier")
     bundle = build / "bundle"
-    report: dict[str, Any] = {}
+    report: dict[str, Any] = {"device": str(resolve_device(step.device))}
     if not (data / "factors.csv").is_file() or step.force:
-        report["render"] = render(RenderStep(out=data, n_train=step.n_train, n_test=step.n_test, seed=step.seed))
+        _timed(report, "render", lambda: render(RenderStep(out=data, n_train=step.n_train, n_test=step.n_test,
+                                                           seed=step.seed)))
     if not (build / "classifier" / CLASSIFIER_INFO).is_file() or step.force:
-        report["train"] = train(TrainStep(data=data, out=build / "classifier",
-                                          training=TrainConfig(epochs=step.epochs, seed=step.seed)))
-    report["export"] = export_bundle(ExportStep(out=bundle, model=source, name=step.name, version=step.version))
+        _timed(report, "train", lambda: train(TrainStep(data=data, out=build / "classifier", device=step.device,
+                                                        training=TrainConfig(epochs=step.epochs, seed=step.seed))))
+    _timed(report, "export", lambda: export_bundle(ExportStep(out=bundle, model=source, name=step.name,
+                                                              version=step.version)))
     analysis = (AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis")
                 if (data / "factors.csv").is_file() else None)
-    report |= _method_steps(bundle, data, source, concepts or ConceptConfig(),
-                            cladec or demo_cladec_config(step.cladec_sweep), FeatureConfig(), analysis,
-                            ArchiveStep(bundle=bundle, name=step.name, version=step.version,
-                                        model_store=step.model_store, accept_failed_checks=step.accept_failed_checks))
+    _method_steps(bundle, data, source, concepts or ConceptConfig(),
+                  cladec or demo_cladec_config(step.cladec_sweep), FeatureConfig(), analysis,
+                  ArchiveStep(bundle=bundle, name=step.name, version=step.version,
+                              model_store=step.model_store, accept_failed_checks=step.accept_failed_checks),
+                  device=step.device, report=report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (build / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"demo build finished in {report['seconds']} s; report in {build / 'build-report.json'}")

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.data.loader import ImageDataset
+from export.device import device_of, to_numpy
 from handlers.runtime.imaging import InputSpec, normalize
 
 
@@ -42,19 +43,22 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def batches(ds: ImageDataset, spec: InputSpec, batch_size: int, order: np.ndarray | None = None):
-    """Yield (x float32 (B, C, H, W) tensor, y int64 (B,) tensor) in ``order``."""
+def batches(ds: ImageDataset, spec: InputSpec, batch_size: int, order: np.ndarray | None = None,
+            device: torch.device | None = None):
+    """Yield (x float32 (B, C, H, W) tensor, y int64 (B,) tensor) in ``order``, on ``device``
+    (default: the CPU)."""
     order = np.arange(len(ds)) if order is None else order
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield torch.from_numpy(normalize(ds.pixels[idx], spec)), torch.from_numpy(ds.labels[idx])
+        x, y = torch.from_numpy(normalize(ds.pixels[idx], spec)), torch.from_numpy(ds.labels[idx])
+        yield (x, y) if device is None else (x.to(device), y.to(device))
 
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, ds: ImageDataset, spec: InputSpec, batch_size: int = 256) -> np.ndarray:
-    """Logits (N, K) of the model in eval mode."""
+    """Logits (N, K) of the model in eval mode (run on the model's device)."""
     model.eval()
-    return np.concatenate([model(x).numpy() for x, _ in batches(ds, spec, batch_size)])
+    return np.concatenate([to_numpy(model(x)) for x, _ in batches(ds, spec, batch_size, device=device_of(model))])
 
 
 def accuracy(model: nn.Module, ds: ImageDataset, spec: InputSpec) -> float:
@@ -63,8 +67,9 @@ def accuracy(model: nn.Module, ds: ImageDataset, spec: InputSpec) -> float:
 
 def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, spec: InputSpec,
                      cfg: TrainConfig = TrainConfig(), progress: bool = True) -> TrainResult:
-    """Train in place with cross-entropy; evaluate on ``test`` after each epoch."""
+    """Train in place with cross-entropy, on the model's device; evaluate on ``test`` after each epoch."""
     torch.manual_seed(cfg.seed)
+    device = device_of(model)
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = -(-len(train) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -78,7 +83,7 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
     for epoch in range(cfg.epochs):
         model.train()
         running, n_steps = 0.0, 0
-        for x, y in batches(train, spec, cfg.batch_size, rng.permutation(len(train))):
+        for x, y in batches(train, spec, cfg.batch_size, rng.permutation(len(train)), device):
             loss = loss_fn(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,0 +1,136 @@
+"""``--device auto|cpu|cuda[:N]`` on the offline steps: how it resolves, which steps take it,
+and that a step run on a device gives what the CPU gives (the CUDA case runs where torch
+sees a GPU and is skipped elsewhere)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from torch import nn
+
+from export import cli, pipeline
+from export.device import cpu_module, device_of, resolve_device, to_numpy
+from export.pipeline import ModelSource
+from export.train import TrainConfig
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here")
+
+
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_auto_is_the_cpu_without_cuda_and_the_current_gpu_with_it(monkeypatch):
+    _no_cuda(monkeypatch)
+    assert resolve_device("auto") == torch.device("cpu")
+    _two_gpus(monkeypatch)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    assert resolve_device(" CUDA:1 ") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name, words", [("cuda:2", "sees 2 CUDA device"), ("mps", "auto, cpu or cuda"),
+                                         ("gpu", "auto, cpu or cuda"), ("cuda:x", "auto, cpu or cuda")])
+def test_a_device_torch_cannot_use_is_refused_with_the_reason(monkeypatch, name, words):
+    _two_gpus(monkeypatch)
+    with pytest.raises(ValueError, match=words):
+        resolve_device(name)
+
+
+def test_cuda_on_a_machine_without_it_says_so(monkeypatch):
+    _no_cuda(monkeypatch)
+    with pytest.raises(ValueError, match="sees no CUDA device.*--device cpu or auto"):
+        resolve_device("cuda")
+
+
+def test_device_of_reads_parameters_then_buffers_and_defaults_to_the_cpu():
+    assert device_of(nn.Linear(2, 2)) == torch.device("cpu")
+    buffers_only = nn.Module()
+    buffers_only.register_buffer("b", torch.zeros(1, device="meta"))
+    assert device_of(buffers_only) == torch.device("meta")
+    assert device_of(nn.ReLU()) == torch.device("cpu")
+    assert device_of(nn.Linear(2, 2, device="meta")) == torch.device("meta")
+
+
+def test_a_cpu_module_is_exported_as_itself_and_tensors_come_back_as_numpy():
+    m = nn.Linear(3, 2)
+    assert cpu_module(m) is m
+    t = torch.arange(4.0, requires_grad=True) * 2
+    assert np.array_equal(to_numpy(t), [0.0, 2.0, 4.0, 6.0])
+
+
+TORCH_STEPS = ("train", "concepts", "cladec", "features", "analyze", "build", "build-demo")
+CPU_ONLY_STEPS = ("export", "quantize", "archive")
+
+
+@pytest.mark.parametrize("name", TORCH_STEPS + CPU_ONLY_STEPS)
+def test_every_step_that_runs_torch_takes_device_and_the_others_do_not(name):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]  # type: ignore[attr-defined]
+    text = sub.format_help()
+    assert ("--device" in text) == (name in TORCH_STEPS)
+    if name in TORCH_STEPS:
+        assert "(default: auto)" in " ".join(text.split())
+
+
+def test_an_unusable_device_fails_the_step_in_one_line(tiny_data, tmp_path, capsys):
+    status = cli.main(["train", "--data", str(tiny_data), "--out", str(tmp_path / "c"), "--device", "cuda:9",
+                       "--max-steps", "1"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "concept-explainer train: device 'cuda:9'" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def _train(data: Path, out: Path, device: str) -> dict:
+    # the step builds the model before TrainConfig.seed seeds training: start each from one RNG state
+    torch.manual_seed(1234)
+    return pipeline.train(pipeline.TrainStep(data=data, out=out, arch="demo_resnet", device=device,
+                                             training=TrainConfig(epochs=1, batch_size=64, seed=0, max_steps=3)))
+
+
+def test_the_cpu_device_trains_exactly_what_the_default_trains_on_a_cpu_machine(tiny_data, tmp_path, monkeypatch):
+    _no_cuda(monkeypatch)
+    a, b = _train(tiny_data, tmp_path / "auto", "auto"), _train(tiny_data, tmp_path / "cpu", "cpu")
+    assert a["training"]["device"] == b["training"]["device"] == "cpu"
+    wa, wb = load_file(tmp_path / "auto" / "weights.safetensors"), load_file(tmp_path / "cpu" / "weights.safetensors")
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+@CUDA
+def test_a_cuda_build_matches_the_cpu_build(tiny_data, tmp_path):
+    """Training on the GPU lands near the CPU's weights (convolutions may use TF32 there), and
+    every later step runs there, exports graphs on the CPU that pass their parity checks, and
+    records the device."""
+    _train(tiny_data, tmp_path / "cpu", "cpu")
+    info = _train(tiny_data, tmp_path / "gpu", "cuda")
+    assert info["training"]["device"].startswith("cuda")
+    wc, wg = load_file(tmp_path / "cpu" / "weights.safetensors"), load_file(tmp_path / "gpu" / "weights.safetensors")
+    assert max(float(np.abs(wc[k] - wg[k]).max()) for k in wc) < 5e-2
+    bundle = tmp_path / "bundle"
+    pipeline.export_bundle(pipeline.ExportStep(out=bundle, model=ModelSource(classifier=tmp_path / "gpu"), name="g"))
+    from export.cladec import ClaDecConfig
+    from export.concepts import ConceptConfig
+    step = {"bundle": bundle, "data": tiny_data, "device": "cuda"}
+    concepts = pipeline.add_concepts(pipeline.ConceptsStep(**step, concepts=ConceptConfig(
+        k=4, states=3, epochs=1, train_images=200, validity_images=20, intervention_images=40, min_steps=0)))
+    assert max(concepts["autoencoders"]["onnx_parity_max_abs_diff"].values()) <= 1e-4
+    cladec = pipeline.add_cladec(pipeline.ClaDecStep(**step, cladec=ClaDecConfig(
+        alphas=(0.0,), sweep_alphas=(0.0,), epochs=1, min_steps=0, train_images=200, eval_images=40,
+        fresh_classifier_epochs=1, fresh_classifier_images=200)))
+    assert cladec["evaluation"] and max(cladec["onnx_parity_max_abs_diff"].values()) <= 5e-4
+    features = pipeline.add_features(pipeline.FeaturesStep(**step))
+    assert 0.0 <= features["accuracy_full_head"] <= 1.0
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert {"concepts", "cladec", "features"} <= set(meta["extra"])
