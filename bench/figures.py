@@ -1,5 +1,6 @@
 """The README's headline figures and the benchmark page's tables, written from the committed
-results of the last ``make bench`` (``bench/results/latest.json``), so they cannot drift apart.
+results of the last ``make bench`` (``bench/results/latest.json``) and of the last
+``python -m bench.build_cost`` (``bench/results/build-cost.json``), so they cannot drift apart.
 
     python -m bench.figures            # rewrite both blocks (make docs-figures)
     python -m bench.figures --check    # exit 1 when either block differs from the results
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "latest.json"
 README = REPO / "README.md"
 BENCH_PAGE = REPO / "docs" / "benchmarks.md"
+BUILD_COST = REPO / "bench" / "results" / "build-cost.json"
 
 
 def _size(results: dict[str, Any], px: str) -> dict[str, Any] | None:
@@ -78,7 +80,21 @@ def tables(results: dict[str, Any]) -> str:
     return markdown(results).strip()
 
 
-BLOCKS = {"headline": (README, headline), "tables": (BENCH_PAGE, tables)}
+def build_cost(_results: dict[str, Any]) -> str:
+    """The benchmark page's build-cost tables, from the committed ``bench/results/build-cost.json``
+    (``python -m bench.build_cost``; its own results file, not the last ``make bench``'s)."""
+    from bench.build_cost import markdown
+    return markdown(json.loads(BUILD_COST.read_text())).strip()
+
+
+def build_cost_headline(_results: dict[str, Any]) -> str:
+    """The README's short build-cost table, from the same file as :func:`build_cost`."""
+    from bench.build_cost import headline as short
+    return short(json.loads(BUILD_COST.read_text())).strip()
+
+
+BLOCKS = {"headline": (README, headline), "tables": (BENCH_PAGE, tables), "build-cost": (BENCH_PAGE, build_cost),
+          "build-cost-headline": (README, build_cost_headline)}
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -133,4 +133,4 @@ def test_a_cuda_build_matches_the_cpu_build(tiny_data, tmp_path):
     features = pipeline.add_features(pipeline.FeaturesStep(**step))
     assert 0.0 <= features["accuracy_full_head"] <= 1.0
     meta = json.loads((bundle / "metadata.json").read_text())
-    assert {"concepts", "cladec", "features"} <= set(meta["extra"])
+    assert {"concepts", "cladec", "features"} <= set(meta)

@@ -71,7 +71,7 @@ def test_a_hand_edited_figure_is_caught(tmp_path):
     readme, page = tmp_path / "README.md", tmp_path / "benchmarks.md"
     readme.write_text(README.read_text())
     page.write_text(figures.BENCH_PAGE.read_text())
-    files = {"headline": readme, "tables": page}
+    files = {"headline": readme, "tables": page, "build-cost": page, "build-cost-headline": readme}
     assert figures.stale(results, files) == []
     demo = next(s for s in results["sizes"] if s["input"] == "64x64")
     shown = f"(**{demo['concurrency_1']['ratio_p50']}×**)"
