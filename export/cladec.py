@@ -28,6 +28,18 @@ Training choices (each one fixes a way the decoders failed to learn):
   dominated and the decoders with alpha > 0 ended worse than the alpha-0 decoder at their
   own loss (digits, ``layer2``, alpha 0.1, 200 steps: ``0.9 MSE + 0.1 CE`` = 0.055 against
   the alpha-0 decoder's 0.010; MSE 0.045 and a lower classifier accuracy).
+- The reconstruction error weighs the object's pixels ``1 + object_weight`` (10) times the
+  background's (:func:`object_weights`: pixels that differ from the image's border colour).
+  On the demo a small shape sits on a plain background, and plain MSE spent the budget on the
+  background: the classifier recognised 8.8 % of 500 held-out layer2 ClaDec reconstructions
+  after the demo's 240 steps (chance 10 %), 19.0 % with the weighting at the same cost
+  (1,000 steps: 28.0 % plain, 36.8 % weighted). The RefAE is trained with the same loss, so
+  the triplet still compares encoders only; for it the weighting changed little (37.4 %
+  plain, 36.6 % weighted, 240 steps). Only decoders of spatial layers use it: at ``avgpool``
+  neither loss gets past chance on the demo after 240 steps and the weighted MSE is higher
+  (0.041 against 0.029), and on the real digits the weighted ``avgpool`` decoder stayed at the
+  constant image's MSE after 120 steps (0.055 against 0.058). Single runs of one classifier
+  each; ``object_weight`` 0 is the plain MSE everywhere.
 - The RefAE's encoder is a copy of the classifier re-initialised *and trainable* (the copy
   of a frozen classifier kept ``requires_grad=False``, so only its decoder trained).
 
@@ -101,6 +113,7 @@ class ClaDecConfig:
     fresh_classifier_images: int = 2500
     fresh_classifier_batch_size: int = 64
     fresh_validation_fraction: float = 0.2
+    object_weight: float = 10.0
     seed: int = 0
 
 
@@ -267,13 +280,34 @@ def renormalize(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return (images - mean) / std
 
 
+#: A target pixel is "object" when its channels differ from the image's background (the
+#: per-channel median of its border pixels) by more than this in sum ([0, 1] units).
+OBJECT_THRESHOLD = 0.15
+
+
+def object_weights(target: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Per-pixel weights (N, 1, H, W): ``1 + object_weight`` on the target's object pixels (see
+    :data:`OBJECT_THRESHOLD`), 1 on its background. target: (N, C, H, W) in [0, 1]."""
+    border = torch.cat([target[:, :, 0, :], target[:, :, -1, :], target[:, :, :, 0], target[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    is_object = (target - background).abs().sum(dim=1, keepdim=True) > OBJECT_THRESHOLD
+    return 1.0 + object_weight * is_object.to(target.dtype)
+
+
 def cladec_loss(rec: torch.Tensor, target: torch.Tensor, alpha: float, classifier: nn.Module | None = None,
-                spec: InputSpec | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                spec: InputSpec | None = None, labels: torch.Tensor | None = None,
+                object_weight: float = 0.0) -> torch.Tensor:
     """``(1 - alpha) MSE(rec, target) + alpha CE(f(rec), y)``; plain MSE when alpha is 0.
 
+    With ``object_weight`` > 0 the MSE is weighted per pixel by :func:`object_weights` and
+    divided by the mean weight (an image without an object keeps the plain MSE).
     rec, target: (N, C, H, W) in [0, 1]; labels: (N,) class indices.
     """
-    mse = F.mse_loss(rec, target)
+    if object_weight > 0:
+        w = object_weights(target, object_weight)
+        mse = (w * (rec - target) ** 2).mean() / w.mean()
+    else:
+        mse = F.mse_loss(rec, target)
     if alpha <= 0 or classifier is None:
         return mse
     assert spec is not None and labels is not None, "the classification term needs spec and labels"
@@ -322,6 +356,13 @@ class FitLog:
     encoder_change: float | None = None  # RefAE: ||encoder weights - initial|| / ||initial||
 
 
+def object_weight(module: nn.Module, cfg: ClaDecConfig) -> float:
+    """The object weight a decoder (or a RefAE, by its decoder) trains with: ``cfg.object_weight``
+    for a spatial layer's, 0 (plain MSE) for a vector layer's such as ``avgpool``."""
+    decoder = module if isinstance(module, Decoder) else getattr(module, "decoder", None)
+    return 0.0 if isinstance(decoder, Decoder) and decoder.vector else cfg.object_weight
+
+
 def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec: InputSpec, cfg: ClaDecConfig,
          alpha: float, classifier: nn.Module | None, desc: str, progress: bool, steps: int | None = None) -> FitLog:
     """Minimise ``(1 - alpha) MSE + alpha CE`` over ``ds`` with Adam and a one-cycle rate,
@@ -351,7 +392,7 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
                 target = to_unit(ds.pixels[idx], device)
                 x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec)).to(device)
                 loss = cladec_loss(module(x), target, alpha, classifier, spec,
-                                   torch.from_numpy(ds.labels[idx]).to(device))
+                                   torch.from_numpy(ds.labels[idx]).to(device), object_weight(module, cfg))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

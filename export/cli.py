@@ -78,6 +78,8 @@ CONFIG_HELP: dict[str, dict[str, str]] = {
         "train_images": "training images the decoders train on",
         "eval_images": "held-out images of the evaluation",
         "fresh_classifier_epochs": "epochs of the fresh classifiers trained on reconstructions (0 skips them)",
+        "object_weight": "extra weight of the object's pixels (those unlike the image's border) in the reconstruction "
+                         "error of spatial layers' decoders and RefAEs (0: plain MSE)",
         "seed": "seed of sampling and training",
     },
     "QuantizeConfig": {

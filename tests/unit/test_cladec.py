@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from export.cladec import ClaDecConfig, Decoder, RefAE, cladec_loss, renormalize, to_unit
+from export.cladec import (ClaDecConfig, Decoder, RefAE, cladec_loss, object_weight, object_weights, renormalize,
+                           to_unit)
 from export.data.loader import ImageDataset
 from export.models import build_model
 from handlers.runtime.cladec import to_uint8_images
@@ -178,6 +179,35 @@ def test_cladec_loss_mixes_mse_and_cross_entropy():
     assert float(cladec_loss(rec, target, 0.0)) == pytest.approx(mse, rel=1e-6)
     assert float(cladec_loss(rec, target, 0.0, clf, spec, labels)) == pytest.approx(mse, rel=1e-6)
     assert float(cladec_loss(rec, target, 0.25, clf, spec, labels)) == pytest.approx(0.75 * mse + 0.25 * ce, rel=1e-5)
+
+
+def test_object_pixels_weigh_more_in_the_reconstruction_error():
+    """A 2x2 patch on a plain background: its 4 pixels weigh 1 + w, the other 60 weigh 1, and
+    the loss is the weighted mean of the squared errors (hand-computed); a plain image keeps
+    the plain MSE."""
+    target = torch.full((1, 3, 8, 8), 0.5)
+    target[:, :, 3:5, 3:5] = torch.tensor([1.0, 0.2, 0.5])[:, None, None]  # differs by 0.8 in sum
+    weights = object_weights(target, 10.0)
+    assert weights.shape == (1, 1, 8, 8)
+    assert float(weights.sum()) == 60 + 4 * 11 and float(weights[0, 0, 3, 3]) == 11.0
+    rec = target.clone()
+    rec[:, :, 3, 3] += 0.1   # an object pixel off by 0.1 in each channel
+    rec[:, :, 0, 0] += 0.2   # a background pixel off by 0.2
+    expected = (11 * 3 * 0.1 ** 2 + 1 * 3 * 0.2 ** 2) / 3 / (60 + 44)
+    assert float(cladec_loss(rec, target, 0.0, object_weight=10.0)) == pytest.approx(expected, rel=1e-5)
+    plain = torch.full((2, 3, 8, 8), 0.3)  # no object anywhere
+    off = plain + 0.1 * torch.rand(2, 3, 8, 8)
+    assert float(cladec_loss(off, plain, 0.0, object_weight=10.0)) == pytest.approx(
+        float(cladec_loss(off, plain, 0.0)), rel=1e-6)
+
+
+def test_only_spatial_layers_decoders_weigh_the_object():
+    cfg = ClaDecConfig(object_weight=7.0)
+    spatial, vector = Decoder((16, 8, 8), 3, 32), Decoder((64,), 3, 32)
+    assert object_weight(spatial, cfg) == 7.0 and object_weight(vector, cfg) == 0.0
+    clf = build_model("demo_resnet", 4, 3).eval()
+    assert object_weight(RefAE(clf, "layer2", spatial), cfg) == 7.0
+    assert object_weight(RefAE(clf, "avgpool", vector), cfg) == 0.0
 
 
 def test_fresh_classifier_check_can_be_skipped():
