@@ -130,8 +130,8 @@ def test_torchserve_exports_live_verification_and_prometheus_evaluates_the_alert
             # verifications and the mean of all of them (a mediant of the two), and equals the
             # former when nothing was clamped.
             window_mean = grew["sum"] / grew["count"]
-            all_mean = (total(samples, "concept_explainer_verify_agreement_sum", layer="all")
-                        / total(samples, "concept_explainer_verify_agreement_count", layer="all"))
+            all_mean = (total(samples, "concept_explainer_verify_agreement_sum", layer=ALL_LAYERS)
+                        / total(samples, "concept_explainer_verify_agreement_count", layer=ALL_LAYERS))
             low, high = sorted((window_mean, all_mean))
             assert low - 1e-6 <= float(live[0]["value"][1]) <= high + 1e-6, (live, window_mean, all_mean)
             groups = requests.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
