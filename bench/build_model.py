@@ -28,7 +28,7 @@ from export.cladec import ClaDecConfig
 from export.concepts import ConceptConfig
 from export.device import resolve_device
 from export.features import FeatureConfig
-from export.pipeline import ModelSource
+from export.pipeline import ModelSource, timed
 from export.train import TrainConfig
 
 
@@ -50,12 +50,6 @@ TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=6, interventio
                  cladec_eval_images=300, ae_epochs=None)
 
 
-def _timed(report: dict[str, Any], name: str, run: Any) -> None:
-    t0 = time.perf_counter()
-    report[name] = run()
-    report.setdefault("step_seconds", {})[name] = round(time.perf_counter() - t0, 1)
-
-
 def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int = 400, n_test: int = 100,
           ae_images: int = 300, seed: int = 0, counts: Counts | None = None, device: str = "auto") -> dict:
     """Render, train, export, fit concepts, ClaDec and features into ``out / "bundle"`` (and the
@@ -69,29 +63,29 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
     model = ModelSource(classifier=classifier)
     report: dict = {"arch": arch, "size": size, "device": str(resolve_device(device)), "counts": dataclasses.asdict(c),
                     "trained": f"{c.epochs} epochs" if trained else "1 step (untrained for timing)"}
-    _timed(report, "render", lambda: pipeline.render(pipeline.RenderStep(out=data, n_train=c.n_train, n_test=c.n_test,
+    timed(report, "render", lambda: pipeline.render(pipeline.RenderStep(out=data, n_train=c.n_train, n_test=c.n_test,
                                                                          size=size, seed=seed)))
     training = (TrainConfig(epochs=c.epochs, batch_size=64, lr=2e-3, seed=seed) if trained
                 else TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=seed, max_steps=1))
-    _timed(report, "train", lambda: pipeline.train(pipeline.TrainStep(data=data, out=classifier, arch=arch,
+    timed(report, "train", lambda: pipeline.train(pipeline.TrainStep(data=data, out=classifier, arch=arch,
                                                                       device=device, training=training)))
-    _timed(report, "export", lambda: pipeline.export_bundle(pipeline.ExportStep(
+    timed(report, "export", lambda: pipeline.export_bundle(pipeline.ExportStep(
         out=bundle, model=model, name=f"{arch}_{size}", version="bench" + ("-trained" if trained else ""))))
     ae: dict[str, Any] = {} if c.ae_epochs is None else {"epochs": c.ae_epochs, "min_steps": 0}
-    _timed(report, "concepts", lambda: pipeline.add_concepts(pipeline.ConceptsStep(
+    timed(report, "concepts", lambda: pipeline.add_concepts(pipeline.ConceptsStep(
         bundle=bundle, data=data, model=model, device=device,
         concepts=ConceptConfig(train_images=c.ae_images, validity_images=c.validity_images,
                                intervention_images=c.intervention_images, seed=seed, **ae))))
-    _timed(report, "cladec", lambda: pipeline.add_cladec(pipeline.ClaDecStep(
+    timed(report, "cladec", lambda: pipeline.add_cladec(pipeline.ClaDecStep(
         bundle=bundle, data=data, model=model, device=device,
         # only the served decoders, no alpha sweep and no fresh classifiers
         cladec=ClaDecConfig(train_images=c.ae_images, eval_images=c.cladec_eval_images, fresh_classifier_epochs=0,
                             sweep_alphas=(), seed=seed, **ae))))
-    _timed(report, "features", lambda: pipeline.add_features(pipeline.FeaturesStep(
+    timed(report, "features", lambda: pipeline.add_features(pipeline.FeaturesStep(
         bundle=bundle, data=data, model=model, device=device, features=FeatureConfig(finetune_epochs=0))))
-    _timed(report, "quantization", lambda: pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data)))
+    timed(report, "quantization", lambda: pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data)))
     if trained:
-        _timed(report, "analysis", lambda: {k: v for k, v in pipeline.analyze(pipeline.AnalyzeStep(
+        timed(report, "analysis", lambda: {k: v for k, v in pipeline.analyze(pipeline.AnalyzeStep(
             bundle=bundle, data=data, model=model, device=device, images=c.n_train,
             out=out / "analysis")).items() if k != "concept_names"})
     report["seconds"] = round(time.perf_counter() - t0, 1)

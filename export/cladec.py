@@ -373,6 +373,7 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
         raise ValueError("no training images")
     torch.manual_seed(cfg.seed)
     device = device_of(module)
+    weight = object_weight(module, cfg)
     rng = np.random.default_rng(cfg.seed)
     steps = train_steps(len(ds), cfg) if steps is None else steps
     params = [p for p in module.parameters() if p.requires_grad]
@@ -392,7 +393,7 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
                 target = to_unit(ds.pixels[idx], device)
                 x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec)).to(device)
                 loss = cladec_loss(module(x), target, alpha, classifier, spec,
-                                   torch.from_numpy(ds.labels[idx]).to(device), object_weight(module, cfg))
+                                   torch.from_numpy(ds.labels[idx]).to(device), weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -116,7 +116,6 @@ class LoadedClassifier:
     def to(self, device: str) -> LoadedClassifier:
         """The same classifier on ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
         :func:`export.device.resolve_device`), with a factory whose fresh copies start there."""
-        from export.device import resolve_device
         dev = resolve_device(device)
         if dev.type == "cpu":
             return self
@@ -643,7 +642,7 @@ class BuildStep:
     device: str = field(default="auto", metadata=_help(DEVICE_HELP))
 
 
-def _timed(report: dict[str, Any], name: str, run: Callable[[], dict[str, Any]]) -> None:
+def timed(report: dict[str, Any], name: str, run: Callable[[], dict[str, Any]]) -> None:
     """``report[name] = run()``, and its wall time in ``report["step_seconds"][name]``."""
     t0 = time.perf_counter()
     report[name] = run()
@@ -660,24 +659,24 @@ def _method_steps(bundle: Path, data: Path, model: ModelSource, concepts: Concep
     (a new dict by default), with each step's wall time under ``step_seconds``; returns it."""
     report = {} if report is None else report
     say("[2/7] concepts (method 1)")
-    _timed(report, "concepts", lambda: add_concepts(
+    timed(report, "concepts", lambda: add_concepts(
         ConceptsStep(bundle=bundle, data=data, model=model, device=device, concepts=concepts)))
     say("[3/7] ClaDec (method 2)")
-    _timed(report, "cladec", lambda: add_cladec(
+    timed(report, "cladec", lambda: add_cladec(
         ClaDecStep(bundle=bundle, data=data, model=model, device=device, cladec=cladec)))
     say("[4/7] class-specific features (method 3)")
-    _timed(report, "features", lambda: add_features(
+    timed(report, "features", lambda: add_features(
         FeaturesStep(bundle=bundle, data=data, model=model, device=device, features=features)))
     say("[5/7] 8-bit concept encoders and reference autoencoders")
-    _timed(report, "quantization", lambda: quantize(QuantizeStep(bundle=bundle, data=data)))
+    timed(report, "quantization", lambda: quantize(QuantizeStep(bundle=bundle, data=data)))
     if analysis is not None:
         say("[6/7] layer analysis (method 4)")
         step = dataclasses.replace(analysis, device=device)
-        _timed(report, "analysis", lambda: {k: v for k, v in analyze(step).items() if k != "concept_names"})
+        timed(report, "analysis", lambda: {k: v for k, v in analyze(step).items() if k != "concept_names"})
     else:
         say("[6/7] layer analysis skipped: the data has no factors.csv")
     say("[7/7] archive")
-    _timed(report, "archive", lambda: archive(archive_step))
+    timed(report, "archive", lambda: archive(archive_step))
     return report
 
 
@@ -706,10 +705,10 @@ def build(step: BuildStep, concepts: ConceptConfig | None = None, cladec: ClaDec
     print("layers chosen from the model:\n  " + "\n  ".join(layout.reasons))
     report: dict[str, Any] = {"layout": {"head": layout.head, "penultimate": layout.penultimate,
                                          "concept_layers": list(concept_layers), "cladec_layers": list(cladec_layers)}}
-    print(f"[1/7] export (torch on {resolve_device(step.device)} from here on; export on the CPU)")
-    version = version or "1.0"
     report["device"] = str(resolve_device(step.device))
-    _timed(report, "export", lambda: export_bundle(ExportStep(out=bundle, model=source, data=step.data,
+    print(f"[1/7] export (torch on {report['device']} from here on; export on the CPU)")
+    version = version or "1.0"
+    timed(report, "export", lambda: export_bundle(ExportStep(out=bundle, model=source, data=step.data,
                                                               layers=exported, name=step.name, version=version)))
     recorded = ModelSource()  # from here on the bundle names the model
     analysis = (AnalyzeStep(bundle=bundle, data=step.data, model=recorded, layers=layout.blocks, out=out / "analysis")
@@ -814,12 +813,12 @@ def build_demo(step: BuildDemoStep, concepts: ConceptConfig | None = None, clade
     bundle = build / "bundle"
     report: dict[str, Any] = {"device": str(resolve_device(step.device))}
     if not (data / "factors.csv").is_file() or step.force:
-        _timed(report, "render", lambda: render(RenderStep(out=data, n_train=step.n_train, n_test=step.n_test,
+        timed(report, "render", lambda: render(RenderStep(out=data, n_train=step.n_train, n_test=step.n_test,
                                                            seed=step.seed)))
     if not (build / "classifier" / CLASSIFIER_INFO).is_file() or step.force:
-        _timed(report, "train", lambda: train(TrainStep(data=data, out=build / "classifier", device=step.device,
+        timed(report, "train", lambda: train(TrainStep(data=data, out=build / "classifier", device=step.device,
                                                         training=TrainConfig(epochs=step.epochs, seed=step.seed))))
-    _timed(report, "export", lambda: export_bundle(ExportStep(out=bundle, model=source, name=step.name,
+    timed(report, "export", lambda: export_bundle(ExportStep(out=bundle, model=source, name=step.name,
                                                               version=step.version)))
     analysis = (AnalyzeStep(bundle=bundle, data=data, model=source, out=build / "analysis")
                 if (data / "factors.csv").is_file() else None)
