@@ -342,15 +342,19 @@ def cmd_demo_report(args: argparse.Namespace) -> dict:
     client.wait_ready(args.model, timeout=args.timeout)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    answers = []
+    answers = []  # with each concept's atlas strips, for the report
     for f in _one_image_per_class(Path(args.data), args.images):
-        status, body = client.post_image("explanations", args.model, f.read_bytes())
+        status, body = client.post_json("explanations", args.model,
+                                        {"data": base64.b64encode(f.read_bytes()).decode(), "atlas": True})
         if status != 200:
             raise PipelineError(f"{f}: HTTP {status}: {body}")
         answers.append((f, body))
     if not answers:
         raise PipelineError(f"no test images to explain under {Path(args.data, 'test')} (--images {args.images})")
-    f, body = answers[0]
+    f = answers[0][0]
+    status, body = client.post_image("explanations", args.model, f.read_bytes())  # the default answer
+    if status != 200:
+        raise PipelineError(f"{f}: HTTP {status}: {body}")
     size = len(json.dumps(body, separators=(",", ":")))
     (out / "explanation.json").write_text(json.dumps(body, indent=1) + "\n")
     _save_grid([_triplet_cells(p.read_bytes(), b) for p, b in answers], out / "cladec_grid.png")
@@ -378,6 +382,8 @@ def _request_options(args: argparse.Namespace) -> dict[str, Any]:
         options["image_format"] = args.image_format
     if args.verify:
         options["verify"] = True
+    if args.atlas:
+        options["atlas"] = True
     return options
 
 
@@ -478,9 +484,30 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check every listed concept against the network's own interventions (the request option "
                         '"verify": true) (default: off)')
+    p.add_argument("--atlas", action="store_true",
+                   help="each listed concept carries its atlas strips (the request option \"atlas\": true) "
+                        "(default: off)")
     _option(p, "--json", None, "write the /explanations answer here (a list for several images)")
     _option(p, "--html", None, "write the HTML report here")
     p.set_defaults(func=cmd_explain)
+
+
+def cmd_atlas(args: argparse.Namespace) -> dict:
+    """Write a bundle's concept atlas as PNG strips and an HTML index."""
+    from export.atlas import write_atlas
+    from handlers.runtime.errors import ArtifactError
+    try:
+        index = write_atlas(Path(args.bundle), Path(args.out))
+    except ArtifactError as exc:
+        raise PipelineError(str(exc)) from None
+    print(f"concept atlas: {index}")
+    return {"index": str(index)}
+
+
+def _atlas_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="a bundle folder with concepts (build/NAME/bundle) (required)")
+    p.add_argument("--out", required=True, help="folder for the strips and index.html (required)")
+    p.set_defaults(func=cmd_atlas)
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:
@@ -533,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
                    populate=_explain_options)
     sub.add_parser("report", help="render saved /explanations answers as a self-contained HTML report",
                    populate=_report_options)
+    sub.add_parser("atlas", help="write a bundle's concept atlas (the training images where each concept fires) "
+                                 "as PNG strips and an HTML index", populate=_atlas_options)
     return p
 
 

@@ -50,6 +50,10 @@ class TorchServeClient:
         except ValueError:
             return status, raw.decode(errors="replace")
 
+    def post_json(self, endpoint: str, model: str, body: dict[str, Any], timeout: float = 60) -> tuple[int, Any]:
+        """POST a JSON request (an image as base64 ``data`` plus options)."""
+        return self.post_image(endpoint, model, json.dumps(body).encode(), "application/json", timeout)
+
     def describe(self, model: str, timeout: float = 10) -> tuple[int, Any]:
         headers = {}
         key = self._keys().get("management")

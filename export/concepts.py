@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,11 +219,15 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
 
 @dataclass
 class Encoded:
-    """Per image: logits (N, K) of the original network and pooled concept values per layer (N, K_l)."""
+    """Per image: logits (N, K) of the original network, pooled concept values per layer
+    (N, K_l) and where each code map peaks (layer -> (N, K_l) flat index into the map of
+    ``map_shapes[layer]`` = (h, w))."""
 
     logits: np.ndarray
     values: dict[str, np.ndarray]
     agreement: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, np.ndarray] = field(default_factory=dict)
+    map_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -234,6 +238,8 @@ def encode_dataset(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Ima
     network with each autoencoder spliced in (docs/methods.md, check "agreement")."""
     logits_all: list[np.ndarray] = []
     values: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+    peaks: dict[str, list[np.ndarray]] = {l: [] for l in layers}
+    shapes: dict[str, tuple[int, int]] = {}
     agree = {l: 0 for l in layers}
     for x, _ in tqdm(batches(ds, spec, batch_size, device=device_of(model)), total=-(-len(ds) // batch_size),
                      desc="encode", disable=not progress, unit="batch"):
@@ -241,10 +247,14 @@ def encode_dataset(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Ima
         logits_all.append(to_numpy(logits))
         for l in layers:
             z, rec = aes[l](acts[l])
-            values[l].append(pooled_values(to_numpy(z)))
+            code = to_numpy(z)
+            values[l].append(pooled_values(code))
+            peaks[l].append(code.reshape(*code.shape[:2], -1).argmax(axis=2).astype(np.int32))
+            shapes[l] = (int(code.shape[2]), int(code.shape[3]))
             if agreement:
                 agree[l] += int((spliced_logits(model, l, x, rec).argmax(1) == logits.argmax(1)).sum())
-    out = Encoded(np.concatenate(logits_all), {l: np.concatenate(v) for l, v in values.items()})
+    out = Encoded(np.concatenate(logits_all), {l: np.concatenate(v) for l, v in values.items()},
+                  peaks={l: np.concatenate(v) for l, v in peaks.items()}, map_shapes=shapes)
     if agreement:
         out.agreement = {l: agree[l] / len(ds) for l in layers}
     return out
@@ -679,10 +689,14 @@ def _export_concept_layers(model: nn.Module, aes: Any, spec: InputSpec, cfg: Con
 
 def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test: ImageDataset,
                    activation_names: dict[str, str], out: Path, cfg: ConceptConfig,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, kinds: dict[str, dict] | None = None) -> dict[str, Any]:
     """Everything of method 1 into folder ``out``: encoder, decoder and intervention ONNX
-    files, causal network JSON, concepts.json with bins and the validity report. Returns the
+    files, causal network JSON, concepts.json with bins, names, the atlas and the validity
+    report. Names come from the training images (their class and, where ``train`` has
+    factors, the factors, whose kinds ``kinds`` gives: :mod:`export.naming`). Returns the
     report."""
+    from export.atlas import build_atlas
+    from export.naming import name_concepts
     from handlers.runtime.concepts import ConceptSpec
     from handlers.runtime.settings import HandlerSettings
     t0 = time.perf_counter()
@@ -699,7 +713,15 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     pi, observed = served_weights(iv, compiled)
     screen = np.abs(measured_effects(iv, pi, observed)).mean(axis=0)
     probes, probe_report = choose_probes(iv, pi, observed, v.typical)
+    t_atlas = time.perf_counter()
+    atlases = build_atlas(model, {l: aes[l].encoder for l in cfg.layers}, train, spec, v.train.values,
+                          v.train.peaks, v.train.map_shapes, v.typical, out)
+    atlas_seconds = time.perf_counter() - t_atlas
     layers, parity = _export_concept_layers(model, aes, spec, cfg, v, screen, probes, activation_names, out)
+    names = {l: name_concepts(v.train.values[l], train.labels, train.classes, train.factors, kinds)
+             for l in cfg.layers}
+    layers = [replace(l, atlas=atlases[l.layer], names=tuple(n.name for n in names[l.layer]),
+                      name_bits=tuple(n.bits for n in names[l.layer])) for l in layers]
     explainer = _served_explainer(layers, compiled, cfg, out)
     truth = served_truth(model, explainer, test.take(val_idx), spec, iv_test, HandlerSettings().network_concepts)
     report = {
@@ -711,8 +733,11 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
         "effect_truth": truth,
         "network_probes": probe_report,
         "network": network,
+        "names": {l: [n.to_json() for n in names[l]] for l in cfg.layers},
         "mostly_silent_concepts": {l: int((v.edges[l][:, -1] <= 0).sum()) for l in cfg.layers},
         "held_out_images": len(test),
+        "atlas": {"seconds": round(atlas_seconds, 1), "bytes": sum((out / a.file).stat().st_size for a in atlases.values()),
+                  "crop_px": {l: list(a.crop) for l, a in atlases.items()}},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     report["checks"] = validity_checks(report)

@@ -396,11 +396,14 @@ class ConceptsStep(BundleStep):
 def add_concepts(step: ConceptsStep) -> dict[str, Any]:
     """Add method 1's artifacts (``concepts.json`` and friends) to ``step.bundle``."""
     from export.concepts import build_concepts, format_report
+    from export.data.loader import read_factor_kinds
     meta, loaded = _bundle_and_classifier(step)
     model = loaded.model
     outputs = {l.name: l.output for l in meta.layers}
+    kinds = read_factor_kinds(step.data)
     report = _add_to_bundle(step, meta, step.concepts.layers, "concepts", "concepts.json",
-                            lambda tr, te, tmp: build_concepts(model, meta.input, tr, te, outputs, tmp, step.concepts))
+                            lambda tr, te, tmp: build_concepts(model, meta.input, tr, te, outputs, tmp, step.concepts,
+                                                               kinds=kinds))
     print(format_report(report))
     print(f"concept artifacts added to {step.bundle} in {report['seconds']} s")
     return report
@@ -501,7 +504,7 @@ def analyze(step: AnalyzeStep) -> dict[str, Any]:
     """Analyse the layers; with concepts in the bundle, name them and write the names into it."""
     from export.analysis.layers import analyse, format_report, save
     from export.archive import write_bundle
-    from export.data.loader import load_image_folder
+    from export.data.loader import load_image_folder, read_factor_kinds
     from handlers.runtime.bundle import load_bundle
     from handlers.runtime.classifier import make_session
     from handlers.runtime.concepts import ConceptSpec
@@ -509,8 +512,7 @@ def analyze(step: AnalyzeStep) -> dict[str, Any]:
     meta = bundle.metadata
     model = load_classifier(source_from_bundle(step.model, meta, step.bundle), step.data).to(step.device).model
     ds = load_image_folder(step.data, meta.input, step.split, limit=step.images)
-    kinds_file = Path(step.data) / "factors.json"
-    kinds = json.loads(kinds_file.read_text())["factors"] if kinds_file.is_file() else None
+    kinds = read_factor_kinds(step.data)
     encoders = {}
     spec_c = None
     if "concepts" in meta.extra and step.name_concepts:

@@ -3,7 +3,8 @@
 The report is one HTML file with everything inline (CSS, images as ``data:`` URIs, no
 scripts, fonts or network): per image, the prediction and target, the input with each
 concept's heatmap laid over it (a CSS-only switch hides or shows the overlays), the
-concepts as bars of effect with the intervention probabilities per state, the ClaDec
+concepts as bars of effect with the intervention probabilities per state (and, when the
+answer carries them, each concept's atlas strips: the training images where it fires), the ClaDec
 triplets per layer and alpha, the class-feature contributions (subset, outside the subset,
 runner-up), the bundle's validity figures and the timings. It renders the answer as the
 typed model of ``handlers/runtime/answer.py`` checks it: an answer of the wrong shape is
@@ -131,6 +132,8 @@ th{font-weight:600;color:#3a4556}td.num{text-align:right;font-variant-numeric:ta
 .triplet figure{margin:0;text-align:center}figcaption{font-size:11px;color:#5b6675;line-height:1.2;margin-top:3px}
 .switch{font-size:12px;color:#3a4556;margin:6px 0}
 input.toggle:not(:checked)~.concepts img.heat{display:none}
+.concept{flex-wrap:wrap}.atlas{flex-basis:100%;margin-top:4px}
+.atlas img{display:block;height:48px;max-width:100%;image-rendering:pixelated;border:1px solid #ccd;margin-top:2px}
 .warn{color:#8a3b00}.ok{color:#2f7d4f}
 """
 
@@ -197,6 +200,23 @@ def _signed_bar(value: float, scale: float) -> str:
     return f'<div class="bar signed"><i class="{cls}" style="left:{left:.1f}%;width:{w:.1f}%"></i></div>'
 
 
+def _atlas(c: dict[str, Any]) -> str:
+    """A concept card's atlas strips (the answer's ``atlas``, with ``"atlas": true``), or ""."""
+    a = c.get("atlas")
+    if not a:
+        return ""
+    cid = _e(c["id"])
+    rows = [f'<div class="label">training images where it fires most (crops of {a["crop_px"][0]}×{a["crop_px"][1]} '
+            f'input pixels around its peak)</div><img class="atlas-top" data-atlas="{cid}" '
+            f'alt="training images where {cid} fires most" title="{_e(", ".join(a["top_images"]))}" '
+            f'src="{_b64_image(a["top_png"], c["id"] + " atlas")}">']
+    if "low_png" in a:
+        rows.append(f'<div class="label">where it is lowest</div><img class="atlas-low" data-atlas="{cid}" '
+                    f'alt="training images where {cid} is lowest" title="{_e(", ".join(a["low_images"]))}" '
+                    f'src="{_b64_image(a["low_png"], c["id"] + " atlas")}">')
+    return f'<div class="atlas">{"".join(rows)}</div>'
+
+
 def _concepts(body: dict[str, Any], input_uri: str) -> str:
     concepts = body.get("concepts")
     if not concepts:
@@ -222,6 +242,7 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
                         f'|served − network| {v["abs_error"]:.4f}</div>{_signed_bar(v["effect"], scale)}'
                         f'<div class="states net" data-verified="{_e(c["id"])}">{net}</div>')
         name = c["name"] if c["name"] == c["id"] else f'{c["name"]} ({c["id"]})'
+        atlas = _atlas(c)
         cards.append(
             f'<div class="concept" data-concept="{_e(c["id"])}">'
             f'<div class="stack tiny"><img alt="input" src="{input_uri}">{heat}</div>'
@@ -230,7 +251,7 @@ def _concepts(body: dict[str, Any], input_uri: str) -> str:
             f' · answered by {_e(SOURCE_WORDS.get(c.get("source", "bayesian_network"), "?"))}</div>'
             f'{_signed_bar(c["effect"], scale)}'
             f'<div class="label">P(target | do(state)) — observed state dark</div><div class="states">{states}</div>'
-            f'{verified}</div></div>')
+            f'{verified}</div>{atlas}</div>')
     has_heat = any("heatmap_png" in c for c in concepts)
     toggle = ('<input class="toggle" type="checkbox" id="t{id}" checked> <label class="switch" for="t{id}">'
               'heatmaps over the input</label>') if has_heat else ""

@@ -3,8 +3,8 @@
 For each chosen layer: mutual information (bits) between the layer's representation and
 every generative factor of a controlled data set (``factors.csv``), per pooled channel and
 for a PCA-reduced multivariate code; pose invariance as the interaction information between
-the codes of two pose bins about the class; and, for the concepts of method 1, the factor
-each concept shares most information with (its name).
+the codes of two pose bins about the class; and, for the concepts of method 1, their names
+(what tells each concept apart beyond the class: :mod:`export.naming`).
 
 Estimators (``ESTIMATORS``, repeated in the result):
 
@@ -175,7 +175,8 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
     factors, estimators as :func:`mi_with_factor`: a categorical factor's entries never
     exceed ``factor_entropy_bits[factor]``); ``mi_pca_gaussian_model_bits`` (the unbounded
     Gaussian-model figure, categorical factors only, None elsewhere); ``estimators``;
-    ``pose_invariance``; ``concept_names`` (the factor with the largest bounded MI).
+    ``pose_invariance``; ``concept_names`` (per concept its name, :func:`export.naming.name_concepts`,
+    and ``all_bits``: its bounded MI with every factor).
     """
     if ds.factors is None:
         raise ValueError("the data set has no factors.csv: nothing to analyse against")
@@ -207,20 +208,18 @@ def analyse(model: torch.nn.Module, ds: ImageDataset, spec: InputSpec, layers: S
         if pose is not None and pose.kind != "categorical":
             result["pose_invariance"][l] = pose_invariance(code, pose.values[0], classes)
     if concept_encoders:
+        from export.naming import name_concepts
         names: dict[str, list[dict[str, Any]]] = {}
         for l, sess in concept_encoders.items():
             z = sess.run(None, {sess.get_inputs()[0].name: raw[l].astype(np.float32)})[0]
             values = pooled_values(z).T.astype(np.float64)  # (K, N): the concept variables
             live = values.std(axis=1) > 1e-8 * (np.abs(values).max(axis=1) + 1e-12)
             per_factor = {f.name: mi_per_channel(values[live], f) for f in factors} if live.any() else {}
+            named = name_concepts(values.T, classes, ds.classes, ds.factors, kinds)
             entries: list[dict[str, Any]] = []
             for c, j in enumerate(np.cumsum(live) - 1):  # j: the row among the live ones
-                if not live[c]:
-                    entries.append({"channel": c, "name": None, "bits": None, "all_bits": {}})
-                    continue
-                bits = {name: round(float(v[j]), 4) for name, v in per_factor.items()}
-                best = max(bits, key=bits.__getitem__)
-                entries.append({"channel": c, "name": best, "bits": bits[best], "all_bits": bits})
+                bits = {name: round(float(v[j]), 4) for name, v in per_factor.items()} if live[c] else {}
+                entries.append({**named[c].to_json(), "all_bits": bits})
             names[l] = entries
         result["concept_names"] = names
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -270,7 +269,8 @@ def format_report(result: dict[str, Any]) -> str:
                 lines.append(f"  {l:<10} II {v['ii_bits']:+.3f} bits   redundancy {v['redundancy']:.2f}")
     for l, entries in result.get("concept_names", {}).items():
         lines.append(f"concepts of {l}: " + ", ".join(
-            f"c{e['channel']}={e['name']}({e['bits']:.2f})" if e["name"] else f"c{e['channel']}=silent"
+            f"c{e['channel']}={e['name']}" + (f" ({e['bits']:.2f} bits beyond the class)" if e["bits"] else "")
+            if e["name"] else f"c{e['channel']}=silent"
             for e in entries))
     return "\n".join(lines)
 

@@ -93,6 +93,13 @@ def read_factors(root: str | Path) -> dict[str, dict[str, str]] | None:
         return {row["path"]: row for row in reader}
 
 
+def read_factor_kinds(root: str | Path) -> dict[str, dict] | None:
+    """The factors' kinds (``factors.json``: type, levels, period), or None without the file."""
+    import json
+    path = Path(root) / "factors.json"
+    return json.loads(path.read_text())["factors"] if path.is_file() else None
+
+
 def _factor_arrays(rows: list[dict[str, str] | None]) -> dict[str, np.ndarray]:
     names = [k for k in next((r for r in rows if r), {}) if k not in ("path", "split", "label")]
     out: dict[str, np.ndarray] = {}

@@ -185,6 +185,22 @@ class Verification(Answer):
         "share of the network's three largest |effects| among the answer's first three concepts"))
 
 
+class ConceptAtlas(Answer):
+    """The concept's face (``"atlas": true``): the training images where it fires most, as one
+    PNG strip of thumbnails, each cropped around the code map's peak (the crop is the layer's
+    effective receptive field); for a concept whose lowest state is not "absent", its lowest
+    images too."""
+
+    thumb: int = Field(ge=1, description="side of one thumbnail in pixels; the strip is thumb high")
+    crop_px: list[int] = Field(min_length=2, max_length=2, description="input pixels (height, width) one thumbnail shows")
+    top_png: Png = Field(description="the highest images, left to right, thumb x thumb each")
+    top_images: list[str] = Field(min_length=1, description="their training images (paths in the data folder)")
+    top_values: list[Decimals5] = Field(min_length=1, description="the concept's pooled value on each")
+    low_png: Png | Absent = omitted("the lowest images; absent where the lowest state means the concept is absent")
+    low_images: list[str] | Absent = omitted("their training images; present with low_png")
+    low_values: list[Decimals5] | Absent = omitted("the concept's pooled value on each; present with low_png")
+
+
 class Concept(Answer):
     """One concept of the concepts view (method 1)."""
 
@@ -208,6 +224,7 @@ class Concept(Answer):
     heatmap_png: Png | Absent = omitted("the concept's map: an overlay palette PNG or, with heatmap=blended, an RGB PNG; "
                                "absent with images=false")
     verified: Verified | Absent = omitted("the network's own answer; present with verify on the verified concepts")
+    atlas: ConceptAtlas | Absent = omitted("the concept's atlas strips; present with atlas=true where the bundle has them")
 
 
 class ClaDecImage(Answer):

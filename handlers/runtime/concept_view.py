@@ -10,7 +10,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from handlers.runtime.answer import Concept, Intervention
+from handlers.runtime.answer import Concept, ConceptAtlas, Intervention
+from handlers.runtime.atlas import AtlasStrips, decode_sprite
 from handlers.runtime.bundle import Bundle
 from handlers.runtime.causal import CausalRecord, CompiledCausalModel
 from handlers.runtime.classifier import GraphOpener
@@ -57,8 +58,9 @@ class ConceptExplainer:
     the bundle has them, the intervention graphs (decoder + rest of the classifier)."""
 
     def __init__(self, spec: ConceptSpec, network: CompiledCausalModel, sessions: dict[str, Any],
-                 interventions: dict[str, Any] | None = None) -> None:
+                 interventions: dict[str, Any] | None = None, atlas: AtlasStrips | None = None) -> None:
         self.spec = spec
+        self.atlas = atlas
         self.network = network
         self.sessions = sessions
         self.interventions = dict(interventions or {})
@@ -84,14 +86,16 @@ class ConceptExplainer:
         if network.outcome != spec.outcome:
             raise ArtifactError(f"causal network outcome {network.outcome!r} != {spec.outcome!r}")
         outputs = {l.name: l.output for l in bundle.metadata.layers}
-        sessions, interventions = {}, {}
+        sessions, interventions, sprites = {}, {}, {}
         for layer in spec.layers:
+            if layer.atlas is not None:
+                sprites[layer.layer] = (layer.atlas, decode_sprite(bundle.path(layer.atlas.file).read_bytes(), layer.atlas))
             if outputs.get(layer.layer) != layer.activation:
                 raise ArtifactError(f"concept layer {layer.layer} needs classifier output {layer.activation}")
             sessions[layer.layer] = open_graph(layer.encoder_file)
             if layer.intervention_file is not None:
                 interventions[layer.layer] = open_graph(layer.intervention_file)
-        return cls(spec, network, sessions, interventions)
+        return cls(spec, network, sessions, interventions, AtlasStrips(sprites) if sprites else None)
 
     def encode(self, activations: dict[str, np.ndarray]) -> ConceptBatch:
         """Run the encoders on the activations the classifier already produced."""
@@ -109,7 +113,20 @@ class ConceptExplainer:
         bundle's probes ignored): the reference the interpolated answers are measured against."""
         layers = tuple(dataclasses.replace(l, probes=None) for l in self.spec.layers)
         return ConceptExplainer(dataclasses.replace(self.spec, layers=layers), self.network, self.sessions,
-                                self.interventions)
+                                self.interventions, self.atlas)
+
+    def atlas_part(self, layer: str, channel: int) -> ConceptAtlas | None:
+        """The answer's atlas of one concept; None where the bundle has none or it never fires."""
+        strips = None if self.atlas is None else self.atlas.get(layer, channel)
+        if strips is None or strips.top_png is None:
+            return None
+        index = self.layers[layer].atlas
+        assert index is not None
+        low = strips.low_png is not None
+        return ConceptAtlas(thumb=index.thumb, crop_px=list(index.crop), top_png=strips.top_png,
+                            top_images=list(strips.top_images), top_values=list(strips.top_values),
+                            low_png=strips.low_png, low_images=list(strips.low_images) if low else None,
+                            low_values=list(strips.low_values) if low else None)
 
     def where(self, concept: str) -> tuple[str, int]:
         """(layer, channel) of a concept id.
@@ -203,7 +220,8 @@ class ConceptExplainer:
         return sorted(answered, key=_by_effect) + sorted(rest, key=_by_effect)
 
     def explain(self, batch: ConceptBatch, row: int, target: int, top: int | None,
-                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int | None = 0) -> ConceptsPart:
+                pixels: np.ndarray | None, heatmap: str = "overlay", network_concepts: int | None = 0,
+                atlas: bool = False) -> ConceptsPart:
         """The ``concepts`` view for one image, in the order of :meth:`answer`.
 
         row: the image's row in ``batch``; top: how many concepts (None: all).
@@ -212,6 +230,7 @@ class ConceptExplainer:
         "blended" = the heatmap already blended over the input (RGB PNG, several times larger).
         network_concepts: how many concepts the network answers (None: all; 0: the Bayesian
         network answers all, anchored where the bundle has intervention graphs).
+        atlas: each concept carries its atlas strips (where the bundle has an atlas).
         """
         t0 = time.perf_counter()
         records = self.answer(batch, row, target, network_concepts)
@@ -235,7 +254,7 @@ class ConceptExplainer:
                 name_bits=layer.name_bits[channel], activation=float(batch.values[layer_name][row, channel]),
                 state=rec.state, effect=rec.effect, sensitivity=rec.sensitivity, source=sourced.source,
                 interventions=[Intervention(state=s, probability=float(p)) for s, p in enumerate(rec.probabilities)],
-                heatmap_png=png))
+                heatmap_png=png, atlas=self.atlas_part(layer_name, channel) if atlas else None))
         return ConceptsPart(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000,
                             records=list(records))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers.runtime.atlas import LayerAtlas
 from handlers.runtime.bundle import checked_document, read_document
 
 FORMAT = "concepts/1"
@@ -127,7 +128,9 @@ class ConceptLayer:
     without it. ``screen`` (K,): each concept's mean |effect| measured in the network on
     training images, the image-independent part of the order in which the network is asked.
     ``probes``: at how many states per concept the network is run when it answers (the
-    others are interpolated, :func:`interpolate_states`); None = every state."""
+    others are interpolated, :func:`interpolate_states`); None = every state. ``atlas``: the
+    index of the layer's concept atlas sprite (:mod:`handlers.runtime.atlas`); None in
+    bundles built without one."""
 
     layer: str
     activation: str
@@ -141,6 +144,7 @@ class ConceptLayer:
     intervention_file: str | None = None
     screen: np.ndarray | None = None
     probes: int | None = None
+    atlas: LayerAtlas | None = None
 
     @property
     def k(self) -> int:
@@ -170,7 +174,8 @@ class ConceptSpec:
                             "baseline": None if l.baseline is None else l.baseline.tolist(),
                             **({} if l.intervention_file is None else {"intervention_file": l.intervention_file}),
                             **({} if l.screen is None else {"screen": l.screen.tolist()}),
-                            **({} if l.probes is None else {"probes": l.probes})}
+                            **({} if l.probes is None else {"probes": l.probes}),
+                            **({} if l.atlas is None else {"atlas": l.atlas.to_json()})}
                            for l in self.layers]}
 
     @classmethod
@@ -186,7 +191,8 @@ class ConceptSpec:
                                        None if l.get("baseline") is None else np.asarray(l["baseline"], dtype=np.float64),
                                        l.get("intervention_file"),
                                        None if l.get("screen") is None else np.asarray(l["screen"], dtype=np.float64),
-                                       None if l.get("probes") is None else int(l["probes"])))
+                                       None if l.get("probes") is None else int(l["probes"]),
+                                       LayerAtlas.from_json(l.get("atlas"), k)))
         return cls(int(d["states"]), tuple(layers), d["network_file"], d.get("outcome", "Y"),
                    dict(d.get("report", {})))
 

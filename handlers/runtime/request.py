@@ -22,7 +22,7 @@ IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "application/octet-stream
 JSON_TYPES = ("application/json",)
 PREDICT_OPTIONS = ("data", "top_k")
 EXPLAIN_OPTIONS = ("data", "top_k", "target", "top_concepts", "images", "heatmap", "views", "layers", "reference",
-                   "alphas", "image_format", "verify")
+                   "alphas", "image_format", "verify", "atlas")
 HEATMAP_STYLES = ("overlay", "blended")
 ALPHA_CHOICES = ("all", "lowest")  # ClaDec alphas by name; otherwise archived values
 
@@ -74,6 +74,7 @@ class ExplainRequest:
     alphas: str | tuple[float, ...] | None = None  # ClaDec: "all", "lowest" or values (None: the archive's default)
     image_format: str | None = None  # ClaDec images: "png" or "jpeg" (None: the archive's default)
     verify: bool | int = False  # check the answer's concepts (True: all of them; n: the first n) in the network
+    atlas: bool = False  # each concept's atlas strips (training images where it fires most)
 
 
 def _media_type(content_type: str | None) -> str:
@@ -210,8 +211,9 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     (bool: ClaDec's reference-autoencoder images; they cost a run of the classifier's
     layers up to each ClaDec layer), ``views`` (subset of the available views), ``layers``,
     ``alphas`` (ClaDec: "all", "lowest" or archived values ``alphas``), ``image_format``
-    (ClaDec images: "png" or "jpeg") and ``verify`` (true, or how many of the answer's first
-    concepts to check against the network's own interventions).
+    (ClaDec images: "png" or "jpeg"), ``verify`` (true, or how many of the answer's first
+    concepts to check against the network's own interventions) and ``atlas`` (bool: each
+    listed concept's atlas strips).
     """
     obj, image = _options_or_image(value, content_type, max_bytes, EXPLAIN_OPTIONS, "/explanations")
     if obj is None:
@@ -227,6 +229,11 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
     images = obj.get("images", True)
     if not isinstance(images, bool):
         raise InvalidOption(f'"images" must be true or false, got {json.dumps(images)[:40]}')
+    atlas = obj.get("atlas", False)
+    if atlas is None:
+        atlas = False
+    if not isinstance(atlas, bool):
+        raise InvalidOption(f'"atlas" must be true or false, got {json.dumps(atlas)[:40]}')
     reference = obj.get("reference")
     if reference is not None and not isinstance(reference, bool):
         raise InvalidOption(f'"reference" must be true or false, got {json.dumps(reference)[:40]}')
@@ -256,6 +263,7 @@ def parse_explain(value: Any, content_type: str | None, *, max_bytes: int, class
         alphas=_alphas(obj, alphas),
         image_format=image_format,
         verify=verify,
+        atlas=atlas,
     )
 
 
@@ -281,7 +289,8 @@ class ResolvedExplain:
     target: a class index, or :data:`PREDICTED`; views: the views to run; top_concepts:
     concepts listed (0 without the concepts view); pixels_wanted: heatmaps and reconstructions;
     cladec: what ClaDec renders for this image (None: no ClaDec images); verify: how many of
-    the listed concepts to check against the network (0: none)."""
+    the listed concepts to check against the network (0: none); atlas: the listed concepts
+    carry their atlas strips."""
 
     image: bytes
     top_k: int
@@ -292,6 +301,7 @@ class ResolvedExplain:
     heatmap: str
     cladec: ClaDecOptions | None
     verify: int
+    atlas: bool = False
 
     def target_index(self, probabilities: Any) -> int:
         """The class explained, given the image's class probabilities (K,)."""
@@ -348,4 +358,4 @@ def resolve_explain(req: ExplainRequest, defaults: Defaults) -> ResolvedExplain:
                             req.image_format or defaults.cladec_image_format)
     return ResolvedExplain(image=req.image, top_k=min(req.top_k or defaults.top_k, len(defaults.classes)),
                            target=target, views=views, top_concepts=top, images=req.images, heatmap=req.heatmap,
-                           cladec=cladec, verify=verify)
+                           cladec=cladec, verify=verify, atlas=req.atlas and top > 0)

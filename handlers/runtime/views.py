@@ -128,7 +128,7 @@ class ConceptsStep(View):
         req = rows.requests[row]
         part = self.explainer.explain(rows.concepts, row, rows.targets[row], req.top_concepts,
                                       rows.pixels[row] if req.images else None, heatmap=req.heatmap,
-                                      network_concepts=self.network_concepts)
+                                      network_concepts=self.network_concepts, atlas=req.atlas)
         return Part(fields={"concepts": part.concepts}, ms={"causal": part.causal_ms, "encode": part.encode_ms},
                     carry={"records": part.records})
 

@@ -52,12 +52,15 @@ def test_concepts_view_structure(handler, model_dir, sample_pngs):
     assert set(body) >= {"predictions", "target", "concepts", "model", "timings_ms"}
     assert body["target"]["index"] == body["predictions"][0]["index"]
     concepts = body["concepts"]
+    classes = json.loads((model_dir / "bundle" / "metadata.json").read_text())["classes"]
     assert len(concepts) == 8  # model-config.yaml's top_concepts (of 3 layers x 4 concepts)
     effects = [abs(c["effect"]) for c in concepts]
     assert effects == sorted(effects, reverse=True)
     for c in concepts:
         assert c["id"] == f"{c['layer']}/c{c['channel']}" and 0 <= c["state"] < 3
-        assert c["name"] == c["id"] or (c["name"] in FACTORS and c["name_bits"] is not None)
+        assert c["name"] == c["id"] or c["name"].split(" · ")[0] in (*classes, "any class")
+        assert c["name_bits"] is None or any(f in c["name"] for f in FACTORS)
+        assert "atlas" not in c  # only on request
         assert len(c["interventions"]) == 3
         assert sum(1 for i in c["interventions"] if 0 <= i["probability"] <= 1) == 3
         png = Image.open(io.BytesIO(base64.b64decode(c["heatmap_png"])))
@@ -407,3 +410,36 @@ def test_cladec_in_chunks_gives_the_same_answers(handler, model_dir, sample_pngs
     for (_, x), (_, y) in zip(a, b):
         x.pop("timings_ms"), y.pop("timings_ms")
         assert x == y and len(x["cladec"]) == 4
+
+
+def test_atlas_on_request(handler, model_dir, sample_pngs):
+    """``"atlas": true`` adds each concept's strips and nothing else changes; without it no byte of them."""
+    status, plain = explain(handler, model_dir, sample_pngs[1], top_concepts=12)
+    status2, body = explain(handler, model_dir, sample_pngs[1], top_concepts=12, atlas=True)
+    assert status == status2 == 200
+    spec = json.loads((model_dir / "bundle" / "concepts.json").read_text())
+    index = {f"{l['layer']}/c{c}": (l["atlas"], top, low) for l in spec["layers"]
+             for c, (top, low) in enumerate(zip(l["atlas"]["top"], l["atlas"]["low"]))}
+    with_strips = 0
+    for a, b in zip(plain["concepts"], body["concepts"]):
+        assert "atlas" not in a
+        assert {k: v for k, v in b.items() if k != "atlas"} == a
+        layer_atlas, top, low = index[b["id"]]
+        if top is None:  # never fires on a training image: nothing to show
+            assert "atlas" not in b
+            continue
+        with_strips += 1
+        atlas = b["atlas"]
+        assert atlas["top_images"] == top["images"] and atlas["top_values"] == top["values"]
+        assert atlas["top_values"] == sorted(atlas["top_values"], reverse=True)
+        assert atlas["thumb"] == layer_atlas["thumb"] and atlas["crop_px"] == layer_atlas["crop"]
+        img = Image.open(io.BytesIO(base64.b64decode(atlas["top_png"])))
+        assert img.format == "PNG" and img.size == (atlas["thumb"] * len(top["images"]), atlas["thumb"])
+        assert ("low_png" in atlas) == (low is not None)
+        if low is not None:
+            assert atlas["low_images"] == low["images"]
+            low_img = Image.open(io.BytesIO(base64.b64decode(atlas["low_png"])))
+            assert low_img.size == (atlas["thumb"] * len(low["images"]), atlas["thumb"])
+    assert with_strips >= 1  # the tiny model has silent concepts; those that fire carry strips
+    status, err = explain(handler, model_dir, sample_pngs[1], atlas="yes")
+    assert status == 400 and "atlas" in err["error"]["message"]

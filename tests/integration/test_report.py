@@ -4,6 +4,7 @@ heatmap per concept, one triplet per ClaDec entry, a screenshot that is not blan
 input gets one line and a non-zero exit."""
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -40,7 +41,7 @@ def images(tiny_data: Path, tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="module")
 def explained(tiny_explainer_mar: Path, images, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
     out = tmp_path_factory.mktemp("explain")
-    proc = cli("explain", "--image", *map(str, images), "--mar", str(tiny_explainer_mar),
+    proc = cli("explain", "--image", *map(str, images), "--mar", str(tiny_explainer_mar), "--atlas",
                "--json", str(out / "answers.json"), "--html", str(out / "report.html"))
     return out / "answers.json", out / "report.html", proc
 
@@ -62,7 +63,8 @@ def test_explain_answers_equal_the_handlers(explained, images, tiny_full_bundle,
     ctx = make_context(model_dir)
     handler.initialize(ctx)
     try:
-        batch = [wire_request(p.read_bytes(), explain=True, idx=i) for i, p in enumerate(images)]
+        batch = [wire_request(json.dumps({"data": base64.b64encode(p.read_bytes()).decode(), "atlas": True}),
+                              "application/json", explain=True, idx=i) for i, p in enumerate(images)]
         bodies = [json.loads(b) for b in handler.handle(prepare_batch(ctx, batch), ctx)]
     finally:
         handler.close()
@@ -160,6 +162,26 @@ def test_the_report_in_headless_chromium(browser, explained, tmp_path, javascrip
                                 "triplets: s.querySelectorAll('.triplet').length,"
                                 "inputWidth: s.querySelector('img.input').getBoundingClientRect().width}))")
     assert len(sections) == len(answers) == 3
+    # every atlas strip decodes, is a thumbnail high per image, and sits inside its own concept's card
+    strips = browser.evaluate(
+        "[...document.querySelectorAll('section.image')].map(s => [...s.querySelectorAll('.concept')].map(c => {"
+        "const box = c.getBoundingClientRect();"
+        "return [...c.querySelectorAll('img.atlas-top, img.atlas-low')].map(i => {"
+        "const r = i.getBoundingClientRect();"
+        "return {concept: c.dataset.concept, of: i.dataset.atlas, kind: i.className, w: i.naturalWidth,"
+        "h: i.naturalHeight, inside: r.left >= box.left && r.right <= box.right + 0.5 && r.top >= box.top"
+        " && r.bottom <= box.bottom + 0.5 && r.width > 0};});}))")
+    for section_strips, body in zip(strips, answers):
+        assert len(section_strips) == len(body["concepts"])
+        for card, c in zip(section_strips, body["concepts"]):
+            a = c.get("atlas")
+            want = [] if a is None else ["atlas-top"] + (["atlas-low"] if "low_png" in a else [])
+            assert [s["kind"] for s in card] == want
+            for s in card:
+                images_in = a["top_images"] if s["kind"] == "atlas-top" else a["low_images"]
+                assert s["of"] == s["concept"] == c["id"] and s["inside"]
+                assert (s["w"], s["h"]) == (a["thumb"] * len(images_in), a["thumb"])
+    assert any(c.get("atlas") for body in answers for c in body["concepts"])
     for section, body in zip(sections, answers):
         assert section["concepts"] == section["heat"] == len(body["concepts"])
         assert section["triplets"] == len(body["cladec"])
@@ -177,3 +199,22 @@ def test_the_heatmap_switch_works_without_javascript(browser, explained):
     assert shown > 0
     browser.evaluate("document.querySelector('section.image label.switch').click()")
     assert browser.evaluate(visible) == 0
+
+
+def test_atlas_command_writes_every_strip(tiny_full_bundle, tiny_bundle, tmp_path):
+    proc = cli("atlas", "--bundle", str(tiny_full_bundle), "--out", str(tmp_path / "atlas"))
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads((tiny_full_bundle / "concepts.json").read_text())
+    index = (tmp_path / "atlas" / "index.html").read_text()
+    for layer in spec["layers"]:
+        a = layer["atlas"]
+        for c, (top, low) in enumerate(zip(a["top"], a["low"])):
+            assert f"{layer['layer']}/c{c}" in index
+            for kind, strip in (("top", top), ("low", low)):
+                path = tmp_path / "atlas" / f"{layer['layer']}_c{c}_{kind}.png"
+                assert path.is_file() == (strip is not None)
+                if strip is not None:
+                    assert Image.open(path).size == (a["thumb"] * len(strip["images"]), a["thumb"])
+                    assert f'src="{path.name}"' in index
+    proc = cli("atlas", "--bundle", str(tiny_bundle), "--out", str(tmp_path / "none"))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "has no concepts" in proc.stderr

@@ -1,6 +1,7 @@
 """`concept-explainer build-demo` end to end on a tiny data set: every step, one archive."""
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
@@ -68,6 +69,14 @@ def test_build_demo_produces_a_complete_archive(tmp_path):
             "bundle/concepts.json", "bundle/causal_network.json", "bundle/cladec.json", "bundle/features.json",
             "handlers/runtime/service.py"} <= names
     assert not any(n.endswith((".pkl", ".pt", ".pyc")) for n in names)
+    # every layer's atlas sprite is in the archive and the manifest lists it with its hash
+    manifest = json.loads((bundle / "manifest.json").read_text())["files"]
+    for layer in concepts["layers"]:
+        sprite = layer["atlas"]["file"]
+        assert f"bundle/{sprite}" in names and sprite in manifest
+        assert manifest[sprite] == hashlib.sha256((bundle / sprite).read_bytes()).hexdigest()
+    assert concepts["report"]["atlas"]["bytes"] == sum((bundle / l["atlas"]["file"]).stat().st_size
+                                                       for l in concepts["layers"])
 
     # without --accept-failed-checks, archive exits non-zero exactly when checks failed
     again = tmp_path / "store2"

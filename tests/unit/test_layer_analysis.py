@@ -110,7 +110,8 @@ def test_tiny_bundle_concepts_named(tiny_full_bundle: Path):
     concepts = json.loads((tiny_full_bundle / "concepts.json").read_text())
     factors = {"shape", "texture", "hue", "scale", "rotation", "pos_x", "pos_y", "light", "background"}
     named = [(n, b) for l in concepts["layers"] for n, b in zip(l["names"], l["name_bits"]) if n is not None]
-    assert named and all(n in factors and b is not None for n, b in named)
+    classes = set(json.loads((tiny_full_bundle / "metadata.json").read_text())["classes"]) | {"any class"}
+    assert named and all(n.split(" · ")[0] in classes for n, _ in named)  # first the class part
     analysis = json.loads((tiny_full_bundle.parent / "analysis" / "layer_analysis.json").read_text())
     assert analysis["layers"] == ["stem", "layer1", "layer2", "layer3"]
     assert np.asarray(analysis["mi_pca_bits"]).shape == (4, 9)
@@ -123,12 +124,18 @@ def test_tiny_bundle_concepts_named(tiny_full_bundle: Path):
                 assert factor not in entropy or 0 <= v <= entropy[factor] + 1e-4  # rounding to 4 decimals
     for row in analysis["mi_pca_gaussian_model_bits"]:
         assert [v is not None for v in row] == [f in entropy for f in analysis["factors"]]
-    for n, b in named:
-        assert n not in entropy or b <= entropy[n] + 1e-4
-    for entries in analysis.get("concept_names", {}).values():
+    for layer in concepts["layers"]:  # the bundle carries the analysis' names (a controlled data set names them)
+        entries = analysis["concept_names"][layer["layer"]]
+        assert layer["names"] == [e["name"] for e in entries] and layer["name_bits"] == [e["bits"] for e in entries]
         for e in entries:
-            if e["name"] is not None:
-                assert e["bits"] == max(e["all_bits"].values())
-                assert all(v <= entropy[f] + 1e-4 for f, v in e["all_bits"].items() if f in entropy)
+            if e["name"] is None:
+                continue
+            assert all(v <= entropy[f] + 1e-4 for f, v in e["all_bits"].items() if f in entropy)
+            assert "shape" not in e["bits_beyond_class"]  # the class determines it
+            if e["factor"] is not None:  # the named factor is the one with the most information beyond the class
+                assert e["factor"] in factors and e["factor"] in e["name"]
+                assert e["bits"] == max(e["bits_beyond_class"].values()) >= 0.05
+            else:
+                assert e["bits"] is None and all(v < 0.05 for v in e["bits_beyond_class"].values())
     assert "H(factor)" in format_report(analysis)
     assert (tiny_full_bundle.parent / "analysis" / "layer_analysis.png").is_file()
