@@ -3,8 +3,10 @@ discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -22,7 +24,6 @@ from handlers.runtime.concepts import (
     interpolate_states,
     pooled_values,
     probe_states,
-    set_peaks_in_place,
 )
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.heatmaps import heatmap_levels, heatmap_overlay, heatmap_palette
@@ -61,6 +62,9 @@ class ConceptExplainer:
                  interventions: dict[str, Any] | None = None, atlas: AtlasStrips | None = None) -> None:
         self.spec = spec
         self.atlas = atlas
+        self._pool: ThreadPoolExecutor | None = None  # the graph thread, created on first use
+        self._pool_lock = threading.Lock()
+        self._closed = False
         self.network = network
         self.sessions = sessions
         self.interventions = dict(interventions or {})
@@ -164,6 +168,42 @@ class ConceptExplainer:
             return anchor, at_probes
         return anchor, interpolate_states(typical, peaks, anchor, probed, at_probes)
 
+    def _rows(self, layer: str, concepts: int) -> int:
+        """Rows one intervention-graph run of ``concepts`` concepts of ``layer`` takes."""
+        probes = self.layers[layer].probes
+        return 1 + concepts * (self.spec.states if probes is None else min(probes, self.spec.states))
+
+    def _run_graphs(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int
+                    ) -> dict[str, tuple[float, np.ndarray]]:
+        """:meth:`network_probabilities` of every layer in ``channels`` (layer -> its channels
+        asked). The layer with the most rows runs on the explainer's graph thread while this
+        thread runs the others (onnxruntime releases the GIL, so the two overlap); in line when
+        there is one layer or after :meth:`close`."""
+        heavy = None
+        if len(channels) > 1 and not self._closed:
+            heavy = max(channels, key=lambda l: self._rows(l, len(channels[l])))
+            future = self._graph_pool().submit(self.network_probabilities, batch, row, heavy, channels[heavy],
+                                               target, self.layers[heavy].probes)
+        out = {l: self.network_probabilities(batch, row, l, c, target, self.layers[l].probes)
+               for l, c in channels.items() if l != heavy}
+        if heavy is not None:
+            out[heavy] = future.result()
+        return out
+
+    def _graph_pool(self) -> ThreadPoolExecutor:
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="concept-graphs")
+            return self._pool
+
+    def close(self) -> None:
+        """Stop the graph thread; later answers run every graph in line. Idempotent."""
+        with self._pool_lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def tables_answer(self, network_concepts: int | None) -> bool:
         """Whether :meth:`answer` with this ``network_concepts`` reads the Bayesian network's
         intervention tables: when the bundle has no intervention graphs, or the network answers
@@ -209,10 +249,11 @@ class ConceptExplainer:
             by_layer[self._where[records[i].concept][0]].append(i)
         answered: list[SourcedRecord] = []
         anchors: dict[str, float] = {}
+        channels = {layer: [self._where[records[i].concept][1] for i in idx] for layer, idx in by_layer.items()}
+        runs = self._run_graphs(batch, row, channels, target)
         for layer, idx in by_layer.items():
             probes = self.layers[layer].probes
-            anchors[layer], probs = self.network_probabilities(
-                batch, row, layer, [self._where[records[i].concept][1] for i in idx], target, probes)
+            anchors[layer], probs = runs[layer]
             source: Source = "network" if probes is None or probes >= self.spec.states else "network_interpolated"
             answered += [SourcedRecord(records[i].answered_by(p), source) for i, p in zip(idx, probs)]
         rest = [SourcedRecord(r.anchored_at(anchors[self._where[r.concept][0]]), "bayesian_network")
@@ -287,8 +328,17 @@ def intervened_codes(code: np.ndarray, channels: Sequence[int], typical: np.ndar
     base = np.asarray(code, dtype=np.float32)
     p = probed.shape[1] if len(channels) else 0
     rows = np.repeat(base, 1 + len(channels) * p, axis=0)
-    for i, c in enumerate(channels):
-        set_peaks_in_place(rows[1 + i * p: 1 + (i + 1) * p], c, typical[i, probed[i]])
+    if not p:
+        return rows
+    # every changed row at once, as set_peaks_in_place would do them one channel at a time
+    chans = np.repeat(np.asarray(channels, dtype=np.int64), p)
+    values = np.take_along_axis(np.asarray(typical), np.asarray(probed), axis=1).astype(np.float32).ravel()
+    peak = base[0].max(axis=(1, 2))[chans]
+    live = peak > 1e-6
+    at = np.arange(1, 1 + len(chans))
+    scale = values[live] / peak[live]
+    rows[at[live], chans[live]] = base[0, chans[live]] * scale[:, None, None]
+    rows[at[~live], chans[~live]] = values[~live][:, None, None]
     return rows
 
 

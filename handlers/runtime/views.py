@@ -132,6 +132,9 @@ class ConceptsStep(View):
         return Part(fields={"concepts": part.concepts}, ms={"causal": part.causal_ms, "encode": part.encode_ms},
                     carry={"records": part.records})
 
+    def close(self) -> None:
+        self.explainer.close()
+
 
 class VerifyStep(View):
     """``"verify"``: the network's own answers to the listed concepts' interventions beside the

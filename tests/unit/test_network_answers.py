@@ -322,3 +322,21 @@ def test_the_tables_answer_only_when_the_network_answers_fewer_than_every_concep
     assert [explainer.tables_answer(n) for n in (0, 3)] == [True, True]
     no_graphs = ConceptExplainer(explainer.spec, explainer.network, explainer.sessions, None)
     assert no_graphs.tables_answer(None) and no_graphs.tables_answer(100)
+
+
+def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
+    """The heaviest layer's graph runs on the explainer's thread; after close() every graph runs
+    here. Both give the very same answers."""
+    import threading
+    explainer, batch, _ = _explainer()
+    threaded = [explainer.answer(batch, row, 1, None) for row in range(2)]
+    assert any(t.name.startswith("concept-graphs") for t in threading.enumerate())
+    explainer.close()
+    explainer.close()  # idempotent
+    in_line = [explainer.answer(batch, row, 1, None) for row in range(2)]
+    for a_list, b_list in zip(threaded, in_line):
+        assert [(a.record.concept, a.source, a.record.effect) for a in a_list] == \
+            [(b.record.concept, b.source, b.record.effect) for b in b_list]
+        for a, b in zip(a_list, b_list):
+            np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
+    assert not any(t.name.startswith("concept-graphs") for t in threading.enumerate())
