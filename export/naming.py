@@ -5,8 +5,8 @@ nearly always the class factor, and "shape" names almost every concept. A name h
 what distinguishes the concept *beyond* the class, built from parts with figures:
 
 1. **class part**: the class most common among the concept's top-decile images (its highest
-   pooled values), when that share is at least :data:`SELECTIVE` times chance (and 25 %);
-   else "any class".
+   pooled values), when that share is at least :data:`SELECTIVE` times chance (and 25 %),
+   followed by that share ("circle 92%"); else "any class".
 2. **factor part** (only where the data have generative factors): the factor with the
    largest information once the class is accounted for, ``I(value; factor | class) =
    sum_k p(k) I(value; factor | class = k)``, each term estimated within one class with the
@@ -22,6 +22,8 @@ agree (Pearson correlation at least :data:`SAME_THING` over the images: dominate
 the concepts fire, not by the ranks of near-zero values); otherwise
 each takes its next part (the next factor above :data:`MIN_BITS`, else its second class)
 and, if the names still coincide, an ordinal ("#2") telling the reader to look at the atlas.
+Names are compared without the class share: two concepts differing only in it have the same
+name plus different figures, not different names.
 """
 from __future__ import annotations
 
@@ -185,6 +187,9 @@ def name_concepts(values: np.ndarray, labels: np.ndarray, classes: Sequence[str]
         name.name = " · ".join(parts)
         out.append(name)
     _separate(out, values)
+    for name in out:  # the figure behind the class part, once the names are told apart
+        if name.name is not None and name.klass is not None and name.class_share is not None:
+            name.name = f"{name.klass} {name.class_share:.0%}" + name.name[len(name.klass):]
     return out
 
 

@@ -110,8 +110,9 @@ def test_tiny_bundle_concepts_named(tiny_full_bundle: Path):
     concepts = json.loads((tiny_full_bundle / "concepts.json").read_text())
     factors = {"shape", "texture", "hue", "scale", "rotation", "pos_x", "pos_y", "light", "background"}
     named = [(n, b) for l in concepts["layers"] for n, b in zip(l["names"], l["name_bits"]) if n is not None]
-    classes = set(json.loads((tiny_full_bundle / "metadata.json").read_text())["classes"]) | {"any class"}
-    assert named and all(n.split(" · ")[0] in classes for n, _ in named)  # first the class part
+    classes = set(json.loads((tiny_full_bundle / "metadata.json").read_text())["classes"])
+    heads = [n.split(" · ")[0] for n, _ in named]  # first the class part: "circle 92%" or "any class"
+    assert named and all(h == "any class" or (h.rsplit(" ", 1)[0] in classes and h.endswith("%")) for h in heads)
     analysis = json.loads((tiny_full_bundle.parent / "analysis" / "layer_analysis.json").read_text())
     assert analysis["layers"] == ["stem", "layer1", "layer2", "layer3"]
     assert np.asarray(analysis["mi_pca_bits"]).shape == (4, 9)

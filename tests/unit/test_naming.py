@@ -44,12 +44,12 @@ def test_names_say_what_tells_concepts_apart():
     values, labels, factors, kinds = _data()
     names = name_concepts(values, labels, CLASSES, factors, kinds)
     by = {n.channel: n for n in names}
-    assert by[0].name == "circle · colour blue" and by[0].factor == "colour" and by[0].bits >= MIN_BITS
-    assert by[1].name == "square · size high" and by[1].factor == "size"
+    assert by[0].name == "circle 100% · colour blue" and by[0].factor == "colour" and by[0].bits >= MIN_BITS
+    assert by[1].name == "square 100% · size high" and by[1].factor == "size"
     assert by[2].name is None  # a constant concept has no name
     assert by[3].name == by[0].name  # the same thing (correlation ~1): the same name
-    assert by[4].name == "square · size low"
-    assert by[5].name == "star" and by[5].factor is None and by[5].bits is None
+    assert by[4].name == "square 100% · size low"
+    assert by[5].name == "star 100%" and by[5].factor is None and by[5].bits is None
     # the class factor is never a name part: the class determines it
     assert all("shape" not in (n.name or "") for n in names)
     assert by[0].klass == "circle" and by[0].class_share > 0.9
@@ -59,7 +59,7 @@ def test_without_factors_names_by_class_and_separates_what_differs():
     values, labels, _, _ = _data()
     names = name_concepts(values, labels, CLASSES)
     by = {n.channel: n for n in names}
-    assert by[5].name == "star"
+    assert by[5].name == "star 100%"
     assert by[0].name == by[3].name  # the same thing keeps one name
     # concepts 1 and 4 both fire for squares but anti-correlate within them: they must differ
     assert by[1].name != by[4].name and by[1].name.startswith("square")
