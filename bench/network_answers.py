@@ -7,7 +7,9 @@ intervention graphs), and with the graphs for each ``--counts`` value of ``netwo
 bundle's probes (states per concept the network is run at, the others interpolated), and
 every concept at every state ("exact"). Prints medians in milliseconds, and for each how
 well the answer's order ranks the image's concepts against the network's own effects of all
-of them at every state (recall@3 mean, nDCG@5 median).
+of them at every state (recall@3 mean, nDCG@5 median), and how far its numbers are from them
+in probability units over every concept of every image: the mean absolute error of
+``P(target | do(state))``, of the effect, and Lin's concordance of the effects.
 
     python -m bench.network_answers --bundle build/shapes/bundle --data data/shapes
 """
@@ -23,7 +25,7 @@ import numpy as np
 from handlers.runtime.bundle import load_bundle
 from handlers.runtime.classifier import OnnxClassifier, make_session
 from handlers.runtime.concept_view import ConceptExplainer
-from handlers.runtime.faithfulness import ndcg_at_k, recall_at_k
+from handlers.runtime.faithfulness import ccc, ndcg_at_k, recall_at_k
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
 from handlers.runtime.verify import verify_records
 
@@ -55,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     times: dict[str, list[float]] = {"classifier": [], "tables alone (no anchor)": [], **{k: [] for k in variants}}
     recall: dict[str, list[float]] = {k: [] for k in variants}
     ndcg: dict[str, list[float]] = {k: [] for k in variants}
+    p_error: dict[str, list[float]] = {k: [] for k in variants}
+    effects: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for f in files:
         x = normalize(to_pixels(decode_image(f.read_bytes(), max_pixels=10**8, allowed_formats=("PNG", "JPEG")),
                                 spec)[None], spec)
@@ -71,10 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 view.answer(batch, 0, target, n)
                 times[name].append((time.perf_counter() - t0) * 1000)
         # the answer's ranking against the network's own effects of every concept at every state
-        network = {c.concept: c.network_effect for c in verify_records(
-            explainer, batch, 0, target, exact.answer(batch, 0, target, None))}
+        exact_answer = exact.answer(batch, 0, target, None)
+        truth = {r.record.concept: r.record for r in exact_answer}
+        network = {c.concept: c.network_effect for c in verify_records(explainer, batch, 0, target, exact_answer)}
         for name, (view, n) in variants.items():
-            listed = [network[r.record.concept] for r in view.answer(batch, 0, target, n)]
+            served = view.answer(batch, 0, target, n)
+            p_error[name] += [float(np.abs(r.record.probabilities - truth[r.record.concept].probabilities).mean())
+                              for r in served]
+            effects[name][0].extend(r.record.effect for r in served)
+            effects[name][1].extend(truth[r.record.concept].effect for r in served)
+            listed = [network[r.record.concept] for r in served]
             order = np.arange(len(listed), 0, -1, dtype=np.float64)
             recall[name].append(recall_at_k(order, np.array(listed), 3))
             value = ndcg_at_k(order, np.array(listed), 5)
@@ -82,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ndcg[name].append(value)
     for name, values in times.items():
         print(f"{name:<22} median {np.median(values):7.2f} ms over {len(values)} runs")
+    print("numbers of every concept against the network's own at every state (probability units):")
+    for name in variants:
+        served_e, exact_e = (np.array(v) for v in effects[name])
+        c = ccc(served_e, exact_e)
+        print(f"{name:<22} error of P(target | do) {np.mean(p_error[name]):.4f}, effect error "
+              f"{np.mean(np.abs(served_e - exact_e)):.4f}, CCC {float('nan') if c is None else c:.3f}")
     print("ranking of each image's concepts against the network's effects of all of them:")
     for name in variants:
         print(f"{name:<22} recall@3 mean {np.mean(recall[name]):.3f}, nDCG@5 median "

@@ -1,4 +1,4 @@
-"""The artifact bundle: a folder of portable files (ONNX, JSON) plus ``manifest.json``.
+"""The artifact bundle: a folder of portable files (ONNX, JSON, the atlas PNGs) plus ``manifest.json``.
 
 ``manifest.json`` lists every file with its sha256. :func:`load_bundle` verifies every
 hash before anything is used, so a corrupted or partial bundle refuses to load (with a

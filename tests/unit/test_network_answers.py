@@ -162,6 +162,9 @@ def test_the_bench_reports_what_each_count_buys(tiny_full_bundle, tiny_data, cap
     assert set(rows) == {"network_concepts=0", "network_concepts=12", "exact"}
     assert float(rows["exact"]) == 1.0 and all(0.0 <= float(v) <= 1.0 for v in rows.values())
     assert out.splitlines()[-1].startswith("exact") and "nDCG@5 median 1.000" in out.splitlines()[-1]
+    errors = dict(re.findall(r"(network_concepts=\d+|exact)\s+error of P\(target \| do\) ([0-9.]+)", out))
+    assert set(errors) == set(rows) and float(errors["exact"]) == 0.0  # exact is the reference itself
+    assert all(0.0 <= float(v) <= 1.0 for v in errors.values())
 
 
 # --- answers from fewer network runs: probes and interpolation -----------------------------
@@ -329,8 +332,10 @@ def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
     here. Both give the very same answers."""
     import threading
     explainer, batch, _ = _explainer()
+    before = set(threading.enumerate())  # other tests' explainers may hold graph threads of their own
     threaded = [explainer.answer(batch, row, 1, None) for row in range(2)]
-    assert any(t.name.startswith("concept-graphs") for t in threading.enumerate())
+    own = [t for t in set(threading.enumerate()) - before if t.name.startswith("concept-graphs")]
+    assert own
     explainer.close()
     explainer.close()  # idempotent
     in_line = [explainer.answer(batch, row, 1, None) for row in range(2)]
@@ -339,4 +344,4 @@ def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
             [(b.record.concept, b.source, b.record.effect) for b in b_list]
         for a, b in zip(a_list, b_list):
             np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
-    assert not any(t.name.startswith("concept-graphs") for t in threading.enumerate())
+    assert not any(t.is_alive() for t in own) and explainer._pool is None

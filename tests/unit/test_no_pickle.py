@@ -42,5 +42,8 @@ def test_torch_loads_in_export_use_weights_only():
 
 
 def test_bundle_holds_only_portable_files(tiny_full_bundle: Path):
-    suffixes = {p.suffix for p in tiny_full_bundle.rglob("*") if p.is_file()}
-    assert suffixes <= {".onnx", ".json"}, suffixes
+    files = [p for p in tiny_full_bundle.rglob("*") if p.is_file()]
+    suffixes = {p.suffix for p in files}
+    assert suffixes <= {".onnx", ".json", ".png"}, suffixes
+    pngs = [p for p in files if p.suffix == ".png"]  # the concept atlas sprites, and nothing posing as one
+    assert pngs and all(p.name.startswith("atlas_") and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
