@@ -67,6 +67,7 @@ CONFIG_HELP: dict[str, dict[str, str]] = {
         "min_influence": "least mean |change| (in stds) of a child for an edge",
         "reacting_threshold": "mean |change of P(prediction)| that makes a concept reacting",
         "validity_images": "held-out images of the causal validity measurement",
+        "atlas_images": "training images per concept atlas strip (0: no atlas)",
         "seed": "seed of sampling and training",
     },
     "ClaDecConfig": {

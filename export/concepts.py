@@ -57,6 +57,7 @@ class ConceptConfig:
     min_influence: float = 0.02  # least mean |change| (in stds) of a child for an edge
     reacting_threshold: float = 0.01  # mean |change of P(prediction)| that makes a concept "reacting"
     validity_images: int = 300
+    atlas_images: int = 8  # training images per atlas strip (export/atlas.py); 0: no atlas
     seed: int = 0
 
 
@@ -715,12 +716,13 @@ def build_concepts(model: nn.Module, spec: InputSpec, train: ImageDataset, test:
     probes, probe_report = choose_probes(iv, pi, observed, v.typical)
     t_atlas = time.perf_counter()
     atlases = build_atlas(model, {l: aes[l].encoder for l in cfg.layers}, train, spec, v.train.values,
-                          v.train.peaks, v.train.map_shapes, v.typical, out)
+                          v.train.peaks, v.train.map_shapes, v.typical, out, cfg.atlas_images
+                          ) if cfg.atlas_images > 0 else {}
     atlas_seconds = time.perf_counter() - t_atlas
     layers, parity = _export_concept_layers(model, aes, spec, cfg, v, screen, probes, activation_names, out)
     names = {l: name_concepts(v.train.values[l], train.labels, train.classes, train.factors, kinds)
              for l in cfg.layers}
-    layers = [replace(l, atlas=atlases[l.layer], names=tuple(n.name for n in names[l.layer]),
+    layers = [replace(l, atlas=atlases.get(l.layer), names=tuple(n.name for n in names[l.layer]),
                       name_bits=tuple(n.bits for n in names[l.layer])) for l in layers]
     explainer = _served_explainer(layers, compiled, cfg, out)
     truth = served_truth(model, explainer, test.take(val_idx), spec, iv_test, HandlerSettings().network_concepts)

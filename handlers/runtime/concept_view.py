@@ -178,15 +178,19 @@ class ConceptExplainer:
         """:meth:`network_probabilities` of every layer in ``channels`` (layer -> its channels
         asked). The layer with the most rows runs on the explainer's graph thread while this
         thread runs the others (onnxruntime releases the GIL, so the two overlap); in line when
-        there is one layer or after :meth:`close`."""
-        heavy = None
+        there is one layer, after :meth:`close`, or when the thread cannot take work (the
+        interpreter is shutting down while a background verification still answers)."""
+        heavy, future = None, None
         if len(channels) > 1 and not self._closed:
             heavy = max(channels, key=lambda l: self._rows(l, len(channels[l])))
-            future = self._graph_pool().submit(self.network_probabilities, batch, row, heavy, channels[heavy],
-                                               target, self.layers[heavy].probes)
+            try:
+                future = self._graph_pool().submit(self.network_probabilities, batch, row, heavy, channels[heavy],
+                                                   target, self.layers[heavy].probes)
+            except RuntimeError:  # the pool or the interpreter is shutting down: run it here
+                heavy = None
         out = {l: self.network_probabilities(batch, row, l, c, target, self.layers[l].probes)
                for l, c in channels.items() if l != heavy}
-        if heavy is not None:
+        if heavy is not None and future is not None:
             out[heavy] = future.result()
         return out
 

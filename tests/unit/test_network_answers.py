@@ -345,3 +345,23 @@ def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
         for a, b in zip(a_list, b_list):
             np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
     assert not any(t.is_alive() for t in own) and explainer._pool is None
+
+
+def test_a_bundle_without_atlas_answers_atlas_requests_without_one():
+    """Bundles built before the atlas (or with --atlas-images 0) have none: "atlas": true then adds nothing."""
+    explainer, batch, _ = _explainer()
+    assert explainer.atlas is None and all(l.atlas is None for l in explainer.spec.layers)
+    part = explainer.explain(batch, 0, 1, None, None, atlas=True)
+    assert part.concepts and all(c.atlas is None and "atlas" not in c.wire() for c in part.concepts)
+    explainer.close()
+
+
+def test_answers_run_in_line_when_the_graph_thread_cannot_take_work():
+    """At interpreter shutdown a background verification may still ask: the pool refuses new
+    work, and the answer runs every graph in line instead of failing."""
+    explainer, batch, _ = _explainer()
+    want = explainer.answer(batch, 0, 1, None)
+    explainer._graph_pool().shutdown(wait=True)  # refuses new futures, as at interpreter shutdown
+    got = explainer.answer(batch, 0, 1, None)
+    assert [(r.record.concept, r.record.effect) for r in got] == [(r.record.concept, r.record.effect) for r in want]
+    explainer.close()
