@@ -46,7 +46,8 @@ def receptive_field(model: nn.Module, encoder: nn.Module, layer: str, x: torch.T
     is the smallest window centred on the cell's centre, grown half a pixel per side at a time
     in each axis separately, whose rows (columns) hold ``mass`` of the map's row (column)
     marginal. Returns ((crop_h, crop_w), (stride_h, stride_w)): the crop is at least two
-    cells and at most the image; stride = input pixels per code-map cell."""
+    cells and at most the image (two cells where the gradient is zero everywhere, as for an
+    untrained model's silent encoder); stride = input pixels per code-map cell."""
     was_training = model.training
     model.eval()
     x = x.detach().clone().requires_grad_(True)
@@ -66,8 +67,9 @@ def receptive_field(model: nn.Module, encoder: nn.Module, layer: str, x: torch.T
     sizes = []
     for marginal, c, n, s in ((g.sum(axis=1), centre[0], H, stride[0]), (g.sum(axis=0), centre[1], W, stride[1])):
         total = marginal.sum()
-        size = n
+        size = int(round(2 * s))  # no gradient at all (a silent encoder): two cells
         if total > 0:
+            size = n
             for r in np.arange(0.5, n + 0.5, 0.5):
                 lo, hi = int(np.floor(c - r)), int(np.ceil(c + r))
                 if marginal[max(lo, 0):min(hi, n)].sum() >= mass * total:

@@ -48,6 +48,15 @@ def test_receptive_field_of_a_strided_conv_and_its_floor():
     assert crop == (4, 4)
 
 
+def test_receptive_field_without_gradient_is_two_cells():
+    # a silent encoder (all-zero weights) has no input gradient: two cells, not the whole image
+    silent = nn.Conv2d(2, 2, 1)
+    nn.init.zeros_(silent.weight)
+    nn.init.zeros_(silent.bias)
+    crop, stride = receptive_field(_Net(3, 2), silent, "conv", torch.randn(2, 3, 32, 32))
+    assert stride == (2.0, 2.0) and crop == (4, 4)
+
+
 def test_crop_box_centres_on_the_peak_and_stays_inside():
     # map 4x4 over a 32x32 image: cell (1, 2) is centred at (12, 20)
     assert crop_box(1 * 4 + 2, (4, 4), (32, 32), (8, 8)) == (16, 8, 24, 16)
