@@ -24,6 +24,7 @@ from handlers.runtime.concepts import (
     interpolate_states,
     pooled_values,
     probe_states,
+    set_peaks_in_place,
 )
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.heatmaps import heatmap_levels, heatmap_overlay, heatmap_palette
@@ -332,17 +333,9 @@ def intervened_codes(code: np.ndarray, channels: Sequence[int], typical: np.ndar
     base = np.asarray(code, dtype=np.float32)
     p = probed.shape[1] if len(channels) else 0
     rows = np.repeat(base, 1 + len(channels) * p, axis=0)
-    if not p:
-        return rows
-    # every changed row at once, as set_peaks_in_place would do them one channel at a time
-    chans = np.repeat(np.asarray(channels, dtype=np.int64), p)
-    values = np.take_along_axis(np.asarray(typical), np.asarray(probed), axis=1).astype(np.float32).ravel()
-    peak = base[0].max(axis=(1, 2))[chans]
-    live = peak > 1e-6
-    at = np.arange(1, 1 + len(chans))
-    scale = values[live] / peak[live]
-    rows[at[live], chans[live]] = base[0, chans[live]] * scale[:, None, None]
-    rows[at[~live], chans[~live]] = values[~live][:, None, None]
+    if p:  # every changed row at once: row 1 + i * P + j sets channels[i] to state probed[i, j]
+        set_peaks_in_place(rows[1:], np.repeat(np.asarray(channels, dtype=np.int64), p),
+                           np.take_along_axis(np.asarray(typical), np.asarray(probed), axis=1).ravel())
     return rows
 
 

@@ -45,14 +45,17 @@ def set_code_peak(codes: np.ndarray, channel: int, value: float) -> np.ndarray:
     return out
 
 
-def set_peaks_in_place(codes: np.ndarray, channel: int, values: float | np.ndarray) -> None:
-    """The rule of :func:`set_code_peak`, in place on float32 codes (N, K, H, W), with one
-    value for every row or one per row (N,)."""
-    values = np.broadcast_to(np.asarray(values, dtype=np.float32), (codes.shape[0],))
-    peak = codes[:, channel].max(axis=(1, 2))
+def set_peaks_in_place(codes: np.ndarray, channel: int | np.ndarray, values: float | np.ndarray) -> None:
+    """The rule of :func:`set_code_peak`, in place on float32 codes (N, K, H, W): one channel
+    for every row or one per row (N,), one value for every row or one per row (N,)."""
+    n = codes.shape[0]
+    rows = np.arange(n)
+    chans = np.broadcast_to(np.asarray(channel, dtype=np.int64), (n,))
+    values = np.broadcast_to(np.asarray(values, dtype=np.float32), (n,))
+    peak = codes[rows, chans].max(axis=(1, 2))
     live = peak > 1e-6
-    codes[live, channel] *= (values[live] / peak[live])[:, None, None]
-    codes[~live, channel] = values[~live][:, None, None]
+    codes[rows[live], chans[live]] *= (values[live] / peak[live])[:, None, None]
+    codes[rows[~live], chans[~live]] = values[~live][:, None, None]
 
 
 def probe_states(typical: np.ndarray, peaks: np.ndarray, probes: int) -> np.ndarray:
