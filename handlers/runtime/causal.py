@@ -15,10 +15,16 @@ combination of their states and stored as a lookup table
 tables are sliced at the observed states per request and contracted with the fixed path,
 keeping ``X``'s state as a free axis, so one contraction gives the whole
 ``(states of X, states of Y)`` table.
+
+The path is the fastest of numpy's greedy one and :func:`elimination_path` (variable
+elimination) on the factors' shapes (:func:`fastest_steps`); :func:`compile_steps` fixes it
+as explicit steps, pairs as batched matrix products (:class:`_Matmul`), so a request does
+no planning.
 """
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +51,233 @@ class CPT:
         return len(self.states)
 
 
+def _flops(subscripts: str, shapes: Sequence[Sequence[int]], path: list[Any]) -> float:
+    """numpy's FLOP count of ``path`` (an ``np.einsum_path`` path) for operands of ``shapes``."""
+    _, info = np.einsum_path(subscripts, *[np.empty(s) for s in shapes], optimize=path)
+    return float(info.split("Optimized FLOP count:")[1].split()[0])
+
+
+def elimination_path(subscripts: str, shapes: Sequence[Sequence[int]], order: str = "weight") -> list[Any]:
+    """An ``np.einsum`` contraction path that sums the indices out one at a time, as variable
+    elimination does. The next index is, for ``order="weight"``, the one whose operands
+    together span the fewest entries (min-weight order), for ``order="size"`` the one that
+    leaves the smallest factor once summed out; ties by letter. Its operands are multiplied
+    pairwise, smallest first, and the index is summed out with the last of them. For a
+    Bayesian network's factors this often takes far fewer multiply-adds than numpy's greedy
+    pairwise path, which can keep a large factor's free axes alive."""
+    inputs, output = subscripts.split("->")
+    ops = [set(t) for t in inputs.split(",")]
+    size = {c: int(n) for term, shape in zip(inputs.split(","), shapes) for c, n in zip(term, shape)}
+
+    def entries(idx: set[str]) -> int:
+        return int(np.prod([size[d] for d in idx]))
+
+    def step(members: tuple[int, ...]) -> None:
+        rest = [o for i, o in enumerate(ops) if i not in members]
+        joined = set().union(*(ops[i] for i in members)) & set(output).union(*rest)
+        path.append(members)
+        ops[:] = rest + [joined]
+
+    path: list[Any] = ["einsum_path"]
+    while summed := sorted(set().union(*ops) - set(output)):
+        def weight(c: str) -> tuple[int, ...]:
+            span = set().union(*(o for o in ops if c in o))
+            return (entries(span),) if order == "weight" else (entries(span - {c}), entries(span))
+
+        c = min(summed, key=weight)
+        while True:
+            members = sorted((i for i, o in enumerate(ops) if c in o), key=lambda i: entries(ops[i]))
+            if len(members) == 1:
+                step((members[0],))
+                break
+            step((members[0], members[1]))
+            if not any(c in o for o in ops):
+                break
+    if len(ops) > 1 or len(path) == 1:
+        step(tuple(range(len(ops))))
+    return path
+
+
+@dataclass(frozen=True)
+class _Matmul:
+    """``out = a ⊗ b`` as one batched matrix product: indices only one operand has and the
+    output lacks are summed first; then ``a`` is laid out (batch, a's own, summed), ``b``
+    (batch, summed, b's own), multiplied with ``np.matmul`` and put in the output's order.
+    The same route numpy's optimised einsum takes for a pair, with its planning done once."""
+
+    sum_a: tuple[int, ...]
+    sum_b: tuple[int, ...]
+    layout_a: str  # the order of a's indices (after its own sums) that makes perm_a the identity
+    layout_b: str
+    perm_a: tuple[int, ...]
+    perm_b: tuple[int, ...]
+    shape_a: tuple[int, int, int]
+    shape_b: tuple[int, int, int]
+    shape_ab: tuple[int, ...]
+    perm_out: tuple[int, ...]
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        if self.sum_a:
+            a = a.sum(axis=self.sum_a)
+        if self.sum_b:
+            b = b.sum(axis=self.sum_b)
+        ab = np.matmul(a.transpose(self.perm_a).reshape(self.shape_a), b.transpose(self.perm_b).reshape(self.shape_b))
+        return ab.reshape(self.shape_ab).transpose(self.perm_out)
+
+    @classmethod
+    def plan(cls, a: str, b: str, out: str, size: Mapping[str, int]) -> _Matmul:
+        sum_a = tuple(i for i, c in enumerate(a) if c not in b and c not in out)
+        sum_b = tuple(i for i, c in enumerate(b) if c not in a and c not in out)
+        a = "".join(c for i, c in enumerate(a) if i not in sum_a)
+        b = "".join(c for i, c in enumerate(b) if i not in sum_b)
+        batch = [c for c in out if c in a and c in b]
+        summed = [c for c in a if c in b and c not in out]
+        own_a, own_b = [c for c in a if c not in b], [c for c in b if c not in a]
+
+        def n(cs: Sequence[str]) -> int:
+            return int(np.prod([size[c] for c in cs]))
+
+        order = batch + own_a + own_b
+        return cls(sum_a, sum_b, "".join(batch + own_a + summed), "".join(batch + summed + own_b),
+                   tuple(a.index(c) for c in batch + own_a + summed),
+                   tuple(b.index(c) for c in batch + summed + own_b), (n(batch), n(own_a), n(summed)),
+                   (n(batch), n(summed), n(own_b)), tuple(size[c] for c in order),
+                   tuple(order.index(c) for c in out))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a compiled contraction: the operand positions it takes, its explicit
+    subscripts and, for two operands, a batched matrix product fixed at compile time
+    (:class:`_Matmul`); other steps run in numpy's C einsum."""
+
+    members: tuple[int, ...]
+    subscripts: str
+    matmul: _Matmul | None = None
+
+    def __call__(self, *operands: np.ndarray) -> np.ndarray:
+        if self.matmul is None:
+            return np.einsum(self.subscripts, *operands)
+        return self.matmul(*operands)
+
+
+def candidate_paths(subscripts: str, shapes: Sequence[Sequence[int]]) -> list[list[Any]]:
+    """Distinct contraction paths worth trying: numpy's greedy one and
+    :func:`elimination_path` in both orders."""
+    greedy, _ = np.einsum_path(subscripts, *[np.empty(s) for s in shapes], optimize="greedy")
+    out: list[list[Any]] = []
+    for path in (greedy, elimination_path(subscripts, shapes), elimination_path(subscripts, shapes, "size")):
+        if path not in out:
+            out.append(path)
+    return out
+
+
+#: Below this many multiply-adds (numpy's count) a contraction takes the path with the fewest;
+#: above it the candidates are timed. Counts mislead for large factors: a path with five times
+#: the multiply-adds ran faster on the demo's largest query (745 vs 933 us), its pairs being
+#: plain matrix products and its intermediates smaller.
+TIMED_ABOVE_FLOPS = 1e5
+
+
+def preferred_layouts(subscripts: str, shapes: Sequence[Sequence[int]], path: Sequence[Any],
+                      min_entries: int = 4096) -> str:
+    """``subscripts`` with the indices of each input operand of at least ``min_entries``
+    entries reordered as the batched product that takes it wants them (:class:`_Matmul`), so
+    that, given in that layout and contiguous, the operand enters the product without a
+    copy. Only the order within terms changes; ``path`` stays valid."""
+    inputs, output = subscripts.split("->")
+    terms = inputs.split(",")
+    new = list(terms)
+    origin: list[int | None] = list(range(len(terms)))  # input operand behind each position
+    for step in compile_steps(subscripts, shapes, path):
+        if step.matmul is not None:
+            mm = step.matmul
+            for pos, layout, summed in ((step.members[0], mm.layout_a, mm.sum_a), (step.members[1], mm.layout_b, mm.sum_b)):
+                i = origin[pos]
+                if i is not None and not summed and int(np.prod(shapes[i])) >= min_entries:
+                    new[i] = layout
+        origin = [o for k, o in enumerate(origin) if k not in step.members] + [None]
+    return ",".join(new) + "->" + output
+
+
+def relaid(operands: Sequence[np.ndarray], subscripts: str, layouts: str) -> list[np.ndarray]:
+    """``operands`` of ``subscripts`` transposed to the term orders of ``layouts`` (contiguous
+    copies where an order changed)."""
+    old, new = subscripts.split("->")[0].split(","), layouts.split("->")[0].split(",")
+    return [op if a == b else np.ascontiguousarray(op.transpose([a.index(c) for c in b]))
+            for op, a, b in zip(operands, old, new)]
+
+
+def fastest_steps(subscripts: str, operands: Sequence[np.ndarray], repeats: int = 3,
+                  min_entries: int | None = 4096) -> tuple[str, tuple[Step, ...]]:
+    """The fastest of :func:`candidate_paths` on ``operands``, each with its operands in
+    :func:`preferred_layouts`: returns (its subscripts, the order of each input's indices
+    the steps expect; its compiled steps). The path with the fewest multiply-adds when that
+    is under ``TIMED_ABOVE_FLOPS``, else the one whose best of ``repeats`` runs is quickest
+    (planning by measurement, as FFTW and cuDNN do). Every candidate computes the same
+    contraction; only the summation order, so the last bits, can differ. Operands of at least
+    ``min_entries`` entries are relaid; None keeps every operand's order (``subscripts`` is
+    returned unchanged)."""
+    shapes = [o.shape for o in operands]
+    candidates = sorted(candidate_paths(subscripts, shapes), key=lambda path: _flops(subscripts, shapes, path))
+    laid = [subscripts if min_entries is None else preferred_layouts(subscripts, shapes, path, min_entries)
+            for path in candidates]
+    ops = [relaid(operands, subscripts, sub) for sub in laid]
+    compiled = [(sub, compile_steps(sub, [o.shape for o in op], path)) for sub, op, path in zip(laid, ops, candidates)]
+    if len(compiled) == 1 or _flops(subscripts, shapes, candidates[0]) < TIMED_ABOVE_FLOPS:
+        return compiled[0]
+
+    def best_time(k: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run_steps(compiled[k][1], ops[k])
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return compiled[min(range(len(compiled)), key=best_time)]
+
+
+def _step(members: tuple[int, ...], terms: Sequence[str], out: str, size: Mapping[str, int]) -> Step:
+    sub = ",".join(terms) + "->" + out
+    if len(terms) != 2 or any(len(set(t)) != len(t) for t in terms) or len(set(out)) != len(out):
+        return Step(members, sub)
+    return Step(members, sub, _Matmul.plan(terms[0], terms[1], out, size))
+
+
+def compile_steps(subscripts: str, shapes: Sequence[Sequence[int]], path: Sequence[Any]) -> tuple[Step, ...]:
+    """A contraction path turned into explicit steps, run by :func:`run_steps` without numpy
+    re-planning the contraction on every call. As in numpy's paths, each step removes its
+    operands from the list and appends its result; a step keeps the indices that a later
+    operand or the output still needs, and the last step writes the output's order."""
+    inputs, output = subscripts.split("->")
+    terms = inputs.split(",")
+    size = {c: int(n) for term, shape in zip(terms, shapes) for c, n in zip(term, shape)}
+    moves = [tuple(m) for m in path if not isinstance(m, str)]
+    steps = []
+    for k, members in enumerate(moves):
+        rest = [t for i, t in enumerate(terms) if i not in members]
+        if k == len(moves) - 1:
+            out = output
+        else:
+            out = "".join(sorted(set("".join(terms[i] for i in members)) & set(output + "".join(rest))))
+        steps.append(_step(members, [terms[i] for i in members], out, size))
+        terms = rest + [out]
+    if len(terms) != 1:
+        raise ValueError(f"the path leaves {len(terms)} operands")
+    return tuple(steps)
+
+
+def run_steps(steps: Sequence[Step], operands: Sequence[np.ndarray]) -> np.ndarray:
+    """Run :func:`compile_steps`' steps on ``operands``; returns the contraction's result."""
+    ops = list(operands)
+    for step in steps:
+        result = step(*(ops[i] for i in step.members))
+        ops = [o for i, o in enumerate(ops) if i not in step.members]
+        ops.append(result)
+    return ops[0]
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Precompiled contraction for one intervened concept."""
@@ -54,7 +287,10 @@ class _Plan:
     # per factor: node name and, per parent axis, either ("obs", parent) or ("keep", parent)
     factors: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
     subscripts: str
-    path: list[Any]
+    steps: tuple[Step, ...]
+    # per factor: None (the CPT is sliced as it is) or the CPT with its observed parents' axes
+    # first and the rest in the order the steps want, contiguous: sliced, it is one block
+    prepared: tuple[np.ndarray | None, ...] = ()
     lookup_vars: tuple[str, ...] = ()
     lookup: np.ndarray | None = None  # (card(obs_1), ..., card(obs_k), states of X, states of Y)
 
@@ -77,6 +313,13 @@ class CompiledCausalModel:
     #: ``python -m bench.causal_speed``; the figures are in docs/benchmarks.md and docs/validity.md.
     MAX_TABULATION_FLOPS = 2e8
     MAX_LOOKUP_COMBINATIONS = 256
+    #: Budget, in float64 entries over all concepts (32 MB), for CPTs of at least
+    #: ``PREPARE_MIN_ENTRIES`` entries stored a second time in the layout a query's batched
+    #: products read without copying (:func:`preferred_layouts`). On the demo six copies of
+    #: the outcome's table (31 MB) took the full table of 24 concepts from 2.65 to 1.98 ms in
+    #: process. Queries compiled once it is spent read the CPTs as they are.
+    MAX_PREPARED_ENTRIES = 4_000_000
+    PREPARE_MIN_ENTRIES = 4096
 
     def __init__(self, cpts: Sequence[CPT], outcome: str) -> None:
         self.cpts: dict[str, CPT] = {c.node: c for c in cpts}
@@ -99,6 +342,7 @@ class CompiledCausalModel:
         # compiled on first use (:meth:`_plan`), or all at once by :meth:`precompile`: a worker
         # whose interventions the network itself answers never needs them
         self._plans: dict[str, _Plan] = {}
+        self._prepared_entries = 0
 
     # -- construction ----------------------------------------------------------------------
 
@@ -168,30 +412,39 @@ class CompiledCausalModel:
         de = self.descendants(x)
         if self.outcome not in de:
             spec = tuple(("obs", p) for p in self.cpts[self.outcome].parents)
-            return _Plan(x, False, ((self.outcome, spec),), "", [])
+            return _Plan(x, False, ((self.outcome, spec),), "", ())
         members = [n for n in self.order if n in de]
         letters = {n: chr(ord("a") + i) if i < 26 else chr(ord("A") + i - 26) for i, n in enumerate([x, *members])}
         if len(letters) > 52:
             raise ValueError(f"concept {x} has {len(members)} descendants; at most 51 are supported")
         factors: list[tuple[str, tuple[tuple[str, str], ...]]] = []
         terms: list[str] = []
-        shapes: list[list[int]] = []
         for n in members:
             axes: list[tuple[str, str]] = []
-            sub, shape = letters[n], [self.cpts[n].card]
+            sub = letters[n]
             for p in self.cpts[n].parents:
                 if p == x or p in de:
                     axes.append(("keep", p))
                     sub += letters[p]
-                    shape.append(self.cpts[p].card)
                 else:
                     axes.append(("obs", p))
             factors.append((n, tuple(axes)))
             terms.append(sub)
-            shapes.append(shape)
         subscripts = ",".join(terms) + "->" + letters[x] + letters[self.outcome]
-        path, _ = np.einsum_path(subscripts, *[np.ones(s) for s in shapes], optimize="greedy")
-        return _Plan(x, True, tuple(factors), subscripts, path)
+        # the factors as a request slices them (any observed state: the shapes are the same)
+        sample = [self._sliced(n, spec, {p: 0 for kind, p in spec if kind == "obs"}) for n, spec in factors]
+        relaid_above = self.PREPARE_MIN_ENTRIES if self._prepared_entries < self.MAX_PREPARED_ENTRIES else None
+        laid, steps = fastest_steps(subscripts, sample, min_entries=relaid_above)
+        prepared: list[np.ndarray | None] = []
+        for (n, spec), term, want in zip(factors, terms, laid.split("->")[0].split(",")):
+            if term == want:
+                prepared.append(None)
+                continue
+            obs_axes = [1 + k for k, (kind, _) in enumerate(spec) if kind == "obs"]
+            kept = [0] + [1 + k for k, (kind, _) in enumerate(spec) if kind == "keep"]  # the term's order
+            prepared.append(np.ascontiguousarray(self.cpts[n].table.transpose(obs_axes + [kept[term.index(c)] for c in want])))
+            self._prepared_entries += self.cpts[n].table.size
+        return _Plan(x, True, tuple(factors), laid, steps, tuple(prepared))
 
     def _with_lookup(self, plan: _Plan) -> _Plan:
         """Precompute the plan's answers for every combination of its observed variables when
@@ -260,8 +513,9 @@ class CompiledCausalModel:
             node, spec = plan.factors[0]
             row = self._sliced(node, spec, index)
             return np.broadcast_to(row, (self.cpts[plan.concept].card, row.shape[0])).copy()
-        return np.einsum(plan.subscripts, *[self._sliced(n, spec, index) for n, spec in plan.factors],
-                         optimize=plan.path)
+        return run_steps(plan.steps, [
+            self._sliced(n, spec, index) if table is None else table[tuple(index[p] for kind, p in spec if kind == "obs")]
+            for (n, spec), table in zip(plan.factors, plan.prepared)])
 
     def _plan(self, concept: str) -> _Plan:
         """The compiled query of ``concept`` (compiled and kept on first use).

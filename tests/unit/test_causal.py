@@ -9,7 +9,17 @@ from pgmpy.factors.discrete import TabularCPD
 from pgmpy.inference import CausalInference, VariableElimination
 from pgmpy.models import DiscreteBayesianNetwork
 
-from handlers.runtime.causal import CompiledCausalModel
+from handlers.runtime.causal import (
+    TIMED_ABOVE_FLOPS,
+    CompiledCausalModel,
+    candidate_paths,
+    compile_steps,
+    elimination_path,
+    fastest_steps,
+    preferred_layouts,
+    relaid,
+    run_steps,
+)
 
 
 def random_layered_network(seed: int, layer_sizes=(3, 3, 3), max_states=4, max_indegree=2, y_states=3,
@@ -55,14 +65,23 @@ NETWORKS = [
     dict(seed=3, layer_sizes=(3, 3, 3, 2), max_indegree=2, y_indegree=2),
     dict(seed=4, layer_sizes=(5,), y_indegree=3),
     dict(seed=5, layer_sizes=(3, 4, 4), max_states=3, max_indegree=3, y_indegree=3),
+    # the demo's shape: the outcome has every last-layer concept as a parent, so an early
+    # concept's query runs through one large factor (the contraction steps' batched products)
+    dict(seed=6, layer_sizes=(4, 4, 5), max_states=3, max_indegree=3, y_states=4, y_indegree=5),
 ]
 
 
-@pytest.fixture(params=["lookup", "contraction"])
+@pytest.fixture(params=["lookup", "contraction", "relaid"])
 def compile_mode(request, monkeypatch):
-    """Run a test with precomputed lookup tables and with per-request contractions."""
-    if request.param == "contraction":
+    """Run a test with precomputed lookup tables, with per-request contractions reading the
+    CPTs as they are, and with per-request contractions reading every CPT from a copy laid
+    out for its batched product (on these small networks only with the threshold at 1)."""
+    if request.param in ("contraction", "relaid"):
         monkeypatch.setattr(CompiledCausalModel, "MAX_LOOKUP_ENTRIES", 0)
+    if request.param == "contraction":
+        monkeypatch.setattr(CompiledCausalModel, "MAX_PREPARED_ENTRIES", 0)
+    if request.param == "relaid":
+        monkeypatch.setattr(CompiledCausalModel, "PREPARE_MIN_ENTRIES", 1)
     return request.param
 
 
@@ -72,6 +91,9 @@ def test_matches_pgmpy_graph_surgery(params, compile_mode):
     compiled = CompiledCausalModel.from_pgmpy(model, outcome="Y")
     uses_lookup = all(p.lookup is not None for p in compiled.precompile()._plans.values())
     assert uses_lookup == (compile_mode == "lookup")
+    relaid_tables = sum(a is not None for p in compiled._plans.values() for a in p.prepared)
+    has_products = any(len(p.factors) > 1 for p in compiled._plans.values())  # not where Y is the only descendant
+    assert (relaid_tables > 0) == (compile_mode == "relaid" and has_products)
     rng = np.random.default_rng(100 + params["seed"])
     for _ in range(3):
         e = random_evidence(model, rng)
@@ -202,3 +224,84 @@ def test_queries_are_compiled_on_first_use_with_the_same_answers():
     assert [r.probabilities.tolist() for r in lazy.explain(e, 0)] == [r.probabilities.tolist() for r in eager.explain(e, 0)]
     with pytest.raises(ValueError, match="unknown concept"):
         lazy.interventions(e, "Y")
+
+
+def random_contraction(rng: np.random.Generator) -> tuple[str, list[np.ndarray]]:
+    """A random einsum of 2-7 operands over up to 9 indices, no index repeated within an
+    operand (as for the factors of a Bayesian network), 0-3 output indices."""
+    letters = "abcdefghi"[: int(rng.integers(3, 10))]
+    size = {c: int(rng.integers(1, 5)) for c in letters}
+    terms = ["".join(rng.choice(list(letters), size=min(len(letters), int(rng.integers(1, 5))), replace=False))
+             for _ in range(int(rng.integers(2, 8)))]
+    used = sorted(set("".join(terms)))
+    out = "".join(rng.choice(used, size=min(len(used), int(rng.integers(0, 4))), replace=False))
+    ops = [rng.random([size[c] for c in t]) for t in terms]
+    return ",".join(terms) + "->" + out, ops
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_steps_match_numpy_einsum(seed):
+    """The steps (batched products for pairs, C einsum otherwise) give numpy's einsum result
+    along either path, including indices summed within one operand and scalar outputs."""
+    rng = np.random.default_rng(seed)
+    sub, ops = random_contraction(rng)
+    shapes = [o.shape for o in ops]
+    expected = np.einsum(sub, *ops)
+    greedy, _ = np.einsum_path(sub, *ops, optimize="greedy")
+    runs = [(compile_steps(sub, shapes, path), ops) for path in (greedy, *candidate_paths(sub, shapes))]
+    for path in candidate_paths(sub, shapes):  # operands laid out as the batched products want them
+        laid = preferred_layouts(sub, shapes, path, min_entries=1)
+        relaid_ops = relaid(ops, sub, laid)
+        runs.append((compile_steps(laid, [o.shape for o in relaid_ops], path), relaid_ops))
+    laid, steps = fastest_steps(sub, ops)
+    runs.append((steps, relaid(ops, sub, laid)))
+    for steps, operands in runs:
+        got = run_steps(steps, operands)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def _flops(sub, shapes, path):
+    _, info = np.einsum_path(sub, *[np.ones(s) for s in shapes], optimize=path)
+    return float(info.split("Optimized FLOP count:")[1].split()[0])
+
+
+def test_elimination_path_beats_greedy_on_a_hub():
+    """A factor with many parents (the outcome's CPT) and a chain above each parent: summing
+    the parents out one at a time takes fewer multiply-adds than numpy's greedy pairing, and
+    the timed choice among the candidates (both are candidates) computes the same table."""
+    # y | p1..p6;  p_i | q_i, q_(i+1);  q_i | x  -> the query's table (x, y): the demo's
+    # layer3 -> Y hub with layer2 parents shared between layer3 concepts
+    parents = "bcdefg"
+    chains = "hijklm"
+    terms = (["y" + parents] + [p + q + r for p, q, r in zip(parents, chains, chains[1:] + chains[:1])]
+             + [q + "x" for q in chains])
+    sub = ",".join(terms) + "->xy"
+    shapes = [[4] * len(t) for t in terms]
+    greedy, _ = np.einsum_path(sub, *[np.ones(s) for s in shapes], optimize="greedy")
+    elim = elimination_path(sub, shapes)
+    assert _flops(sub, shapes, elim) < _flops(sub, shapes, greedy)
+    assert greedy in candidate_paths(sub, shapes) and elim in candidate_paths(sub, shapes)
+    rng = np.random.default_rng(0)
+    ops = [rng.random(s) for s in shapes]
+    assert _flops(sub, shapes, greedy) > TIMED_ABOVE_FLOPS  # so the choice is timed
+    laid, fastest = fastest_steps(sub, ops)
+    for steps, operands in ((compile_steps(sub, shapes, elim), ops), (fastest, relaid(ops, sub, laid))):
+        np.testing.assert_allclose(run_steps(steps, operands), np.einsum(sub, *ops), rtol=1e-12)
+
+
+def test_preferred_layouts_put_large_operands_in_the_products_order():
+    """A large input operand is relaid in the order its batched product reads it, so the
+    product's permutation of it is the identity (it enters without a copy); small ones keep
+    their order; only the order within terms changes."""
+    sub = "qojp,jpa->aqo"  # (q o | j p) x (j p | a): q, o own; j, p summed
+    shapes = [(10, 4, 4, 4), (4, 4, 4)]
+    path = ["einsum_path", (0, 1)]
+    laid = preferred_layouts(sub, shapes, path, min_entries=100)
+    big, small = laid.split("->")[0].split(",")
+    assert sorted(big) == sorted("qojp") and small == "jpa"
+    step = compile_steps(laid, [(10, 4, 4, 4) if big[0] == "q" else tuple(4 if c != "q" else 10 for c in big), (4, 4, 4)], path)[0]
+    assert step.matmul is not None
+    perm = step.matmul.perm_a if step.members[0] == 0 else step.matmul.perm_b
+    assert perm == tuple(range(4))
+    assert preferred_layouts(sub, shapes, path, min_entries=10_000) == sub
