@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -66,6 +66,8 @@ class ConceptExplainer:
         self._pool: ThreadPoolExecutor | None = None  # the graph thread, created on first use
         self._pool_lock = threading.Lock()
         self._closed = False
+        # measured milliseconds per intervention-graph row, per layer (how _run_graphs splits)
+        self._ms_per_row: dict[str, float] = {}
         self.network = network
         self.sessions = sessions
         self.interventions = dict(interventions or {})
@@ -174,25 +176,44 @@ class ConceptExplainer:
         probes = self.layers[layer].probes
         return 1 + concepts * (self.spec.states if probes is None else min(probes, self.spec.states))
 
+    def _cost(self, layer: str, concepts: int) -> float:
+        """Expected milliseconds of one intervention-graph run of ``concepts`` concepts of
+        ``layer``: its rows times the layer's measured milliseconds per row (1 until measured)."""
+        return self._ms_per_row.get(layer, 1.0) * self._rows(layer, concepts)
+
+    def _run_layers(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int
+                    ) -> dict[str, tuple[float, np.ndarray]]:
+        """:meth:`network_probabilities` of each layer in ``channels``, one after another, each
+        timed into the layer's running milliseconds per row (an exponential average)."""
+        out = {}
+        for layer, chans in channels.items():
+            t0 = time.perf_counter()
+            out[layer] = self.network_probabilities(batch, row, layer, chans, target, self.layers[layer].probes)
+            per_row = (time.perf_counter() - t0) * 1000 / self._rows(layer, len(chans))
+            seen = self._ms_per_row.get(layer)
+            self._ms_per_row[layer] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
+        return out
+
     def _run_graphs(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int
                     ) -> dict[str, tuple[float, np.ndarray]]:
         """:meth:`network_probabilities` of every layer in ``channels`` (layer -> its channels
-        asked). The layer with the most rows runs on the explainer's graph thread while this
-        thread runs the others (onnxruntime releases the GIL, so the two overlap); in line when
-        there is one layer, after :meth:`close`, or when the thread cannot take work (the
-        interpreter is shutting down while a background verification still answers)."""
-        heavy, future = None, None
+        asked), in two groups of layers of about equal measured cost (:func:`split_by_cost`):
+        the explainer's graph thread runs the group with the costliest layer while this thread
+        runs the other (onnxruntime releases the GIL, so the two overlap). In line when there
+        is one layer, after :meth:`close`, or when the thread cannot take work (the interpreter
+        is shutting down while a background verification still answers)."""
+        future = None
+        here = dict(channels)
         if len(channels) > 1 and not self._closed:
-            heavy = max(channels, key=lambda l: self._rows(l, len(channels[l])))
+            away, _ = split_by_cost({l: self._cost(l, len(c)) for l, c in channels.items()})
             try:
-                future = self._graph_pool().submit(self.network_probabilities, batch, row, heavy, channels[heavy],
-                                                   target, self.layers[heavy].probes)
-            except RuntimeError:  # the pool or the interpreter is shutting down: run it here
-                heavy = None
-        out = {l: self.network_probabilities(batch, row, l, c, target, self.layers[l].probes)
-               for l, c in channels.items() if l != heavy}
-        if heavy is not None and future is not None:
-            out[heavy] = future.result()
+                future = self._graph_pool().submit(self._run_layers, batch, row, {l: channels[l] for l in away}, target)
+                here = {l: c for l, c in channels.items() if l not in away}
+            except RuntimeError:  # the pool or the interpreter is shutting down: run them all here
+                future = None
+        out = self._run_layers(batch, row, here, target)
+        if future is not None:
+            out.update(future.result())
         return out
 
     def _graph_pool(self) -> ThreadPoolExecutor:
@@ -303,6 +324,19 @@ class ConceptExplainer:
                 heatmap_png=png, atlas=self.atlas_part(layer_name, channel) if atlas else None))
         return ConceptsPart(concepts, causal_ms=(t1 - t0) * 1000, encode_ms=(time.perf_counter() - t1) * 1000,
                             records=list(records))
+
+
+def split_by_cost(costs: Mapping[str, float]) -> tuple[list[str], list[str]]:
+    """Two groups of ``costs``' keys whose summed costs are as even as longest-first
+    scheduling makes them: each key, costliest first (ties by name), joins the cheaper group.
+    Returns (the group holding the costliest key, the other); the second is empty for one key."""
+    groups: tuple[list[str], list[str]] = ([], [])
+    sums = [0.0, 0.0]
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        g = 0 if sums[0] <= sums[1] else 1
+        groups[g].append(key)
+        sums[g] += costs[key]
+    return groups
 
 
 Source = Literal["network", "network_interpolated", "bayesian_network"]

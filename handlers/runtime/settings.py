@@ -171,7 +171,7 @@ class HandlerSettings:
         top_k: predictions returned per request (>= 1; capped at the number of classes).
         top_concepts: concepts returned per explanation unless the request asks otherwise
             (>= 1; capped at the number of concepts, so a large value means "all").
-        monitor_fraction: share of /predictions requests whose concept states are counted
+        monitor_fraction: share of requests (either endpoint) whose concept states are counted
             (concept encoders only) for drift monitoring, 0 to 1; 0 turns monitoring off.
         max_request_bytes: largest accepted request body (413 above it), >= 1.
         max_image_pixels: largest accepted decoded image, width x height (413 above it), >= 1.

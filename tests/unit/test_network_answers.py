@@ -328,8 +328,8 @@ def test_the_tables_answer_only_when_the_network_answers_fewer_than_every_concep
 
 
 def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
-    """The heaviest layer's graph runs on the explainer's thread; after close() every graph runs
-    here. Both give the very same answers."""
+    """One group of layers' graphs runs on the explainer's thread; after close() every graph
+    runs here. Both give the very same answers."""
     import threading
     explainer, batch, _ = _explainer()
     before = set(threading.enumerate())  # other tests' explainers may hold graph threads of their own
@@ -345,6 +345,31 @@ def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
         for a, b in zip(a_list, b_list):
             np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
     assert not any(t.is_alive() for t in own) and explainer._pool is None
+
+
+def test_split_by_cost_balances_the_two_threads():
+    """Longest first into the cheaper group: the demo's measured graph costs (layer1 1.5 ms,
+    layer2 1.9 ms, layer3 0.65 ms) split 1.9 | 2.15, where the costliest layer alone on the
+    thread left 3.4 ms here (by rows, the cheapest layer went to the thread: 0.65 | 3.4)."""
+    from handlers.runtime.concept_view import split_by_cost
+    assert split_by_cost({"layer1": 1.5, "layer2": 1.9, "layer3": 0.65}) == (["layer2"], ["layer1", "layer3"])
+    assert split_by_cost({"a": 1.0}) == (["a"], [])
+    assert split_by_cost({"a": 1.0, "b": 1.0}) == (["a"], ["b"])  # ties by name
+    assert split_by_cost({"a": 4.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 1.0}) == (["a"], ["b", "c", "d", "e"])
+    assert split_by_cost({}) == ([], [])
+
+
+def test_the_graph_split_follows_measured_costs():
+    """Each graph run is timed into its layer's milliseconds per row; the thread then takes the
+    group with the costliest measured layer, whatever its row count."""
+    explainer, batch, _ = _explainer()
+    explainer.answer(batch, 0, 1, None)
+    assert set(explainer._ms_per_row) == {l.layer for l in explainer.spec.layers}
+    assert all(v > 0 for v in explainer._ms_per_row.values())
+    layers = [l.layer for l in explainer.spec.layers]
+    explainer._ms_per_row.update({layers[0]: 100.0, layers[1]: 0.001})
+    assert explainer._cost(layers[0], 1) > explainer._cost(layers[1], 4)
+    explainer.close()
 
 
 def test_a_bundle_without_atlas_answers_atlas_requests_without_one():
