@@ -51,10 +51,12 @@ TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=6, interventio
 
 
 def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int = 400, n_test: int = 100,
-          ae_images: int = 300, seed: int = 0, counts: Counts | None = None, device: str = "auto") -> dict:
+          ae_images: int = 300, seed: int = 0, counts: Counts | None = None, device: str = "auto",
+          precision: str = "bf16") -> dict:
     """Render, train, export, fit concepts, ClaDec and features into ``out / "bundle"`` (and the
-    layer analysis for a trained model), torch on ``device``. ``counts`` None: the timing model
-    with ``n_train``, ``n_test`` and ``ae_images``. Returns the build report (also written to
+    layer analysis for a trained model), torch on ``device``; a trained classifier trains in
+    ``precision`` (:class:`export.train.TrainConfig`). ``counts`` None: the timing model with
+    ``n_train``, ``n_test`` and ``ae_images``. Returns the build report (also written to
     ``out / "build-report.json"``)."""
     c = counts or Counts(n_train=n_train, n_test=n_test, ae_images=ae_images)
     trained = c.epochs > 0
@@ -62,10 +64,11 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
     data, classifier, bundle = out / "data", out / "classifier", out / "bundle"
     model = ModelSource(classifier=classifier)
     report: dict = {"arch": arch, "size": size, "device": str(resolve_device(device)), "counts": dataclasses.asdict(c),
+                    "precision": precision if trained else "fp32",
                     "trained": f"{c.epochs} epochs" if trained else "1 step (untrained for timing)"}
     timed(report, "render", lambda: pipeline.render(pipeline.RenderStep(out=data, n_train=c.n_train, n_test=c.n_test,
                                                                          size=size, seed=seed)))
-    training = (TrainConfig(epochs=c.epochs, batch_size=64, lr=2e-3, seed=seed) if trained
+    training = (TrainConfig(epochs=c.epochs, batch_size=64, lr=2e-3, seed=seed, precision=precision) if trained
                 else TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=seed, max_steps=1))
     timed(report, "train", lambda: pipeline.train(pipeline.TrainStep(data=data, out=classifier, arch=arch,
                                                                       device=device, training=training)))
@@ -99,6 +102,8 @@ def main() -> None:
     ap.add_argument("--arch", default="resnet18_like")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
+                    help="the trained classifier's training precision (default: bf16, mixed)")
     ap.add_argument("--trained", action="store_true", help="train the classifier and the methods for real "
                     f"(counts default to {dataclasses.asdict(TRAINED)})")
     for f in dataclasses.fields(Counts):
@@ -108,7 +113,7 @@ def main() -> None:
     base = TRAINED if args.trained else Counts()
     counts = dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Counts)
                                           if getattr(args, f.name) is not None})
-    report = build(Path(args.out), args.arch, args.size, counts=counts, device=args.device)
+    report = build(Path(args.out), args.arch, args.size, counts=counts, device=args.device, precision=args.precision)
     print(f"bench model built in {report['seconds']} s on {report['device']}: {Path(args.out) / 'bundle'}; "
           f"step seconds {report['step_seconds']}")
 

@@ -24,6 +24,10 @@ class TrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     max_steps: int | None = None  # stop early after this many steps (tests, smoke runs)
+    # "bf16": forward and loss under bfloat16 autocast with channels-last tensors, weights and
+    # optimiser in float32 (mixed precision). On a CPU with AMX (this project's 2-core
+    # machine) a ResNet-18-sized step at 224 px, batch 64, took 1.09 s against 4.35 s in fp32.
+    precision: str = "fp32"
 
 
 def one_cycle(opt: torch.optim.Optimizer, max_lr: float, total_steps: int, pct_start: float = 0.25):
@@ -76,6 +80,11 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = one_cycle(opt, cfg.lr, max(total, 1), 0.25)
     loss_fn = nn.CrossEntropyLoss()
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
+    mixed = cfg.precision == "bf16"
+    layout = torch.channels_last if mixed else torch.contiguous_format
+    model.to(memory_format=layout)  # type: ignore[call-overload]  # (missing from torch's stubs)
     t0 = time.perf_counter()
     step = 0
     history: list[dict[str, float]] = []
@@ -84,7 +93,8 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
         model.train()
         running, n_steps = 0.0, 0
         for x, y in batches(train, spec, cfg.batch_size, rng.permutation(len(train)), device):
-            loss = loss_fn(model(x), y)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+                loss = loss_fn(model(x.contiguous(memory_format=layout)).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -103,5 +113,6 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
         if step >= total:
             break
     bar.close()
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     model.eval()
     return TrainResult(history[-1]["test_accuracy"], time.perf_counter() - t0, step, history)

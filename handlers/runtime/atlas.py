@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from handlers.runtime.answer import ConceptAtlas
 from handlers.runtime.errors import ArtifactError
 
 
@@ -116,35 +117,26 @@ def decode_sprite(data: bytes, atlas: LayerAtlas) -> np.ndarray:
     return pixels
 
 
-@dataclass(frozen=True)
-class ConceptStrips:
-    """What an answer carries for one concept with ``"atlas": true``: PNG strips and their images."""
-
-    top_png: bytes | None
-    top_images: tuple[str, ...]
-    top_values: tuple[float, ...]
-    low_png: bytes | None
-    low_images: tuple[str, ...]
-    low_values: tuple[float, ...]
-
-
 class AtlasStrips:
-    """Every concept's strips of one bundle, cut out and PNG-encoded once at load:
-    ``get(layer, channel)`` -> :class:`ConceptStrips`, or None where the layer has no atlas."""
+    """Every concept's atlas of one bundle, cut out, PNG-encoded and built into its answer part
+    once at load: ``get(layer, channel)`` -> the :class:`ConceptAtlas` an answer carries with
+    ``"atlas": true``, or None where the layer has no atlas or the concept never fires."""
 
     def __init__(self, layers: dict[str, tuple[LayerAtlas, np.ndarray]]) -> None:
-        self._strips: dict[tuple[str, int], ConceptStrips] = {}
+        self._parts: dict[tuple[str, int], ConceptAtlas] = {}
         for name, (atlas, sprite) in layers.items():
             for c, (top, low) in enumerate(zip(atlas.top, atlas.low)):
-                self._strips[(name, c)] = ConceptStrips(
-                    None if top is None else encode_strip(cut_strip(sprite, atlas, top)),
-                    () if top is None else top.images, () if top is None else top.values,
-                    None if low is None else encode_strip(cut_strip(sprite, atlas, low)),
-                    () if low is None else low.images, () if low is None else low.values)
+                if top is None:
+                    continue
+                lows: dict[str, Any] = {} if low is None else {
+                    "low_png": encode_strip(cut_strip(sprite, atlas, low)), "low_images": list(low.images),
+                    "low_values": list(low.values)}
+                self._parts[(name, c)] = ConceptAtlas(
+                    thumb=atlas.thumb, crop_px=list(atlas.crop), top_png=encode_strip(cut_strip(sprite, atlas, top)),
+                    top_images=list(top.images), top_values=list(top.values), **lows)
 
-    def get(self, layer: str, channel: int) -> ConceptStrips | None:
-        return self._strips.get((layer, channel))
+    def get(self, layer: str, channel: int) -> ConceptAtlas | None:
+        return self._parts.get((layer, channel))
 
     def __len__(self) -> int:
-        return len(self._strips)
-
+        return len(self._parts)

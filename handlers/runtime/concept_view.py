@@ -123,17 +123,9 @@ class ConceptExplainer:
                                 self.interventions, self.atlas)
 
     def atlas_part(self, layer: str, channel: int) -> ConceptAtlas | None:
-        """The answer's atlas of one concept; None where the bundle has none or it never fires."""
-        strips = None if self.atlas is None else self.atlas.get(layer, channel)
-        if strips is None or strips.top_png is None:
-            return None
-        index = self.layers[layer].atlas
-        assert index is not None
-        low = strips.low_png is not None
-        return ConceptAtlas(thumb=index.thumb, crop_px=list(index.crop), top_png=strips.top_png,
-                            top_images=list(strips.top_images), top_values=list(strips.top_values),
-                            low_png=strips.low_png, low_images=list(strips.low_images) if low else None,
-                            low_values=list(strips.low_values) if low else None)
+        """The answer's atlas of one concept (built once at load); None where the bundle has
+        none or the concept never fires."""
+        return None if self.atlas is None else self.atlas.get(layer, channel)
 
     def where(self, concept: str) -> tuple[str, int]:
         """(layer, channel) of a concept id.

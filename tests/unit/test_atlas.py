@@ -119,11 +119,14 @@ def test_layer_atlas_sprite_and_index(tmp_path):
                                                      tuple(round(v, 5) for v in atlas.top[1].values))
     strips = AtlasStrips({"layer1": (back, sprite)})
     got = strips.get("layer1", 1)
-    assert got is not None and got.low_png is None and got.top_images == atlas.top[1].images
+    assert got is not None and got.low_png is None and got.top_images == list(atlas.top[1].images)
+    assert got.thumb == 20 and got.crop_px == list(atlas.crop)
     img = np.asarray(Image.open(io.BytesIO(got.top_png)).convert("RGB"))
     assert img.shape == (20, 3 * 20, 3) and np.array_equal(img, cut_strip(sprite, atlas, atlas.top[1]))
-    assert strips.get("layer1", 2) is not None and strips.get("layer1", 2).top_png is None
-    assert strips.get("layer9", 0) is None
+    low = strips.get("layer1", 0)
+    assert low is not None and low.low_png is not None and low.low_images == list(atlas.low[0].images)
+    assert strips.get("layer1", 2) is None  # never fires: no strip, no atlas part
+    assert strips.get("layer9", 0) is None and len(strips) == 2
 
 
 def test_index_is_checked(tmp_path):

@@ -134,3 +134,27 @@ def test_a_cuda_build_matches_the_cpu_build(tiny_data, tmp_path):
     assert 0.0 <= features["accuracy_full_head"] <= 1.0
     meta = json.loads((bundle / "metadata.json").read_text())
     assert {"concepts", "cladec", "features"} <= set(meta)
+
+
+def test_mixed_precision_training_lands_near_fp32_and_exports_float_weights(tiny_data, tmp_path):
+    """precision "bf16" trains under bfloat16 autocast with channels-last tensors: the weights
+    stay float32 and contiguous, land near the fp32 run's, and export to an ONNX graph that
+    passes the same parity check; an unknown precision is refused."""
+    torch.manual_seed(1234)
+    fp32 = pipeline.train(pipeline.TrainStep(data=tiny_data, out=tmp_path / "fp32", arch="demo_resnet", device="cpu",
+                                             training=TrainConfig(epochs=1, batch_size=64, seed=0, max_steps=3)))
+    torch.manual_seed(1234)
+    bf16 = pipeline.train(pipeline.TrainStep(data=tiny_data, out=tmp_path / "bf16", arch="demo_resnet", device="cpu",
+                                             training=TrainConfig(epochs=1, batch_size=64, seed=0, max_steps=3,
+                                                                  precision="bf16")))
+    assert fp32["training"]["steps"] == bf16["training"]["steps"] == 3
+    w32, w16 = load_file(tmp_path / "fp32" / "weights.safetensors"), load_file(tmp_path / "bf16" / "weights.safetensors")
+    assert all(w16[k].dtype == w32[k].dtype for k in w32)
+    diff = max(float(np.abs(w32[k] - w16[k]).max()) for k in w32 if w32[k].dtype == np.float32)
+    assert 0 < diff < 5e-2  # bfloat16 products differ, three small steps keep them close
+    bundle = tmp_path / "bundle"
+    report = pipeline.export_bundle(pipeline.ExportStep(out=bundle, model=ModelSource(classifier=tmp_path / "bf16"), name="b"))
+    assert report["parity_max_abs_diff"] <= 1e-4
+    with pytest.raises(ValueError, match="precision"):
+        pipeline.train(pipeline.TrainStep(data=tiny_data, out=tmp_path / "fp16", arch="demo_resnet", device="cpu",
+                                          training=TrainConfig(epochs=1, max_steps=1, precision="fp16")))
