@@ -46,7 +46,7 @@ class Counts:
     ae_epochs: int | None = 1  # None: the methods' defaults (epochs with their least step counts)
 
 
-TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=6, intervention_images=200, validity_images=100,
+TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=10, intervention_images=200, validity_images=100,
                  cladec_eval_images=300, ae_epochs=None)
 
 

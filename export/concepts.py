@@ -58,6 +58,9 @@ class ConceptConfig:
     reacting_threshold: float = 0.01  # mean |change of P(prediction)| that makes a concept "reacting"
     validity_images: int = 300
     atlas_images: int = 8  # training images per atlas strip (export/atlas.py); 0: no atlas
+    # "bf16": the autoencoders' training passes (classifier and spliced classifier included)
+    # under bfloat16 autocast, weights and losses in float32 (as export.train.TrainConfig)
+    precision: str = "fp32"
     seed: int = 0
 
 
@@ -153,10 +156,10 @@ def _autoencoder_loss(model: nn.Module, aes: dict[str, ConceptAutoencoder], scal
     loss = torch.zeros((), device=x.device)
     for l in cfg.layers:
         z, rec = aes[l](acts[l])
-        shallow = F.mse_loss(rec, acts[l]) / scale[l]
-        deep = F.kl_div(F.log_softmax(spliced_logits(model, l, x, rec), dim=1), logp,
+        shallow = F.mse_loss(rec.float(), acts[l].float()) / scale[l]
+        deep = F.kl_div(F.log_softmax(spliced_logits(model, l, x, rec).float(), dim=1), logp,
                         log_target=True, reduction="batchmean")
-        sparse = z.abs().mean() / np.sqrt(scale[l])
+        sparse = z.float().abs().mean() / np.sqrt(scale[l])
         loss = loss + shallow + ramp * cfg.deep_weight * deep + cfg.sparsity_weight * sparse
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * _tv(z)
@@ -175,6 +178,9 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     """
     torch.manual_seed(cfg.seed)
     device = device_of(model)
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
+    mixed = cfg.precision == "bf16"
     rng = np.random.default_rng(cfg.seed)
     model.eval()
     for p in model.parameters():
@@ -198,12 +204,13 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
         sums = {f"{l}/{t}": 0.0 for l in cfg.layers for t in ("shallow", "deep", "sparse")}
         n = 0
         for x, _ in batches(sub, spec, cfg.batch_size, rng.permutation(len(sub)), device):
-            with torch.no_grad():
-                logits, acts = capture(model, cfg.layers, x)
-                logp = F.log_softmax(logits, dim=1)
-            ramp = min(1.0, step / max(cfg.deep_warmup_epochs * steps_per_epoch, 1))
-            step += 1
-            loss = _autoencoder_loss(model, aes, scale, x, acts, logp, ramp, cfg, sums)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+                with torch.no_grad():
+                    logits, acts = capture(model, cfg.layers, x)
+                    logp = F.log_softmax(logits.float(), dim=1)
+                ramp = min(1.0, step / max(cfg.deep_warmup_epochs * steps_per_epoch, 1))
+                step += 1
+                loss = _autoencoder_loss(model, aes, scale, x, acts, logp, ramp, cfg, sums)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

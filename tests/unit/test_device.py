@@ -158,3 +158,28 @@ def test_mixed_precision_training_lands_near_fp32_and_exports_float_weights(tiny
     with pytest.raises(ValueError, match="precision"):
         pipeline.train(pipeline.TrainStep(data=tiny_data, out=tmp_path / "fp16", arch="demo_resnet", device="cpu",
                                           training=TrainConfig(epochs=1, max_steps=1, precision="fp16")))
+
+
+def test_concept_autoencoders_train_in_mixed_precision(tiny_data):
+    """ConceptConfig.precision "bf16" runs the autoencoders' training passes under bfloat16
+    autocast: the autoencoders stay float32, their losses finite and close to the fp32 run's
+    first-epoch losses; an unknown precision is refused."""
+    from export.concepts import ConceptConfig, train_autoencoders
+    from export.data.loader import load_image_folder
+    from export.models import build_model
+    from handlers.runtime.imaging import InputSpec
+    torch.manual_seed(0)
+    spec = InputSpec(32, 32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ds = load_image_folder(tiny_data, spec, "train", limit=64, progress=False)
+    model = build_model("demo_resnet", len(ds.classes), 3).eval()
+    logs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ConceptConfig(k=4, epochs=1, min_steps=0, batch_size=32, train_images=64, precision=precision)
+        aes, log = train_autoencoders(model, ds, spec, cfg, progress=False)
+        assert all(p.dtype == torch.float32 for ae in aes.values() for p in ae.parameters())
+        logs[precision] = log["history"][-1]
+    assert all(np.isfinite(v) for v in logs["bf16"].values())
+    for key, v in logs["fp32"].items():
+        assert logs["bf16"][key] == pytest.approx(v, rel=0.1, abs=1e-3), key
+    with pytest.raises(ValueError, match="precision"):
+        train_autoencoders(model, ds, spec, ConceptConfig(precision="fp16"), progress=False)
