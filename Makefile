@@ -124,9 +124,9 @@ bench: venv $(BUNDLE)
 ## rm -r $(MODEL_224) rebuilds it. On 2 cores its classifier trains in about 12 minutes (bf16);
 ## the concept autoencoders then take about 10 s a step for 192 steps: this build is long.
 MODEL_224 ?= build/bench/resnet18_224_trained
-model-224: venv $(MODEL_224)/bundle/manifest.json
+model-224: venv $(MODEL_224)/build-report.json
 
-$(MODEL_224)/bundle/manifest.json:
+$(MODEL_224)/build-report.json:
 	$(PY) -m bench.build_model --out $(MODEL_224) --trained
 
 ## Tiny request counts, the demo size only: checks the harness, not a figure.
