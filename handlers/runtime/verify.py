@@ -25,6 +25,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -161,6 +162,15 @@ class VerifyJob:
     network_concepts: int | None
 
 
+def _stop_thread(jobs: queue.Queue[VerifyJob | None], thread: threading.Thread, timeout: float = 5.0) -> None:
+    """Ask a verifier's thread to stop after the queued jobs and wait for it (``timeout`` s)."""
+    try:
+        jobs.put(None, timeout=timeout)
+    except queue.Full:
+        return
+    thread.join(timeout)
+
+
 class BackgroundVerifier:
     """Verifies sampled answers on one background thread, after their replies have gone.
 
@@ -181,6 +191,7 @@ class BackgroundVerifier:
         self._idle = threading.Condition()
         self._pending = 0
         self._thread: threading.Thread | None = None
+        self._at_exit: weakref.finalize | None = None
         self._closed = False
 
     def sampled(self, fraction: float) -> bool:
@@ -213,6 +224,9 @@ class BackgroundVerifier:
                 if self._thread is None:
                     self._thread = threading.Thread(target=self._run, name="concept-verifier", daemon=True)
                     self._thread.start()
+                    # a process that exits without close() must not tear the interpreter down
+                    # under a job still inside onnxruntime (the process aborts): stop at exit
+                    self._at_exit = weakref.finalize(self, _stop_thread, self._queue, self._thread)
 
     def _run(self) -> None:
         while True:
@@ -257,6 +271,8 @@ class BackgroundVerifier:
             return
         self.wait_idle(timeout)
         self._closed = True
+        if self._at_exit is not None:
+            self._at_exit.detach()
         if self._thread is not None:
             try:
                 self._queue.put_nowait(None)

@@ -136,3 +136,36 @@ def test_sampling_fraction():
     assert not any(v.sampled(0.0) for _ in range(100)) and all(v.sampled(1.0) for _ in range(100))
     share = np.mean([v.sampled(0.1) for _ in range(5000)])
     assert 0.08 < share < 0.12
+
+
+_EXIT_SCRIPT = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+from tests.unit.test_verify import FakeExplainer
+from handlers.runtime.verify import BackgroundVerifier, VerifyJob
+
+class Slow(FakeExplainer):
+    def encode(self, activations):
+        time.sleep(0.2)  # a job still inside its graphs when the main thread ends
+        return super().encode(activations)
+
+done = []
+v = BackgroundVerifier(Slow(), "1", lambda samples: done.append(1) or print("verified", flush=True))
+for _ in range(3):
+    assert v.offer(VerifyJob({{}}, 0, 0))
+# no close(): the process exits with three jobs queued
+"""
+
+
+def test_a_process_that_exits_without_close_finishes_its_verifications(tmp_path):
+    """The verifier's thread is a daemon; at exit it is stopped and joined (after the queued
+    jobs) rather than torn down mid-job, which in a real worker aborted the process from inside
+    onnxruntime ("terminate called without an active exception")."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT.format(root=root)], capture_output=True, text=True,
+                         timeout=60, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("verified") == 3, (run.stdout, run.stderr)
