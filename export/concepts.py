@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.data.loader import ImageDataset
-from export.device import device_of, to_numpy
+from export.device import autocast, device_of, is_mixed, to_numpy
 from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.concepts import concept_id, discretise, evidence_row, fit_edges, pooled_values
@@ -178,9 +178,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     """
     torch.manual_seed(cfg.seed)
     device = device_of(model)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
-    mixed = cfg.precision == "bf16"
+    mixed = is_mixed(cfg.precision)
     rng = np.random.default_rng(cfg.seed)
     model.eval()
     for p in model.parameters():
@@ -204,7 +202,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
         sums = {f"{l}/{t}": 0.0 for l in cfg.layers for t in ("shallow", "deep", "sparse")}
         n = 0
         for x, _ in batches(sub, spec, cfg.batch_size, rng.permutation(len(sub)), device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            with autocast(device, mixed):
                 with torch.no_grad():
                     logits, acts = capture(model, cfg.layers, x)
                     logp = F.log_softmax(logits.float(), dim=1)

@@ -66,3 +66,23 @@ def cpu_module(module: nn.Module) -> nn.Module:
     if device_of(module).type == "cpu":
         return module
     return copy.deepcopy(module).cpu()
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def is_mixed(precision: str) -> bool:
+    """Whether a training ``precision`` is mixed ("bf16": bfloat16 autocast, float32 weights)
+    rather than "fp32".
+
+    Raises:
+        ValueError: neither."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+    return precision == "bf16"
+
+
+def autocast(device: torch.device, mixed: bool) -> torch.autocast:
+    """The forward passes' context on ``device``: bfloat16 autocast when ``mixed``, else a no-op."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)
+

@@ -10,7 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from export.data.loader import ImageDataset
-from export.device import device_of, to_numpy
+from export.device import autocast, device_of, is_mixed, to_numpy
 from handlers.runtime.imaging import InputSpec, normalize
 
 
@@ -80,9 +80,7 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = one_cycle(opt, cfg.lr, max(total, 1), 0.25)
     loss_fn = nn.CrossEntropyLoss()
-    if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
-    mixed = cfg.precision == "bf16"
+    mixed = is_mixed(cfg.precision)
     layout = torch.channels_last if mixed else torch.contiguous_format
     model.to(memory_format=layout)  # type: ignore[call-overload]  # (missing from torch's stubs)
     t0 = time.perf_counter()
@@ -93,7 +91,7 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
         model.train()
         running, n_steps = 0.0, 0
         for x, y in batches(train, spec, cfg.batch_size, rng.permutation(len(train)), device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+            with autocast(device, mixed):
                 loss = loss_fn(model(x.contiguous(memory_format=layout)).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
