@@ -51,6 +51,11 @@ class CPT:
         return len(self.states)
 
 
+def _index_sizes(terms: Sequence[str], shapes: Sequence[Sequence[int]]) -> dict[str, int]:
+    """Each einsum index letter of ``terms`` -> its size, from the operands' ``shapes``."""
+    return {c: int(n) for term, shape in zip(terms, shapes) for c, n in zip(term, shape)}
+
+
 def _flops(subscripts: str, shapes: Sequence[Sequence[int]], path: list[Any]) -> float:
     """numpy's FLOP count of ``path`` (an ``np.einsum_path`` path) for operands of ``shapes``."""
     _, info = np.einsum_path(subscripts, *[np.empty(s) for s in shapes], optimize=path)
@@ -67,7 +72,7 @@ def elimination_path(subscripts: str, shapes: Sequence[Sequence[int]], order: st
     pairwise path, which can keep a large factor's free axes alive."""
     inputs, output = subscripts.split("->")
     ops = [set(t) for t in inputs.split(",")]
-    size = {c: int(n) for term, shape in zip(inputs.split(","), shapes) for c, n in zip(term, shape)}
+    size = _index_sizes(inputs.split(","), shapes)
 
     def entries(idx: set[str]) -> int:
         return int(np.prod([size[d] for d in idx]))
@@ -219,12 +224,14 @@ def fastest_steps(subscripts: str, operands: Sequence[np.ndarray], repeats: int 
     ``min_entries`` entries are relaid; None keeps every operand's order (``subscripts`` is
     returned unchanged)."""
     shapes = [o.shape for o in operands]
-    candidates = sorted(candidate_paths(subscripts, shapes), key=lambda path: _flops(subscripts, shapes, path))
+    counted = sorted((_flops(subscripts, shapes, path), k, path)
+                     for k, path in enumerate(candidate_paths(subscripts, shapes)))
+    candidates = [path for _, _, path in counted]
     laid = [subscripts if min_entries is None else preferred_layouts(subscripts, shapes, path, min_entries)
             for path in candidates]
     ops = [relaid(operands, subscripts, sub) for sub in laid]
     compiled = [(sub, compile_steps(sub, [o.shape for o in op], path)) for sub, op, path in zip(laid, ops, candidates)]
-    if len(compiled) == 1 or _flops(subscripts, shapes, candidates[0]) < TIMED_ABOVE_FLOPS:
+    if len(compiled) == 1 or counted[0][0] < TIMED_ABOVE_FLOPS:
         return compiled[0]
 
     def best_time(k: int) -> float:
@@ -252,7 +259,7 @@ def compile_steps(subscripts: str, shapes: Sequence[Sequence[int]], path: Sequen
     operand or the output still needs, and the last step writes the output's order."""
     inputs, output = subscripts.split("->")
     terms = inputs.split(",")
-    size = {c: int(n) for term, shape in zip(terms, shapes) for c, n in zip(term, shape)}
+    size = _index_sizes(terms, shapes)
     moves = [tuple(m) for m in path if not isinstance(m, str)]
     steps = []
     for k, members in enumerate(moves):
@@ -342,7 +349,6 @@ class CompiledCausalModel:
         # compiled on first use (:meth:`_plan`), or all at once by :meth:`precompile`: a worker
         # whose interventions the network itself answers never needs them
         self._plans: dict[str, _Plan] = {}
-        self._prepared_entries = 0
 
     # -- construction ----------------------------------------------------------------------
 
@@ -433,7 +439,7 @@ class CompiledCausalModel:
         subscripts = ",".join(terms) + "->" + letters[x] + letters[self.outcome]
         # the factors as a request slices them (any observed state: the shapes are the same)
         sample = [self._sliced(n, spec, {p: 0 for kind, p in spec if kind == "obs"}) for n, spec in factors]
-        relaid_above = self.PREPARE_MIN_ENTRIES if self._prepared_entries < self.MAX_PREPARED_ENTRIES else None
+        relaid_above = self.PREPARE_MIN_ENTRIES if self.prepared_entries() < self.MAX_PREPARED_ENTRIES else None
         laid, steps = fastest_steps(subscripts, sample, min_entries=relaid_above)
         prepared: list[np.ndarray | None] = []
         for (n, spec), term, want in zip(factors, terms, laid.split("->")[0].split(",")):
@@ -443,8 +449,11 @@ class CompiledCausalModel:
             obs_axes = [1 + k for k, (kind, _) in enumerate(spec) if kind == "obs"]
             kept = [0] + [1 + k for k, (kind, _) in enumerate(spec) if kind == "keep"]  # the term's order
             prepared.append(np.ascontiguousarray(self.cpts[n].table.transpose(obs_axes + [kept[term.index(c)] for c in want])))
-            self._prepared_entries += self.cpts[n].table.size
         return _Plan(x, True, tuple(factors), laid, steps, tuple(prepared))
+
+    def prepared_entries(self) -> int:
+        """Float64 entries held by the compiled queries' relaid CPT copies (``MAX_PREPARED_ENTRIES``)."""
+        return sum(t.size for plan in self._plans.values() for t in plan.prepared if t is not None)
 
     def _with_lookup(self, plan: _Plan) -> _Plan:
         """Precompute the plan's answers for every combination of its observed variables when
