@@ -274,8 +274,4 @@ class BackgroundVerifier:
         if self._at_exit is not None:
             self._at_exit.detach()
         if self._thread is not None:
-            try:
-                self._queue.put_nowait(None)
-            except queue.Full:
-                pass
-            self._thread.join(timeout)
+            _stop_thread(self._queue, self._thread, timeout)
