@@ -486,7 +486,9 @@ class CompiledCausalModel:
                     table[combo] = self._contract(plan, dict(zip(obs, combo, strict=True)))
             else:
                 return plan
-        return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table)})
+        # a lookup answers every request: the relaid CPT copies the contraction read are dropped
+        return _Plan(**{**plan.__dict__, "lookup_vars": tuple(obs), "lookup": np.ascontiguousarray(table),
+                        "prepared": (None,) * len(plan.factors)})
 
     def _contract_all(self, plan: _Plan, obs: Sequence[str]) -> np.ndarray | None:
         """The plan's answers for every combination of the observed variables ``obs`` at once:
