@@ -12,7 +12,9 @@ images and the methods get the counts given (``--ae-images`` for the concept aut
 ClaDec, ``--intervention-images``, ``--validity-images``), their defaults otherwise, plus the
 layer analysis that names the concepts; the report records every step's wall time and the
 device. It runs the same `concept-explainer` steps as the demo build (export.pipeline).
-``--size``/``--arch`` give other sizes.
+``--size``/``--arch`` give other sizes. ``--reuse-classifier`` keeps rendered data and a
+trained classifier already in ``--out`` when its record shows the same architecture, size
+and counts (the report then gives that training's recorded seconds, marked reused).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +47,48 @@ class Counts:
     validity_images: int = 20
     cladec_eval_images: int = 20
     ae_epochs: int | None = 1  # None: the methods' defaults (epochs with their least step counts)
+    cladec_images: int | None = None  # None: ae_images
+    cladec_epochs: int | None = None  # None: as ae_epochs
 
 
+# ClaDec at 224 px on 2 cores: a RefAE step (a fresh encoder up to the layer, the whole network
+# for avgpool) takes about 5 s in bf16 at batch 128, so the trained build gives it 80 steps on
+# 1,000 images and serves the alpha = 0 decoder only
 TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=10, intervention_images=200, validity_images=100,
-                 cladec_eval_images=300, ae_epochs=None)
+                 cladec_eval_images=300, ae_epochs=None, cladec_images=1000, cladec_epochs=10)
+
+#: bundle file whose presence means a step already ran (a resumed build skips it)
+STEP_FILES = {"concepts": "concepts.json", "cladec": "cladec.json", "features": "features.json",
+              "quantization": "quantization.json"}
+
+
+def reusable_training(out: Path, arch: str, size: int, c: Counts) -> dict | None:
+    """The training record of a classifier already built in ``out`` with ``arch``, ``size``
+    and the counts of ``c`` (epochs, images), or None when there is none or it differs."""
+    info_path = out / "classifier" / "classifier.json"
+    if not info_path.exists() or not (out / "data" / "factors.csv").exists():
+        return None
+    info = json.loads(info_path.read_text())
+    training = info.get("training")
+    if not isinstance(training, dict):
+        return None
+    same = (info.get("architecture") == arch and info.get("input", {}).get("height") == size
+            and training.get("epochs") == c.epochs and training.get("train_images") == c.n_train
+            and training.get("test_images") == c.n_test)
+    return training if same else None
 
 
 def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int = 400, n_test: int = 100,
           ae_images: int = 300, seed: int = 0, counts: Counts | None = None, device: str = "auto",
-          precision: str = "bf16") -> dict:
+          precision: str = "bf16", reuse_classifier: bool = False) -> dict:
     """Render, train, export, fit concepts, ClaDec and features into ``out / "bundle"`` (and the
-    layer analysis for a trained model), torch on ``device``; a trained classifier trains in
-    ``precision`` (:class:`export.train.TrainConfig`). ``counts`` None: the timing model with
-    ``n_train``, ``n_test`` and ``ae_images``. Returns the build report (also written to
-    ``out / "build-report.json"``)."""
+    layer analysis for a trained model), torch on ``device``; a trained classifier, the concept
+    autoencoders and ClaDec train in ``precision`` (:class:`export.train.TrainConfig`).
+    ``counts`` None: the timing model with ``n_train``, ``n_test`` and ``ae_images``.
+    ``reuse_classifier``: keep the data and classifier in ``out`` when
+    :func:`reusable_training` finds them, and the method steps already in its bundle (a build
+    that stopped resumes at the first missing step; a skipped step's seconds are the ones its
+    file recorded). Returns the build report (also written to ``out / "build-report.json"``)."""
     c = counts or Counts(n_train=n_train, n_test=n_test, ae_images=ae_images)
     trained = c.epochs > 0
     t0 = time.perf_counter()
@@ -66,32 +97,55 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
     report: dict = {"arch": arch, "size": size, "device": str(resolve_device(device)), "counts": dataclasses.asdict(c),
                     "precision": precision if trained else "fp32",
                     "trained": f"{c.epochs} epochs" if trained else "1 step (untrained for timing)"}
-    timed(report, "render", lambda: pipeline.render(pipeline.RenderStep(out=data, n_train=c.n_train, n_test=c.n_test,
-                                                                         size=size, seed=seed)))
-    training = (TrainConfig(epochs=c.epochs, batch_size=64, lr=2e-3, seed=seed, precision=precision) if trained
-                else TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=seed, max_steps=1))
-    timed(report, "train", lambda: pipeline.train(pipeline.TrainStep(data=data, out=classifier, arch=arch,
-                                                                      device=device, training=training)))
-    timed(report, "export", lambda: pipeline.export_bundle(pipeline.ExportStep(
-        out=bundle, model=model, name=f"{arch}_{size}", version="bench" + ("-trained" if trained else ""))))
+    reused = reusable_training(out, arch, size, c) if reuse_classifier and trained else None
+    if reused is None:
+        timed(report, "render", lambda: pipeline.render(pipeline.RenderStep(
+            out=data, n_train=c.n_train, n_test=c.n_test, size=size, seed=seed)))
+        training = (TrainConfig(epochs=c.epochs, batch_size=64, lr=2e-3, seed=seed, precision=precision) if trained
+                    else TrainConfig(epochs=1, batch_size=16, lr=1e-3, seed=seed, max_steps=1))
+        timed(report, "train", lambda: pipeline.train(pipeline.TrainStep(data=data, out=classifier, arch=arch,
+                                                                          device=device, training=training)))
+    else:
+        report["train"] = {"reused": True, **{k: v for k, v in reused.items() if k != "history"}}
+        report.setdefault("step_seconds", {})["train"] = reused.get("seconds")
+        report["reused_classifier"] = True
+    def step(name: str, run: Callable[[], dict[str, Any]]) -> None:
+        done = bundle / STEP_FILES[name]
+        if reused is None or not done.exists():
+            timed(report, name, run)
+            return
+        seconds = json.loads(done.read_text()).get("report", {}).get("seconds")
+        report[name] = {"reused": True, "seconds": seconds}
+        report.setdefault("step_seconds", {})[name] = seconds
+
+    if reused is None or not (bundle / "metadata.json").exists():
+        timed(report, "export", lambda: pipeline.export_bundle(pipeline.ExportStep(
+            out=bundle, model=model, name=f"{arch}_{size}", version="bench" + ("-trained" if trained else ""))))
     ae: dict[str, Any] = {} if c.ae_epochs is None else {"epochs": c.ae_epochs, "min_steps": 0}
-    timed(report, "concepts", lambda: pipeline.add_concepts(pipeline.ConceptsStep(
+    cladec_epochs = c.ae_epochs if c.cladec_epochs is None else c.cladec_epochs
+    step("concepts", lambda: pipeline.add_concepts(pipeline.ConceptsStep(
         bundle=bundle, data=data, model=model, device=device,
         concepts=ConceptConfig(train_images=c.ae_images, validity_images=c.validity_images,
-                               intervention_images=c.intervention_images, seed=seed, **ae))))
-    timed(report, "cladec", lambda: pipeline.add_cladec(pipeline.ClaDecStep(
+                               intervention_images=c.intervention_images, seed=seed,
+                               precision=precision if trained else "fp32", **ae))))
+    step("cladec", lambda: pipeline.add_cladec(pipeline.ClaDecStep(
         bundle=bundle, data=data, model=model, device=device,
         # only the served decoders, no alpha sweep and no fresh classifiers
-        cladec=ClaDecConfig(train_images=c.ae_images, eval_images=c.cladec_eval_images, fresh_classifier_epochs=0,
-                            sweep_alphas=(), seed=seed, **ae))))
-    timed(report, "features", lambda: pipeline.add_features(pipeline.FeaturesStep(
+        cladec=ClaDecConfig(train_images=c.cladec_images or c.ae_images, eval_images=c.cladec_eval_images,
+                            fresh_classifier_epochs=0, sweep_alphas=(), seed=seed,
+                            alphas=(0.0,) if trained else ClaDecConfig.alphas,
+                            precision=precision if trained else "fp32",
+                            epochs=cladec_epochs, min_steps=ClaDecConfig.min_steps if cladec_epochs is None else 0))))
+    step("features", lambda: pipeline.add_features(pipeline.FeaturesStep(
         bundle=bundle, data=data, model=model, device=device, features=FeatureConfig(finetune_epochs=0))))
-    timed(report, "quantization", lambda: pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data)))
+    step("quantization", lambda: pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data)))
     if trained:
         timed(report, "analysis", lambda: {k: v for k, v in pipeline.analyze(pipeline.AnalyzeStep(
             bundle=bundle, data=data, model=model, device=device, images=c.n_train,
             out=out / "analysis")).items() if k != "concept_names"})
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    if reused is not None:  # every step's seconds, this run's and the reused ones'
+        report["seconds_all_steps"] = round(sum(float(v or 0) for v in report["step_seconds"].values()), 1)
     (out / "build-report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return report
 
@@ -103,7 +157,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"),
-                    help="the trained classifier's training precision (default: bf16, mixed)")
+                    help="the trained classifier's, the concept autoencoders' and ClaDec's training precision "
+                    "(default: bf16, mixed)")
+    ap.add_argument("--reuse-classifier", action="store_true",
+                    help="keep the data and trained classifier already in --out when they match the counts")
     ap.add_argument("--trained", action="store_true", help="train the classifier and the methods for real "
                     f"(counts default to {dataclasses.asdict(TRAINED)})")
     for f in dataclasses.fields(Counts):
@@ -113,7 +170,8 @@ def main() -> None:
     base = TRAINED if args.trained else Counts()
     counts = dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in dataclasses.fields(Counts)
                                           if getattr(args, f.name) is not None})
-    report = build(Path(args.out), args.arch, args.size, counts=counts, device=args.device, precision=args.precision)
+    report = build(Path(args.out), args.arch, args.size, counts=counts, device=args.device, precision=args.precision,
+                   reuse_classifier=args.reuse_classifier)
     print(f"bench model built in {report['seconds']} s on {report['device']}: {Path(args.out) / 'bundle'}; "
           f"step seconds {report['step_seconds']}")
 

@@ -69,7 +69,7 @@ from tqdm import tqdm
 
 from export.concepts import capture
 from export.data.loader import ImageDataset
-from export.device import device_of, to_numpy
+from export.device import autocast, device_of, is_mixed, to_numpy
 from export.train import TrainConfig, accuracy, batches, one_cycle
 from handlers.runtime.cladec import FORMAT as CLADEC_FORMAT
 from handlers.runtime.imaging import InputSpec, normalize
@@ -114,6 +114,9 @@ class ClaDecConfig:
     fresh_classifier_batch_size: int = 64
     fresh_validation_fraction: float = 0.2
     object_weight: float = 10.0
+    # "bf16": decoders and RefAEs train under bfloat16 autocast (the loss in float32, weights
+    # and optimiser in float32), as export.train.TrainConfig.precision
+    precision: str = "fp32"
     seed: int = 0
 
 
@@ -373,6 +376,7 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
         raise ValueError("no training images")
     torch.manual_seed(cfg.seed)
     device = device_of(module)
+    mixed = is_mixed(cfg.precision)
     weight = object_weight(module, cfg)
     rng = np.random.default_rng(cfg.seed)
     steps = train_steps(len(ds), cfg) if steps is None else steps
@@ -392,8 +396,9 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
                     continue
                 target = to_unit(ds.pixels[idx], device)
                 x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec)).to(device)
-                loss = cladec_loss(module(x), target, alpha, classifier, spec,
-                                   torch.from_numpy(ds.labels[idx]).to(device), weight)
+                with autocast(device, mixed):
+                    loss = cladec_loss(module(x).float(), target, alpha, classifier, spec,
+                                       torch.from_numpy(ds.labels[idx]).to(device), weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

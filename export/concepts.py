@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from export.data.loader import ImageDataset
 from export.device import autocast, device_of, is_mixed, to_numpy
+from export.splice import Splice
 from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.concepts import concept_id, discretise, evidence_row, fit_edges, pooled_values
@@ -57,6 +58,9 @@ class ConceptConfig:
     min_influence: float = 0.02  # least mean |change| (in stds) of a child for an edge
     reacting_threshold: float = 0.01  # mean |change of P(prediction)| that makes a concept "reacting"
     validity_images: int = 300
+    # the classifier's activations of the training images are computed once and kept (on the
+    # training device) when they fit in this many MiB, instead of once per epoch
+    activation_cache_mib: int = 4096
     atlas_images: int = 8  # training images per atlas strip (export/atlas.py); 0: no atlas
     # "bf16": the autoencoders' training passes (classifier and spliced classifier included)
     # under bfloat16 autocast, weights and losses in float32 (as export.train.TrainConfig)
@@ -116,13 +120,10 @@ def pooled_activations(model: nn.Module, layers: Sequence[str], ds: ImageDataset
 
 
 def spliced_logits(model: nn.Module, layer: str, x: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
-    """Logits of the network with ``layer``'s output replaced by ``replacement`` (f_{>l})."""
-    module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _m, _i, _o: replacement)
-    try:
-        return model(x)
-    finally:
-        handle.remove()
+    """Logits of the network with ``layer``'s output replaced by ``replacement`` (f_{>l}),
+    the whole network run on ``x`` (the reference :class:`export.splice.Splice` is checked
+    against)."""
+    return Splice(model, layer).logits(x, replacement)
 
 
 def _tv(z: torch.Tensor) -> torch.Tensor:
@@ -146,19 +147,19 @@ def _new_autoencoders(acts: dict[str, torch.Tensor], cfg: ConceptConfig
     return aes, scale
 
 
-def _autoencoder_loss(model: nn.Module, aes: dict[str, ConceptAutoencoder], scale: dict[str, float],
+def _autoencoder_loss(splices: dict[str, Splice], aes: dict[str, ConceptAutoencoder], scale: dict[str, float],
                       x: torch.Tensor, acts: dict[str, torch.Tensor], logp: torch.Tensor, ramp: float,
                       cfg: ConceptConfig, sums: dict[str, float]) -> torch.Tensor:
     """The batch's loss over every layer: shallow reconstruction (scaled MSE), deep
     reconstruction (KL of the spliced network's prediction from the classifier's, weighted
     by ``ramp``) and L1 sparsity of the code (plus total variation when configured). Adds
     each term to ``sums`` ("layer/term")."""
-    loss = torch.zeros((), device=x.device)
+    loss = torch.zeros((), device=logp.device)
     for l in cfg.layers:
         z, rec = aes[l](acts[l])
         shallow = F.mse_loss(rec.float(), acts[l].float()) / scale[l]
-        deep = F.kl_div(F.log_softmax(spliced_logits(model, l, x, rec).float(), dim=1), logp,
-                        log_target=True, reduction="batchmean")
+        deep = F.kl_div(F.log_softmax(splices[l].logits(x, rec).float(), dim=1), logp, log_target=True,
+                        reduction="batchmean")
         sparse = z.float().abs().mean() / np.sqrt(scale[l])
         loss = loss + shallow + ramp * cfg.deep_weight * deep + cfg.sparsity_weight * sparse
         if cfg.tv_weight:
@@ -198,17 +199,26 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     sub = ds.take(idx)
     t0 = time.perf_counter()
     step = 0
+    splices = _splices(model, cfg.layers, torch.from_numpy(normalize(sub.pixels[:4], spec)).to(device))
+    cache = _cached_activations(model, sub, spec, cfg, acts0, device, mixed)
     for epoch in range(epochs):
         sums = {f"{l}/{t}": 0.0 for l in cfg.layers for t in ("shallow", "deep", "sparse")}
         n = 0
-        for x, _ in batches(sub, spec, cfg.batch_size, rng.permutation(len(sub)), device):
+        order = rng.permutation(len(sub))
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start:start + cfg.batch_size]
+            x = torch.from_numpy(normalize(sub.pixels[rows], spec)).to(device)
             with autocast(device, mixed):
-                with torch.no_grad():
-                    logits, acts = capture(model, cfg.layers, x)
-                    logp = F.log_softmax(logits.float(), dim=1)
+                if cache is None:
+                    with torch.no_grad():
+                        logits, acts = capture(model, cfg.layers, x)
+                        logp = F.log_softmax(logits.float(), dim=1)
+                else:
+                    at = torch.from_numpy(rows).to(device)
+                    acts, logp = {l: a[at] for l, a in cache[0].items()}, cache[1][at]
                 ramp = min(1.0, step / max(cfg.deep_warmup_epochs * steps_per_epoch, 1))
                 step += 1
-                loss = _autoencoder_loss(model, aes, scale, x, acts, logp, ramp, cfg, sums)
+                loss = _autoencoder_loss(splices, aes, scale, x, acts, logp, ramp, cfg, sums)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -220,7 +230,38 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     bar.close()
     for ae in aes.values():
         ae.eval()
-    return aes, {"history": history, "seconds": round(time.perf_counter() - t0, 1), "images": len(idx)}
+    return aes, {"history": history, "seconds": round(time.perf_counter() - t0, 1), "images": len(idx),
+                 "activations_cached": cache is not None,
+                 "prefix_on_one_image": sorted(l for l, sp in splices.items() if sp.prefix_rows == 1)}
+
+
+@torch.no_grad()
+def _cached_activations(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg: ConceptConfig,
+                        sample: dict[str, torch.Tensor], device: torch.device, mixed: bool
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+    """The frozen classifier's outputs of ``cfg.layers`` (layer -> (N, C, H, W), in the
+    training precision) and its log-probabilities (N, classes) for every image of ``ds``, on
+    ``device``; None when they would take more than ``cfg.activation_cache_mib`` (sized from
+    ``sample``, one batch of the layers' activations)."""
+    per_image = sum(a[0].numel() for a in sample.values()) * (2 if mixed else 4)
+    if per_image * len(ds) > cfg.activation_cache_mib * 2**20:
+        return None
+    acts: dict[str, torch.Tensor] = {}
+    logp: torch.Tensor | None = None
+    start = 0
+    for x, _ in batches(ds, spec, 256, device=device):
+        with autocast(device, mixed):
+            logits, got = capture(model, cfg.layers, x)
+        rows = slice(start, start + len(x))
+        start += len(x)
+        for l, a in got.items():
+            if l not in acts:
+                acts[l] = torch.empty((len(ds), *a.shape[1:]), dtype=a.dtype, device=device)
+            acts[l][rows] = a
+        if logp is None:
+            logp = torch.empty((len(ds), logits.shape[1]), device=device)
+        logp[rows] = F.log_softmax(logits.float(), dim=1)
+    return (acts, logp) if logp is not None else None
 
 
 @dataclass
@@ -247,9 +288,12 @@ def encode_dataset(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Ima
     peaks: dict[str, list[np.ndarray]] = {l: [] for l in layers}
     shapes: dict[str, tuple[int, int]] = {}
     agree = {l: 0 for l in layers}
+    splices: dict[str, Splice] = {}
     for x, _ in tqdm(batches(ds, spec, batch_size, device=device_of(model)), total=-(-len(ds) // batch_size),
                      desc="encode", disable=not progress, unit="batch"):
         logits, acts = capture(model, layers, x)
+        if agreement and not splices:
+            splices = _splices(model, layers, x)
         logits_all.append(to_numpy(logits))
         for l in layers:
             z, rec = aes[l](acts[l])
@@ -258,7 +302,7 @@ def encode_dataset(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: Ima
             peaks[l].append(code.reshape(*code.shape[:2], -1).argmax(axis=2).astype(np.int32))
             shapes[l] = (int(code.shape[2]), int(code.shape[3]))
             if agreement:
-                agree[l] += int((spliced_logits(model, l, x, rec).argmax(1) == logits.argmax(1)).sum())
+                agree[l] += int((splices[l].logits(x, rec).argmax(1) == logits.argmax(1)).sum())
     out = Encoded(np.concatenate(logits_all), {l: np.concatenate(v) for l, v in values.items()},
                   peaks={l: np.concatenate(v) for l, v in peaks.items()}, map_shapes=shapes)
     if agreement:
@@ -285,15 +329,12 @@ def set_code_peak(z: torch.Tensor, channel: int, value: float) -> torch.Tensor:
     return torch.from_numpy(_set_code_peak(to_numpy(z), channel, value)).to(z.device)
 
 
-def spliced_capture(model: nn.Module, layer: str, x: torch.Tensor, replacement: torch.Tensor,
-                    layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Like :func:`spliced_logits`, also returning the outputs of the later ``layers``."""
-    module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _m, _i, _o: replacement)
-    try:
-        return capture(model, layers, x)
-    finally:
-        handle.remove()
+def _splices(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> dict[str, Splice]:
+    """A checked :class:`Splice` per layer, probed on the first rows of ``x`` (the full
+    prefix when ``x`` has a single row)."""
+    if len(x) < 2:
+        return {l: Splice(model, l) for l in layers}
+    return {l: Splice.checked(model, l, x[:4]) for l in layers}
 
 
 @dataclass
@@ -369,9 +410,11 @@ def run_interventions(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: 
     total = -(-n // batch_size) * sum(k * s_count for k in ks)
     bar = tqdm(total=total, desc="interventions", disable=not progress, unit="pass")
     start = 0
+    splices: dict[str, Splice] = {}
     for x, _ in batches(ds, spec, batch_size, device=device_of(model)):
         rows = slice(start, start + len(x))
         start += len(x)
+        splices = splices or _splices(model, layers, x)
         logits, acts = capture(model, layers, x)
         pred = logits.argmax(1)
         y_obs[rows] = to_numpy(pred)
@@ -379,13 +422,13 @@ def run_interventions(model: nn.Module, aes: dict[str, ConceptAutoencoder], ds: 
         for i, l in enumerate(layers):
             observed_values[l][rows] = pooled_values(to_numpy(codes[l]))
             observed[l][rows] = discretise(observed_values[l][rows], edges[l])
-            unchanged = spliced_logits(model, l, x, aes[l].decoder(codes[l]))
+            unchanged = splices[l].logits(x, aes[l].decoder(codes[l]))
             p_null[i, rows] = to_numpy(F.softmax(unchanged, dim=1).gather(1, pred[:, None])[:, 0])
         for i, l in enumerate(layers):
             for c in range(ks[i]):
                 for s in range(s_count):
                     zz = set_code_peak(codes[l], c, float(typical[l][c, s]))
-                    out, later = spliced_capture(model, l, x, aes[l].decoder(zz), layers[i + 1:])
+                    out, later = splices[l].capture(x, aes[l].decoder(zz), layers[i + 1:])
                     ys[i][c, s, rows] = to_numpy(out.argmax(1))
                     ps[i][c, s, rows] = to_numpy(F.softmax(out, dim=1).gather(1, pred[:, None])[:, 0])
                     v_here = pooled_values(to_numpy(zz))
