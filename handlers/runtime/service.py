@@ -131,6 +131,22 @@ def release_freed_heap() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
+def limit_blas_threads(threads: int) -> int | None:
+    """Limit numpy's BLAS to ``threads`` threads for the whole process (0: leave it); returns
+    the BLAS libraries' thread count afterwards (the smallest), or None when unchanged or
+    ``threadpoolctl`` is missing (then a warning is logged)."""
+    if threads <= 0:
+        return None
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        log.warning("threadpoolctl is not installed: numpy's BLAS keeps its default threads")
+        return None
+    threadpool_limits(limits=threads, user_api="blas")
+    counts = [int(p["num_threads"]) for p in threadpool_info() if p.get("user_api") == "blas"]
+    return min(counts) if counts else None
+
+
 def _ms(t0: float) -> float:
     """Milliseconds since ``t0`` (``time.perf_counter``), unrounded: the answer rounds."""
     return (time.perf_counter() - t0) * 1000
@@ -228,6 +244,7 @@ class ExplainerService:
                 ort.preload_dlls()
             except Exception:  # noqa: BLE001 - system libraries may still serve; the session reports
                 log.warning("onnxruntime.preload_dlls() failed", exc_info=True)
+        limit_blas_threads(settings.blas_threads)
         threads = settings.intra_op_threads
         classifier = OnnxClassifier.from_bundle(bundle, plan.providers, threads)
         # 8-bit explanation graphs (never the classifier), on the CPU provider only: on a GPU

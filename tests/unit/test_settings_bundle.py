@@ -72,6 +72,7 @@ def test_counts_below_one_are_rejected_naming_the_setting(name, value):
 @pytest.mark.parametrize("name, value", [
     ("top_k", 3.7), ("top_k", "3.5"), ("top_k", True), ("top_k", None), ("top_k", "five"),
     ("top_concepts", float("nan")), ("max_request_bytes", [1]), ("intra_op_threads", -1),
+    ("blas_threads", -1), ("blas_threads", 1.5),
     ("intra_op_threads", False), ("monitor_fraction", True), ("monitor_fraction", "nan"),
     ("monitor_fraction", float("inf")), ("monitor_fraction", 1.5), ("monitor_fraction", -0.1),
     ("monitor_fraction", None), ("monitor_fraction", "lots"),
@@ -271,3 +272,23 @@ def test_bundle_documents_are_read_and_checked_in_one_place(tmp_path):
     with pytest.raises(ArtifactError, match="causal-bn/1"):
         CompiledCausalModel.from_json({"format": "concepts/1"})
     assert checked_document({"format": "x"}, "x", "doc") == {"format": "x"}
+
+
+def test_blas_threads_limit_numpy_in_the_process():
+    """The service's BLAS limit, in a fresh interpreter (it is process-wide): 1 thread after
+    limit_blas_threads(1) whatever the default was; 0 leaves the library alone."""
+    import subprocess
+    import sys
+    code = ("from threadpoolctl import threadpool_info\n"
+            "import numpy\n"
+            "from handlers.runtime.service import limit_blas_threads\n"
+            "blas = lambda: sorted(p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas')\n"
+            "before = blas()\n"
+            "assert limit_blas_threads(0) is None and blas() == before\n"
+            "assert limit_blas_threads(1) == 1 and set(blas()) == {1}, blas()\n"
+            "print('ok', before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "2"},
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok [2]")
