@@ -342,7 +342,9 @@ def bench_size(label: str, bundle: Path, classifier: Path, data: Path, image: by
         res["causal"] = compare(bundle, 3 if smoke else 10)
     report = bundle.parent / "build-report.json"
     if report.is_file():
-        res["build_seconds"] = json.loads(report.read_text()).get("seconds")
+        built = json.loads(report.read_text())
+        # a resumed build (bench/build_model.py --reuse-classifier) adds up every step's seconds
+        res["build_seconds"] = built.get("seconds_all_steps", built.get("seconds"))
     return res
 
 

@@ -183,3 +183,55 @@ def test_concept_autoencoders_train_in_mixed_precision(tiny_data):
         assert logs["bf16"][key] == pytest.approx(v, rel=0.1, abs=1e-3), key
     with pytest.raises(ValueError, match="precision"):
         train_autoencoders(model, ds, spec, ConceptConfig(precision="fp16"), progress=False)
+
+
+def test_cladec_decoders_and_refaes_train_in_mixed_precision(tiny_data):
+    """ClaDecConfig.precision "bf16" trains a decoder (alpha > 0: the classifier term too) and a
+    RefAE under bfloat16 autocast: float32 weights, finite losses close to the fp32 run's; an
+    unknown precision is refused."""
+    from export.cladec import ClaDecConfig, _activations, new_refae, train_decoder, train_refae
+    from export.data.loader import load_image_folder
+    from export.models import build_model
+    from handlers.runtime.imaging import InputSpec
+    torch.manual_seed(0)
+    spec = InputSpec(32, 32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ds = load_image_folder(tiny_data, spec, "train", limit=48, progress=False)
+    model = build_model("demo_resnet", len(ds.classes), 3).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acts = _activations(model, "layer2", ds, spec)
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ClaDecConfig(epochs=2, batch_size=16, precision=precision)
+        dec, log = train_decoder(acts, ds, spec, cfg, 0.01, model)
+        ref = new_refae(model, "layer2", tuple(acts.shape[1:]), ds, spec)
+        ref_log = train_refae(ref, ds, spec, cfg)
+        assert all(p.dtype == torch.float32 for m in (dec, ref) for p in m.parameters())
+        losses[precision] = (log.final_loss, ref_log.final_loss)
+    assert all(np.isfinite(v) for v in losses["bf16"])
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.15)
+    with pytest.raises(ValueError, match="precision"):
+        train_decoder(acts, ds, spec, ClaDecConfig(epochs=1, precision="fp16"), 0.0, model)
+
+
+def test_cached_activations_train_the_autoencoders_as_recomputed_ones_do(tiny_data):
+    """The concept autoencoders see the same activations whether they are computed once and
+    kept or recomputed every batch (activation_cache_mib 0): the same losses, epoch by epoch."""
+    from export.concepts import ConceptConfig, train_autoencoders
+    from export.data.loader import load_image_folder
+    from export.models import build_model
+    from handlers.runtime.imaging import InputSpec
+    torch.manual_seed(0)
+    spec = InputSpec(32, 32, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    ds = load_image_folder(tiny_data, spec, "train", limit=64, progress=False)
+    model = build_model("demo_resnet", len(ds.classes), 3).eval()
+    logs = {}
+    for mib in (0, 4096):
+        cfg = ConceptConfig(k=4, epochs=2, min_steps=0, batch_size=32, train_images=64, activation_cache_mib=mib)
+        _, log = train_autoencoders(model, ds, spec, cfg, progress=False)
+        assert log["activations_cached"] is (mib > 0)
+        assert log["prefix_on_one_image"] == list(cfg.layers)
+        logs[mib] = log["history"]
+    for cached, recomputed in zip(logs[4096], logs[0]):
+        for key, v in recomputed.items():
+            assert cached[key] == pytest.approx(v, rel=1e-3, abs=1e-6), key
