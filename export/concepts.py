@@ -241,9 +241,9 @@ def _cached_activations(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg
                         ) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
     """The frozen classifier's outputs of ``cfg.layers`` (layer -> (N, C, H, W), in the
     training precision) and its log-probabilities (N, classes) for every image of ``ds``, on
-    ``device``; None when they would take more than ``cfg.activation_cache_mib`` (sized from
-    ``sample``, one batch of the layers' activations)."""
-    per_image = sum(a[0].numel() for a in sample.values()) * (2 if mixed else 4)
+    ``device``; None when they could take more than ``cfg.activation_cache_mib`` (sized from
+    ``sample``, one batch of the layers' activations, as float32)."""
+    per_image = sum(a[0].numel() for a in sample.values()) * 4  # float32; bfloat16 takes half
     if per_image * len(ds) > cfg.activation_cache_mib * 2**20:
         return None
     acts: dict[str, torch.Tensor] = {}
