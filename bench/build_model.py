@@ -109,14 +109,15 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
         report["train"] = {"reused": True, **{k: v for k, v in reused.items() if k != "history"}}
         report.setdefault("step_seconds", {})["train"] = reused.get("seconds")
         report["reused_classifier"] = True
+
     def step(name: str, run: Callable[[], dict[str, Any]]) -> None:
         done = bundle / STEP_FILES[name]
         if reused is None or not done.exists():
             timed(report, name, run)
             return
-        seconds = json.loads(done.read_text()).get("report", {}).get("seconds")
-        report[name] = {"reused": True, "seconds": seconds}
-        report.setdefault("step_seconds", {})[name] = seconds
+        recorded = json.loads(done.read_text()).get("report", {})  # the step's own report, as it ran
+        report[name] = {"reused": True, **recorded}
+        report.setdefault("step_seconds", {})[name] = recorded.get("seconds")
 
     if reused is None or not (bundle / "metadata.json").exists():
         timed(report, "export", lambda: pipeline.export_bundle(pipeline.ExportStep(
