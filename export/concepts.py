@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from export.data.loader import ImageDataset
 from export.device import autocast, device_of, is_mixed, to_numpy
-from export.splice import Splice
+from export.splice import Splice, capture
 from export.train import batches, one_cycle
 from handlers.runtime.causal import CompiledCausalModel
 from handlers.runtime.concepts import concept_id, discretise, evidence_row, fit_edges, pooled_values
@@ -86,19 +86,6 @@ class ConceptAutoencoder(nn.Module):
     def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encoder(a)
         return z, self.decoder(z)
-
-
-def capture(model: nn.Module, layers: Sequence[str], x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass returning logits and the outputs of ``layers``."""
-    modules = dict(model.named_modules())
-    acts: dict[str, torch.Tensor] = {}
-    handles = [modules[l].register_forward_hook(lambda _m, _i, o, l=l: acts.__setitem__(l, o)) for l in layers]
-    try:
-        logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, acts
 
 
 @torch.no_grad()

@@ -24,13 +24,14 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def _run_with(model: nn.Module, module: nn.Module, x: torch.Tensor, replacement: torch.Tensor,
-              layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Run ``model(x)`` with ``module``'s output replaced; return the logits and the outputs
-    of ``layers``."""
+def capture(model: nn.Module, layers: Sequence[str], x: torch.Tensor, replace: nn.Module | None = None,
+            replacement: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass ``model(x)`` returning the logits and the outputs of ``layers``; with
+    ``replace``, that module's output is ``replacement`` instead."""
     modules = dict(model.named_modules())
     acts: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_hook(lambda _m, _i, _o: replacement)]
+    # the replacement first: a hook registered after it sees the replaced output
+    handles = [] if replace is None else [replace.register_forward_hook(lambda _m, _i, _o: replacement)]
     handles += [modules[l].register_forward_hook(lambda _m, _i, o, l=l: acts.__setitem__(l, o)) for l in layers]
     try:
         return model(x), acts
@@ -60,17 +61,12 @@ class Splice:
         if probe.shape[0] < 2:
             raise ValueError("the probe needs at least two images to tell rows apart")
         full = cls(model, layer)
-        acts: dict[str, torch.Tensor] = {}
-        handle = full.module.register_forward_hook(lambda _m, _i, o: acts.__setitem__("out", o))
-        try:
-            reference = model(probe)
-        finally:
-            handle.remove()
-        if not isinstance(acts.get("out"), torch.Tensor):
+        reference, acts = capture(model, [layer], probe)
+        if not isinstance(acts.get(layer), torch.Tensor):
             return full
         cheap = cls(model, layer, prefix_rows=1)
         try:
-            got = cheap.logits(probe, acts["out"])
+            got = cheap.logits(probe, acts[layer])
         except RuntimeError as e:  # shapes of the one-row prefix met the full batch
             log.info("splice at %s runs the full prefix: %s", layer, e)
             return full
@@ -87,9 +83,9 @@ class Splice:
     def logits(self, x: torch.Tensor, replacement: torch.Tensor) -> torch.Tensor:
         """Logits (N, classes) of the network on ``x`` (N, C, H, W) with ``layer``'s output
         replaced by ``replacement`` (N, ...)."""
-        return _run_with(self.model, self.module, self._rows(x), replacement, ())[0]
+        return capture(self.model, (), self._rows(x), self.module, replacement)[0]
 
     def capture(self, x: torch.Tensor, replacement: torch.Tensor,
                 layers: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:meth:`logits` and the outputs of the later ``layers``."""
-        return _run_with(self.model, self.module, self._rows(x), replacement, layers)
+        return capture(self.model, layers, self._rows(x), self.module, replacement)
