@@ -80,7 +80,10 @@ CONFIG_HELP: dict[str, dict[str, str]] = {
         "eval_images": "held-out images of the evaluation",
         "fresh_classifier_epochs": "epochs of the fresh classifiers trained on reconstructions (0 skips them)",
         "object_weight": "extra weight of the object's pixels (those unlike the image's border) in the reconstruction "
-                         "error of spatial layers' decoders and RefAEs (0: plain MSE)",
+                         "error of the decoders and RefAEs (0: plain MSE)",
+        "decoder_width": "channels of each decoder's first feature map (a spatial layer's at least its own)",
+        "precision": "training precision: fp32, bf16 (bfloat16 autocast) or auto (bf16 where the device has "
+                     "bfloat16 units)",
         "seed": "seed of sampling and training",
     },
     "QuantizeConfig": {

@@ -166,7 +166,7 @@ def train_autoencoders(model: nn.Module, ds: ImageDataset, spec: InputSpec, cfg:
     """
     torch.manual_seed(cfg.seed)
     device = device_of(model)
-    mixed = is_mixed(cfg.precision)
+    mixed = is_mixed(cfg.precision, device)
     rng = np.random.default_rng(cfg.seed)
     model.eval()
     for p in model.parameters():

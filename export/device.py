@@ -68,17 +68,32 @@ def cpu_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module).cpu()
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
-def is_mixed(precision: str) -> bool:
-    """Whether a training ``precision`` is mixed ("bf16": bfloat16 autocast, float32 weights)
-    rather than "fp32".
+def fast_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matrix products natively: a CUDA GPU that supports
+    bfloat16, or a CPU with AMX tiles or AVX-512 BF16 instructions. (Elsewhere torch emulates
+    bfloat16 on the CPU, which is slower than float32.)"""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
+def is_mixed(precision: str, device: torch.device | None = None) -> bool:
+    """Whether a training ``precision`` is mixed (bfloat16 autocast, float32 weights) rather
+    than float32: "bf16" always, "fp32" never, "auto" where :func:`fast_bf16` says the
+    ``device`` (default: the CPU) has bfloat16 units.
 
     Raises:
-        ValueError: neither."""
+        ValueError: none of the three."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+        raise ValueError(f"precision must be fp32, bf16 or auto, not {precision!r}")
+    if precision == "auto":
+        return fast_bf16(device or torch.device("cpu"))
     return precision == "bf16"
 
 

@@ -80,7 +80,7 @@ def train_classifier(model: nn.Module, train: ImageDataset, test: ImageDataset, 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = one_cycle(opt, cfg.lr, max(total, 1), 0.25)
     loss_fn = nn.CrossEntropyLoss()
-    mixed = is_mixed(cfg.precision)
+    mixed = is_mixed(cfg.precision, device)
     layout = torch.channels_last if mixed else torch.contiguous_format
     model.to(memory_format=layout)  # type: ignore[call-overload]  # (missing from torch's stubs)
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.cladec import (ClaDecConfig, Decoder, RefAE, cladec_loss, object_weight, object_weights, renormalize,
+from export.cladec import (ClaDecConfig, Decoder, RefAE, cladec_loss, object_weights, renormalize,
                            to_unit)
 from export.data.loader import ImageDataset
 from export.models import build_model
@@ -31,6 +31,20 @@ def test_decoder_shapes_and_range(act_shape, size, vector, start):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dec.modules())
     n_up = sum(isinstance(m, torch.nn.ConvTranspose2d) for m in dec.modules())
     assert 2 ** n_up * start == size
+
+
+def test_decoder_width_keeps_a_spatial_layers_channels():
+    """``width``: the first feature map's channels, at least a spatial layer's own C; the
+    channels halve (not below 16) at each doubling; a vector's decoder takes the width as given."""
+    def first_channels(dec: Decoder) -> int:
+        entry = dec.entry
+        return entry.out_channels if isinstance(entry, torch.nn.Conv2d) else entry.out_features // dec.start ** 2
+    assert first_channels(Decoder((32, 16, 16), 3, 64)) == 32
+    assert first_channels(Decoder((32, 16, 16), 3, 64, 128)) == 128
+    assert first_channels(Decoder((256, 14, 14), 3, 224, 128)) == 256
+    assert first_channels(Decoder((64,), 3, 64, 128)) == 128 and first_channels(Decoder((64,), 3, 64)) == 64
+    ups = [m.out_channels for m in Decoder((32, 16, 16), 3, 64, 128).modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert ups == [64, 3]
 
 
 def test_decoder_rejects_non_power_of_two_growth():
@@ -199,15 +213,6 @@ def test_object_pixels_weigh_more_in_the_reconstruction_error():
     off = plain + 0.1 * torch.rand(2, 3, 8, 8)
     assert float(cladec_loss(off, plain, 0.0, object_weight=10.0)) == pytest.approx(
         float(cladec_loss(off, plain, 0.0)), rel=1e-6)
-
-
-def test_only_spatial_layers_decoders_weigh_the_object():
-    cfg = ClaDecConfig(object_weight=7.0)
-    spatial, vector = Decoder((16, 8, 8), 3, 32), Decoder((64,), 3, 32)
-    assert object_weight(spatial, cfg) == 7.0 and object_weight(vector, cfg) == 0.0
-    clf = build_model("demo_resnet", 4, 3).eval()
-    assert object_weight(RefAE(clf, "layer2", spatial), cfg) == 7.0
-    assert object_weight(RefAE(clf, "avgpool", vector), cfg) == 0.0
 
 
 def test_fresh_classifier_check_can_be_skipped():

@@ -62,7 +62,7 @@ def _run(folder: Path) -> dict[str, Any]:
         acts_train, acts_test = _activations(clf, layer, train, spec), _activations(clf, layer, test, spec)
         dec, _ = train_decoder(acts_train, train, spec, cfg, 0.0, clf)
         rec = reconstruct(dec, acts_test)
-        ref = new_refae(clf, layer, tuple(acts_train.shape[1:]), train, spec, cfg.seed)
+        ref = new_refae(clf, layer, tuple(acts_train.shape[1:]), train, spec, cfg.seed, cfg.decoder_width)
         init = {k: v.clone() for k, v in ref.encoder.state_dict().items()}
         log = train_refae(ref, train, spec, cfg)
         ref_rec = reconstruct(ref, torch.from_numpy(normalize(test.pixels, spec)))

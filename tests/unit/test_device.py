@@ -235,3 +235,25 @@ def test_cached_activations_train_the_autoencoders_as_recomputed_ones_do(tiny_da
     for cached, recomputed in zip(logs[4096], logs[0]):
         for key, v in recomputed.items():
             assert cached[key] == pytest.approx(v, rel=1e-3, abs=1e-6), key
+
+
+def test_auto_precision_follows_the_devices_bfloat16_units(monkeypatch):
+    """"auto" is bf16 exactly where fast_bf16 says the device has bfloat16 units; "fp32" and
+    "bf16" ignore the device; anything else is refused."""
+    from export import device as dev
+    cpu = torch.device("cpu")
+    for has_units in (True, False):
+        monkeypatch.setattr(dev, "fast_bf16", lambda d, v=has_units: v)
+        assert dev.is_mixed("auto", cpu) is has_units
+        assert dev.is_mixed("bf16", cpu) is True and dev.is_mixed("fp32", cpu) is False
+    with pytest.raises(ValueError, match="precision"):
+        dev.is_mixed("fp16", cpu)
+
+
+def test_fast_bf16_reads_the_cpus_instruction_sets(monkeypatch):
+    from export import device as dev
+    for amx, avx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
+        assert dev.fast_bf16(torch.device("cpu")) is (amx or avx)
+    assert dev.fast_bf16(torch.device("meta")) is False
