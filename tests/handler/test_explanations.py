@@ -256,7 +256,11 @@ def test_cladec_alphas_and_jpeg(handler, model_dir, sample_pngs):
             a = np.asarray(Image.open(io.BytesIO(base64.b64decode(p[f"{kind}_png"]))), dtype=float)
             b = Image.open(io.BytesIO(base64.b64decode(j[f"{kind}_jpeg"])))
             assert b.format == "JPEG" and b.size == (32, 32)
-            assert np.abs(a - np.asarray(b, dtype=float)).mean() < 8  # quality 90 of the same image
+            # the same image: Pillow's own quality-90 JPEG of the PNG's pixels decodes to the
+            # same pixels (a bound on the mean difference failed on noisy decoders)
+            ref = io.BytesIO()
+            Image.fromarray(a.astype(np.uint8)).save(ref, "JPEG", quality=90)
+            assert np.array_equal(np.asarray(b), np.asarray(Image.open(ref)))
 
 
 @pytest.mark.parametrize("options", [{"alphas": [0.5]}, {"alphas": "some"}, {"alphas": []}, {"alphas": [True]},
