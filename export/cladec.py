@@ -387,7 +387,6 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
     torch.manual_seed(cfg.seed)
     device = device_of(module)
     mixed = is_mixed(cfg.precision, device)
-    weight = cfg.object_weight
     rng = np.random.default_rng(cfg.seed)
     steps = train_steps(len(ds), cfg) if steps is None else steps
     params = [p for p in module.parameters() if p.requires_grad]
@@ -408,7 +407,7 @@ def _fit(module: nn.Module, inputs: torch.Tensor | None, ds: ImageDataset, spec:
                 x = inputs[idx] if inputs is not None else torch.from_numpy(normalize(ds.pixels[idx], spec)).to(device)
                 with autocast(device, mixed):
                     loss = cladec_loss(module(x).float(), target, alpha, classifier, spec,
-                                       torch.from_numpy(ds.labels[idx]).to(device), weight)
+                                       torch.from_numpy(ds.labels[idx]).to(device), cfg.object_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -442,9 +441,11 @@ def train_decoder(acts: torch.Tensor, ds: ImageDataset, spec: InputSpec, cfg: Cl
 
 
 def new_refae(classifier: nn.Module, layer: str, act_shape: Sequence[int], ds: ImageDataset, spec: InputSpec,
-              seed: int = 0, width: int | None = None) -> RefAE:
+              seed: int = 0, width: int = ClaDecConfig.decoder_width) -> RefAE:
     """An untrained reference autoencoder for ``layer`` (activations of shape ``act_shape``
-    per image), its decoder ``width`` wide (:class:`Decoder`). Its decoder's output starts at the mean pixel of ``ds``; its input
+    per image), its decoder ``width`` wide (:class:`Decoder`; by default as wide as a ClaDec
+    decoder of the default config, so the triplet compares encoders). Its decoder's output
+    starts at the mean pixel of ``ds``; its input
     standardisation stays the identity: the fresh encoder learns its scale with the decoder,
     and its batch norms in training mode give unit-scale activations. (Statistics measured
     on the untrained encoder in eval mode did not match the batch statistics it sees in
