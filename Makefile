@@ -35,7 +35,8 @@ build: venv
 
 serve: venv
 	-@$(BIN)/torchserve --stop --foreground >/dev/null 2>&1
-	$(BIN)/torchserve --start --ncs --ts-config config.properties --model-store model_store \
+	$(BIN)/torchserve --start --ncs --ts-config config.properties --log-config deploy/torchserve-log4j2.xml \
+		--model-store model_store \
 		--models $(MODEL)=$(MODEL).mar > logs-torchserve.out 2>&1
 
 query: venv

@@ -10,9 +10,9 @@ beside the server figures; each lever kept or dropped in docs/benchmarks.md cite
 3. Graph optimisation saved at export (onnxruntime's optimised model file, basic and
    extended levels) vs optimising at load: session creation and batch-1 latency.
 4. Image encodings of the ClaDec images of one answer: PNG (ours), lossless WebP, JPEG q90.
-5. ClaDec on a second thread (``overlap_views``): in line, references only beside the
-   classifier, references and then decoders on that thread (the shipped mode); one
-   explanation at a time through the in-process service.
+5. The helper thread (``overlap_views``): every view in line, ClaDec on the helper with
+   the concept graphs in line, ClaDec and the concept graphs sharing it (the shipped mode);
+   one explanation at a time through the in-process service.
 6. ClaDec decoders and reference autoencoders a few rows at a time (``cladec_chunk_rows``):
    peak resident memory of fresh processes explaining batches of 8, whole batch vs 2 rows
    (the default).
@@ -224,8 +224,8 @@ def _test_png(data: Path) -> bytes:
 
 def overlap_modes(bundle_dir: Path, data: Path, n: int, tmp: Path) -> dict[str, float] | None:
     """Median ms of one explanation (every view, images on) through the in-process service:
-    ClaDec in line, only the references on the ClaDec thread, references then decoders there."""
-    from handlers.runtime import cladec
+    every view in line (``overlap_views: false``), ClaDec on the helper thread with the
+    concept graphs in line, and ClaDec and the concept graphs sharing the helper (shipped)."""
     from handlers.runtime.service import RawRequest
     if "cladec" not in load_bundle(bundle_dir).metadata.extra:
         return None
@@ -233,24 +233,19 @@ def overlap_modes(bundle_dir: Path, data: Path, n: int, tmp: Path) -> dict[str, 
     model_dir.mkdir(exist_ok=True)
     (model_dir / "bundle").symlink_to(Path(bundle_dir).resolve())
     image = _test_png(data)
-    overlapped, serial = _service(model_dir), _service(model_dir, overlap_views=False)
-    shipped = cladec.ClaDecJob.decode
+    shared, cladec_only, serial = _service(model_dir), _service(model_dir), _service(model_dir, overlap_views=False)
+    if cladec_only.concepts is not None:
+        cladec_only.concepts.use_helper(None)
 
-    def explain(service: Any, decode: Callable[..., None]) -> Callable[[], Any]:
-        def call() -> Any:
-            cladec.ClaDecJob.decode = decode  # type: ignore[method-assign]
-            return service.handle_batch([RawRequest(image, "image/png", True)])
-        return call
+    def explain(service: Any) -> Callable[[], Any]:
+        return lambda: service.handle_batch([RawRequest(image, "image/png", True)])
 
     try:
-        ms = alternating_ms({"in line": explain(serial, shipped),
-                             "references on the thread": explain(overlapped, lambda self, activations: None),
-                             "references, then decoders on the thread": explain(overlapped, shipped)}, n)
+        return alternating_ms({"in line": explain(serial), "ClaDec on the helper": explain(cladec_only),
+                               "ClaDec and concept graphs on the helper": explain(shared)}, n)
     finally:
-        cladec.ClaDecJob.decode = shipped  # type: ignore[method-assign]
-        overlapped.close()
-        serial.close()
-    return ms
+        for service in (shared, cladec_only, serial):
+            service.close()
 
 
 def _peak_of_batches(model_dir: str, image: bytes, chunk_rows: int, out: Any) -> None:

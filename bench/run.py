@@ -470,8 +470,8 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
         ("without ClaDec reference images (`\"reference\": false`): p50, bytes",
          lambda s: _variant(s, "explanations_without_reference"), "on request"),
         ("ClaDec images of one answer: PNG, lossless WebP, JPEG q90", formats, "PNG default, JPEG on request"),
-        ("ClaDec on a second thread, one explanation in process: in line, references only, references then "
-         "decoders (shipped)", overlap, "kept"),
+        ("the helper thread, one explanation in process: every view in line, ClaDec on the helper, ClaDec and "
+         "the concept graphs sharing it (shipped)", overlap, "kept"),
         ("ClaDec graphs on a batch of 8 in fresh processes: whole batch vs 2 rows at a time "
          "(`cladec_chunk_rows: 2`, shipped): peak RSS, batch ms", chunks, "kept (small)"),
         ("concept encoders merged into one graph vs one session each", merged, "dropped"),

@@ -20,6 +20,8 @@ import requests
 from export.client import TorchServeClient, read_keys
 
 REPO = Path(__file__).resolve().parents[1]
+#: TorchServe's logging as the project ships it (deploy/torchserve-log4j2.xml says what it changes)
+LOG_CONFIG = REPO / "deploy" / "torchserve-log4j2.xml"
 
 
 def free_port() -> int:
@@ -98,7 +100,7 @@ class TorchServe:
         env = dict(os.environ, LOG_LOCATION=str(self.workdir / "logs"), TMPDIR=str(self.tmp), TEMP=str(self.tmp),
                    METRICS_LOCATION=str(self.workdir / "logs"), TS_CONFIG_FILE=str(self.config_path))
         cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(self.config_path),
-               "--model-store", str(self.model_store),
+               "--log-config", str(LOG_CONFIG), "--model-store", str(self.model_store),
                "--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
         self.proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, stdout=open(self.workdir / "ts.out", "wb"),
                                      stderr=subprocess.STDOUT, start_new_session=True)

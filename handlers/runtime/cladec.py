@@ -2,16 +2,14 @@
 image, beside the reference autoencoder's reconstruction of the same input.
 
 :class:`ClaDecView` holds the sessions; :class:`ClaDecRunner` runs them for batches (the
-reference autoencoders optionally on a thread beside the classifier), one
+reference autoencoders optionally on the worker's helper thread beside the classifier), one
 :class:`ClaDecJob` per batch, whose :class:`ClaDecOutcome` maps rows to their entries."""
 from __future__ import annotations
 
 import math
-import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +19,7 @@ from handlers.runtime.answer import ClaDecImage
 from handlers.runtime.bundle import Bundle, read_document
 from handlers.runtime.classifier import GraphOpener
 from handlers.runtime.errors import ArtifactError
+from handlers.runtime.helper import HelperThread
 from handlers.runtime.imaging import encode_jpeg, encode_png
 from handlers.runtime.request import AlphaChoice, ClaDecOptions, same_alpha
 
@@ -170,23 +169,23 @@ class ClaDecJob:
     """
 
     def __init__(self, view: ClaDecView | None, x: np.ndarray, wishes: Mapping[int, ClaDecOptions],
-                 pool: ThreadPoolExecutor | None) -> None:
+                 helper: HelperThread | None) -> None:
         """x: the normalised batch (N, C, H, W); wishes: row -> what it asks (rows absent want
-        nothing); pool: where to start the reference images now and the decoders later
-        (None: everything in :meth:`finish`)."""
+        nothing); helper: the thread to start the reference images on now and the decoders
+        later (None, or a closed helper: everything in :meth:`finish`)."""
         if wishes and view is None:
             raise ValueError("ClaDec wishes without a ClaDec view")
         self._view = view
         self._x = x
         self._wishes = dict(wishes)
-        self._pool = pool if self._wishes else None
+        self._helper = helper if self._wishes else None
         self._groups: dict[ClaDecOptions, list[int]] = {}  # rows that ask the same
         for row, wish in self._wishes.items():
             self._groups.setdefault(wish, []).append(row)
         self._entries = {wish: view.wanted(wish.layers, wish.alphas) for wish in self._groups} if view else {}
         wants_references = any(wish.reference for wish in self._groups)
         self._job: Future[tuple[RowImages, float]] | None = (
-            self._pool.submit(self._references) if self._pool is not None and wants_references else None)
+            self._helper.submit(self._references) if self._helper is not None and wants_references else None)
         self._decoding: Future[tuple[RowImages, float]] | None = None
 
     def _references(self) -> tuple[RowImages, float]:
@@ -212,12 +211,8 @@ class ClaDecJob:
         """Start the decoders on the runner's thread (after this batch's references), so they
         run beside the concept and feature views on the calling thread. Without a thread (or
         after the runner closed) :meth:`finish` decodes in line."""
-        if self._pool is None or self._decoding is not None:
-            return
-        try:
-            self._decoding = self._pool.submit(self._reconstructions, activations)
-        except RuntimeError:  # the runner was closed meanwhile
-            self._decoding = None
+        if self._helper is not None and self._decoding is None:
+            self._decoding = self._helper.submit(self._reconstructions, activations)  # None once closed
 
     def finish(self, activations: dict[str, np.ndarray]) -> ClaDecOutcome:
         """Take (or make) the decoders' and the references' images and merge them; activations:
@@ -248,39 +243,22 @@ class ClaDecJob:
 
 
 class ClaDecRunner:
-    """ClaDec across batches: owns the thread that makes reference images beside the
-    classifier and decoder images beside the other views (``overlap``), and hands out one
-    :class:`ClaDecJob` per batch.
+    """ClaDec across batches: hands out one :class:`ClaDecJob` per batch, which makes the
+    reference images beside the classifier and the decoder images beside the other views on
+    ``helper`` (the worker's shared :class:`HelperThread`; None: in line).
 
-    :meth:`close` stops the thread; after it, ClaDec runs in line. A runner that is dropped
-    without :meth:`close` stops its thread when collected.
+    :meth:`close` stops the helper; after it, ClaDec runs in line.
     """
 
-    def __init__(self, view: ClaDecView | None, overlap: bool) -> None:
+    def __init__(self, view: ClaDecView | None, helper: HelperThread | None) -> None:
         self.view = view
-        self.overlap = overlap
-        self._pool: ThreadPoolExecutor | None = None  # created on first use
-        self._release: weakref.finalize | None = None
-        self._closed = False
-        self._lock = threading.Lock()
+        self.helper = helper
 
     def begin(self, x: np.ndarray, wishes: Mapping[int, ClaDecOptions]) -> ClaDecJob:
         """Start one batch's ClaDec work. x: normalised (N, C, H, W); wishes: row -> what it asks."""
-        pool = None
-        if self.overlap and not self._closed and wishes:
-            with self._lock:  # batches may begin on several threads (the KServe front door)
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(1, thread_name_prefix="cladec")
-                    self._release = weakref.finalize(self, self._pool.shutdown, wait=False)
-                pool = self._pool
-        return ClaDecJob(self.view, x, wishes, pool)
+        return ClaDecJob(self.view, x, wishes, self.helper)
 
     def close(self) -> None:
-        """Stop the thread (waits for a running job). Idempotent."""
-        self._closed = True
-        if self._release is not None:
-            self._release.detach()
-            self._release = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        """Stop the helper (waits for its running and queued jobs). Idempotent."""
+        if self.helper is not None:
+            self.helper.close()

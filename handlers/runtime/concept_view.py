@@ -3,10 +3,8 @@ discretisation, compiled causal queries and heatmaps. No pgmpy, no torch."""
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,6 +26,7 @@ from handlers.runtime.concepts import (
 )
 from handlers.runtime.errors import ArtifactError
 from handlers.runtime.heatmaps import heatmap_levels, heatmap_overlay, heatmap_palette
+from handlers.runtime.helper import HelperThread, run_shared
 from handlers.runtime.imaging import encode_indexed_png, encode_png
 
 
@@ -63,10 +62,11 @@ class ConceptExplainer:
                  interventions: dict[str, Any] | None = None, atlas: AtlasStrips | None = None) -> None:
         self.spec = spec
         self.atlas = atlas
-        self._pool: ThreadPoolExecutor | None = None  # the graph thread, created on first use
-        self._pool_lock = threading.Lock()
-        self._closed = False
-        # measured milliseconds per intervention-graph row, per layer (how _run_graphs splits)
+        # the thread that takes intervention graphs beside the caller's (its own until the
+        # service hands it the worker's shared helper; None: every graph in line)
+        self.helper: HelperThread | None = HelperThread("concept-graphs")
+        self._own_helper: HelperThread | None = self.helper  # closed when another takes its place
+        # measured milliseconds per intervention-graph row, per layer (the order _run_graphs takes them in)
         self._ms_per_row: dict[str, float] = {}
         self.network = network
         self.sessions = sessions
@@ -189,38 +189,30 @@ class ConceptExplainer:
     def _run_graphs(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int
                     ) -> dict[str, tuple[float, np.ndarray]]:
         """:meth:`network_probabilities` of every layer in ``channels`` (layer -> its channels
-        asked), in two groups of layers of about equal measured cost (:func:`split_by_cost`):
-        the explainer's graph thread runs the group with the costliest layer while this thread
-        runs the other (onnxruntime releases the GIL, so the two overlap). In line when there
-        is one layer, after :meth:`close`, or when the thread cannot take work (the interpreter
-        is shutting down while a background verification still answers)."""
-        future = None
-        here = dict(channels)
-        if len(channels) > 1 and not self._closed:
-            away, _ = split_by_cost({l: self._cost(l, len(c)) for l, c in channels.items()})
-            try:
-                future = self._graph_pool().submit(self._run_layers, batch, row, {l: channels[l] for l in away}, target)
-                here = {l: c for l, c in channels.items() if l not in away}
-            except RuntimeError:  # the pool or the interpreter is shutting down: run them all here
-                future = None
-        out = self._run_layers(batch, row, here, target)
-        if future is not None:
-            out.update(future.result())
+        asked), costliest measured layer first, shared between this thread and :attr:`helper`
+        (:func:`run_shared`: the helper takes the next layer whenever it is free, so a helper
+        still busy with ClaDec leaves them all to this thread; onnxruntime releases the GIL,
+        so the two overlap). In line without a helper or after :meth:`close`."""
+        out: dict[str, tuple[float, np.ndarray]] = {}
+
+        def task(layer: str) -> Callable[[], None]:
+            return lambda: out.update(self._run_layers(batch, row, {layer: channels[layer]}, target))
+        run_shared([task(l) for l in costliest_first({l: self._cost(l, len(c)) for l, c in channels.items()})],
+                   self.helper)
         return out
 
-    def _graph_pool(self) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="concept-graphs")
-            return self._pool
+    def use_helper(self, helper: HelperThread | None) -> None:
+        """Share ``helper`` (the worker's one helper thread; None: run every graph in line)
+        instead of the explainer's own thread, which is closed; a helper shared before is left
+        running (its owner closes it)."""
+        own, self._own_helper, self.helper = self._own_helper, None, helper
+        if own is not None and own is not helper:
+            own.close()
 
     def close(self) -> None:
-        """Stop the graph thread; later answers run every graph in line. Idempotent."""
-        with self._pool_lock:
-            self._closed = True
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        """Stop the helper thread; later answers run every graph in line. Idempotent."""
+        if self.helper is not None:
+            self.helper.close()
 
     def tables_answer(self, network_concepts: int | None) -> bool:
         """Whether :meth:`answer` with this ``network_concepts`` reads the Bayesian network's
@@ -318,17 +310,10 @@ class ConceptExplainer:
                             records=list(records))
 
 
-def split_by_cost(costs: Mapping[str, float]) -> tuple[list[str], list[str]]:
-    """Two groups of ``costs``' keys whose summed costs are as even as longest-first
-    scheduling makes them: each key, costliest first (ties by name), joins the cheaper group.
-    Returns (the group holding the costliest key, the other); the second is empty for one key."""
-    groups: tuple[list[str], list[str]] = ([], [])
-    sums = [0.0, 0.0]
-    for key in sorted(costs, key=lambda k: (-costs[k], k)):
-        g = 0 if sums[0] <= sums[1] else 1
-        groups[g].append(key)
-        sums[g] += costs[key]
-    return groups
+def costliest_first(costs: Mapping[str, float]) -> list[str]:
+    """The keys of ``costs``, largest cost first (ties by name): longest first, the greedy
+    order for workers that each take the next job when free."""
+    return sorted(costs, key=lambda k: (-costs[k], k))
 
 
 Source = Literal["network", "network_interpolated", "bayesian_network"]

@@ -36,6 +36,7 @@ from handlers.runtime.concept_view import ConceptExplainer
 from handlers.runtime.devices import in_use, plan_devices
 from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.features import FeatureView
+from handlers.runtime.helper import HelperThread
 from handlers.runtime.imaging import decode_image, normalize, to_pixels
 from handlers.runtime.metrics import (
     CONCEPT_STATE,
@@ -182,12 +183,16 @@ class ExplainerService:
         self._monitor_rng = random.Random(0)
         # The views, in the order they run on a batch (a later one reads the earlier ones' parts).
         self.steps: list[View] = []
+        # One helper thread beside the request thread, shared by ClaDec and the concept graphs
+        # (handlers.runtime.helper); overlap_views off: every view in line.
+        helper = HelperThread("explainer-helper") if settings.overlap_views else None
         if concepts is not None:
+            concepts.use_helper(helper)
             self.steps += [ConceptsStep(concepts, settings.network_concepts), VerifyStep(concepts, self.meta.name)]
         if features is not None:
             self.steps.append(FeaturesStep(features))
         if cladec is not None:
-            self.steps.append(ClaDecStep(ClaDecRunner(cladec, settings.overlap_views)))
+            self.steps.append(ClaDecStep(ClaDecRunner(cladec, helper)))
         self._verify_buffer: list[Sample] = []
         self._verify_lock = threading.Lock()
         self.verifier: BackgroundVerifier | None = None
@@ -215,10 +220,10 @@ class ExplainerService:
             metrics.add(sample)
 
     def close(self) -> None:
-        """Release what the service holds beyond its sessions: the ClaDec reference thread and
-        the verification thread (its queued jobs are finished first, within a few seconds).
-        Idempotent; the service still answers afterwards (ClaDec then runs in line; sampled
-        verification stops)."""
+        """Release what the service holds beyond its sessions: the helper thread (ClaDec and
+        the concept graphs) and the verification thread (its queued jobs are finished first,
+        within a few seconds). Idempotent; the service still answers afterwards (every view
+        then runs in line; sampled verification stops)."""
         for step in self.steps:
             step.close()
         if self.verifier is not None:

@@ -193,10 +193,11 @@ class HandlerSettings:
         cladec_reference: ClaDec entries carry the reference autoencoder's reconstruction
             unless the request sets ``reference``; each RefAE repeats the classifier up to
             its layer (at 224 px the two demo layers' RefAEs cost 1.8 classifier runs).
-        overlap_views: run ClaDec on a second thread: the reference autoencoders (they need
-            only the input) beside the classifier, then the decoders beside the concept and
-            feature views (onnxruntime and zlib release the GIL); lowers explanation latency
-            when a core is free.
+        overlap_views: one helper thread beside the request thread (onnxruntime and zlib
+            release the GIL): ClaDec's reference autoencoders (they need only the input)
+            beside the classifier, then its decoders, then whichever concept intervention
+            graphs the request thread has not yet taken; lowers explanation latency when a
+            core is free. Off: every view in line on the request thread.
         providers: onnxruntime execution providers, in order of preference; providers
             not available on the machine are skipped, CPU is always the last resort.
             Names onnxruntime does not know at all (typos) are rejected.

@@ -1,4 +1,4 @@
-"""The handler's close(): stops the ClaDec reference thread; the handler still answers."""
+"""The handler's close(): stops the helper thread (ClaDec, concept graphs); the handler still answers."""
 from __future__ import annotations
 
 import json
@@ -19,17 +19,17 @@ def explain(handler: ConceptExplainerHandler, model_dir: Path, png: bytes) -> di
     return doc
 
 
-def test_close_stops_the_reference_thread_and_answers_stay_the_same(model_dir, sample_pngs):
+def test_close_stops_the_helper_thread_and_answers_stay_the_same(model_dir, sample_pngs):
     h = ConceptExplainerHandler()
     h.initialize(make_context(model_dir, {"overlap_views": True}))
     before = set(threading.enumerate())
     first = explain(h, model_dir, sample_pngs[0])
-    threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("cladec")}
+    threads = {t for t in set(threading.enumerate()) - before if t.name.startswith("explainer-helper")}
     assert threads and any("reference_png" in e for e in first["cladec"])
     h.close()
     assert not any(t.is_alive() for t in threads)
-    again = explain(h, model_dir, sample_pngs[0])  # ClaDec now runs in line
-    assert not {t for t in set(threading.enumerate()) - before if t.name.startswith("cladec")}
+    again = explain(h, model_dir, sample_pngs[0])  # every view now runs in line
+    assert not {t for t in set(threading.enumerate()) - before if t.name.startswith("explainer-helper")}
     first.pop("timings_ms"), again.pop("timings_ms")
     assert again == first
     h.close()  # idempotent

@@ -104,3 +104,26 @@ def test_workers_listen_on_sockets_of_their_own_server(server):
     sockets = _worker_sockets(server.proc.pid)
     assert sockets, "no worker processes found"
     assert all(Path(s).parent == server.tmp and Path(s).name.startswith(".ts.sock.") for s in sockets), sockets
+
+
+def test_the_shipped_log_config_drops_per_request_lines_but_not_the_metrics(server, sample_pngs):
+    """deploy/torchserve-log4j2.xml: the frontend's log keeps its INFO lines (models loading)
+    but not the lines it writes for every request; the metric lines it drops from the log still
+    reach the metrics endpoint, and the worker's own lines stay in model_log.log only."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def explained() -> float:
+        text = requests.get(server.metrics_url, timeout=10).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "concept_explainer_requests_total" and s.labels.get("ModelName") == "tinyx"
+                   and s.labels.get("endpoint") == "explanations")
+    before = explained()
+    for png in sample_pngs[:3]:
+        assert post(server, png, endpoint="explanations", model="tinyx").status_code == 200
+    ts_log = server.log("ts_log.log")
+    assert "tinyx" in ts_log  # the frontend still logs at INFO (the model and its worker starting)
+    for per_request in ("result=[METRICS]", "Backend response time", "Looping backend response", "Flushing req.cmd"):
+        assert per_request not in ts_log
+    assert "handled batch" in server.log() and "handled batch" not in ts_log
+    assert explained() - before == 3

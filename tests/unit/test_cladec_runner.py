@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 
 from handlers.runtime.cladec import ClaDecRunner, ClaDecView, ClaDecOptions, DecoderEntry
+from handlers.runtime.helper import HelperThread
+
+
+def _helper(overlap: bool) -> HelperThread | None:
+    """The worker's helper thread (named as the runner's threads are matched below), or none."""
+    return HelperThread("cladec") if overlap else None
 
 
 class StandInView(ClaDecView):
@@ -51,7 +57,7 @@ def test_alphas_pick_entries_per_layer():
 def test_lowest_alpha_and_jpeg_go_into_their_own_fields():
     view = StandInView()
     wishes = {0: ClaDecOptions(None, True, "lowest", "jpeg"), 1: ClaDecOptions(("layer2",), False, (0.1,), "png")}
-    runner = ClaDecRunner(view, False)
+    runner = ClaDecRunner(view, None)
     with runner.begin(np.arange(10, 12), wishes) as job:
         outcome = job.finish({"x": np.arange(20, 22)})
     assert outcome.error is None
@@ -68,7 +74,7 @@ def test_lowest_alpha_and_jpeg_go_into_their_own_fields():
 @pytest.mark.parametrize("overlap", [True, False])
 def test_rows_get_their_own_entries_whatever_order_the_view_returns(overlap):
     view = StandInView()
-    runner = ClaDecRunner(view, overlap)
+    runner = ClaDecRunner(view, _helper(overlap))
     x = np.arange(10, 15)
     with runner.begin(x, WISHES) as job:
         outcome = job.finish({"x": np.arange(20, 25)})
@@ -95,11 +101,11 @@ def test_decode_runs_the_decoders_on_the_thread_after_the_references(overlap):
     """decode() starts the decoders on the runner's thread (queued behind the references);
     finish() then only merges. The answer equals one made without decode()."""
     view = StandInView()
-    runner = ClaDecRunner(view, overlap)
+    runner = ClaDecRunner(view, _helper(overlap))
     with runner.begin(np.arange(10, 15), WISHES) as job:
         job.decode({"x": np.arange(20, 25)})
         early = job.finish({"x": np.arange(20, 25)})
-    with ClaDecRunner(view, False).begin(np.arange(10, 15), WISHES) as job:
+    with ClaDecRunner(view, None).begin(np.arange(10, 15), WISHES) as job:
         inline = job.finish({"x": np.arange(20, 25)})
     assert early.error is None and early.images == inline.images
     calls = view.calls[:len(view.calls) // 2]  # the first job's
@@ -113,7 +119,7 @@ def test_decode_runs_the_decoders_on_the_thread_after_the_references(overlap):
 
 def test_decode_after_close_falls_back_to_in_line():
     view = StandInView()
-    runner = ClaDecRunner(view, True)
+    runner = ClaDecRunner(view, _helper(True))
     with runner.begin(np.arange(5), WISHES) as job:
         runner.close()
         job.decode({"x": np.arange(5)})
@@ -130,7 +136,7 @@ def test_a_fault_is_carried_to_the_rows_that_wanted_cladec(overlap, broken, monk
         raise RuntimeError("decoder fell over")
 
     monkeypatch.setattr(view, broken, fail)
-    runner = ClaDecRunner(view, overlap)
+    runner = ClaDecRunner(view, _helper(overlap))
     with runner.begin(np.arange(5), WISHES) as job:
         job.decode({"x": np.arange(5)})  # on the thread with overlap: the fault comes back through finish
         outcome = job.finish({"x": np.arange(5)})
@@ -140,7 +146,7 @@ def test_a_fault_is_carried_to_the_rows_that_wanted_cladec(overlap, broken, monk
 
 def test_no_wishes_no_work_and_close_stops_the_thread():
     view = StandInView()
-    runner = ClaDecRunner(view, overlap=True)
+    runner = ClaDecRunner(view, _helper(True))
     with runner.begin(np.arange(3), {}) as job:
         assert job.finish({"x": np.arange(3)}).wanted == frozenset()
     assert view.calls == []

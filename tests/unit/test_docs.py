@@ -85,3 +85,24 @@ def test_a_hand_edited_figure_is_caught(tmp_path):
 def test_blocks_need_their_markers():
     with pytest.raises(ValueError, match="markers"):
         figures.replace_block("no markers here", "headline", "x")
+
+
+#: Sections the pages promise (the README, the issues' figures and other pages link to them); a
+#: docs edit that drops one by accident fails here instead of going unnoticed.
+SECTIONS = {
+    "validity.md": ["Method 1: concept validity report", "Method 2: ClaDec evaluation", "Method 3: class-specific features",
+                    "Method 4: layer analysis", "The trained 224 px model", "Real images: scikit-learn's handwritten digits"],
+    "methods.md": ["1. Causal concept attributions", "2. ClaDec: decoding a layer's activations",
+                   "3. Class-specific penultimate features", "4. Information-theoretic layer analysis"],
+    "benchmarks.md": ["The last `make bench`", "What limits the misses", "Levers, kept or dropped", "What a build costs"],
+}
+
+
+@pytest.mark.parametrize("page", sorted(SECTIONS))
+def test_pages_keep_their_sections(page):
+    headings = [line.lstrip("#").strip() for line in (REPO / "docs" / page).read_text().splitlines()
+                if line.startswith("## ")]
+    missing = [s for s in SECTIONS[page] if s not in headings]
+    assert not missing, f"docs/{page} lost its sections {missing}"
+    assert all(len((REPO / "docs" / page).read_text().split(f"## {s}\n", 1)[1].split("\n## ", 1)[0].strip()) > 200
+               for s in SECTIONS[page]), f"a section of docs/{page} is (nearly) empty"

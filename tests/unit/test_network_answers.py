@@ -344,24 +344,70 @@ def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
             [(b.record.concept, b.source, b.record.effect) for b in b_list]
         for a, b in zip(a_list, b_list):
             np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
-    assert not any(t.is_alive() for t in own) and explainer._pool is None
+    assert not any(t.is_alive() for t in own) and explainer.helper is not None and explainer.helper.closed
 
 
-def test_split_by_cost_balances_the_two_threads():
-    """Longest first into the cheaper group: the demo's measured graph costs (layer1 1.5 ms,
-    layer2 1.9 ms, layer3 0.65 ms) split 1.9 | 2.15, where the costliest layer alone on the
-    thread left 3.4 ms here (by rows, the cheapest layer went to the thread: 0.65 | 3.4)."""
-    from handlers.runtime.concept_view import split_by_cost
-    assert split_by_cost({"layer1": 1.5, "layer2": 1.9, "layer3": 0.65}) == (["layer2"], ["layer1", "layer3"])
-    assert split_by_cost({"a": 1.0}) == (["a"], [])
-    assert split_by_cost({"a": 1.0, "b": 1.0}) == (["a"], ["b"])  # ties by name
-    assert split_by_cost({"a": 4.0, "b": 1.0, "c": 1.0, "d": 1.0, "e": 1.0}) == (["a"], ["b", "c", "d", "e"])
-    assert split_by_cost({}) == ([], [])
+def test_costliest_first_orders_by_cost_then_name():
+    from handlers.runtime.concept_view import costliest_first
+    assert costliest_first({"layer1": 1.5, "layer2": 1.9, "layer3": 0.65}) == ["layer2", "layer1", "layer3"]
+    assert costliest_first({"b": 1.0, "a": 1.0}) == ["a", "b"]  # ties by name
+    assert costliest_first({}) == []
+
+
+def test_run_shared_leaves_every_task_to_the_caller_while_the_helper_is_busy():
+    """The helper is held by an earlier job (as by ClaDec): the caller runs every task itself,
+    in order, and returns without waiting for the helper; the helper's share is cancelled."""
+    import threading
+
+    from handlers.runtime.helper import HelperThread, run_shared
+    helper = HelperThread("busy")
+    release = threading.Event()
+    blocker = helper.submit(release.wait)
+    ran: list[tuple[int, str]] = []
+    run_shared([lambda i=i: ran.append((i, threading.current_thread().name)) for i in range(3)], helper)
+    assert ran == [(i, threading.current_thread().name) for i in range(3)]
+    release.set()
+    assert blocker is not None and blocker.result(timeout=10)
+    helper.close()
+
+
+def test_run_shared_hands_tasks_to_a_free_helper_and_waits_for_them():
+    """A free helper takes tasks from the same queue: each task runs exactly once, some on the
+    helper, and run_shared returns only after the helper's task is done."""
+    import threading
+    import time
+
+    from handlers.runtime.helper import HelperThread, run_shared
+    helper = HelperThread("free")
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def task() -> None:
+        time.sleep(0.02)
+        with lock:
+            seen.append(threading.current_thread().name)
+    run_shared([task] * 6, helper)
+    assert len(seen) == 6
+    assert any(name.startswith("free") for name in seen) and threading.current_thread().name in seen
+    helper.close()
+    run_shared([task] * 2, helper)  # closed: in line
+    assert seen[-2:] == [threading.current_thread().name] * 2
+
+
+def test_run_shared_raises_a_tasks_error_here():
+    from handlers.runtime.helper import HelperThread, run_shared
+    helper = HelperThread("errors")
+
+    def boom() -> None:
+        raise ValueError("graph failed")
+    with pytest.raises(ValueError, match="graph failed"):
+        run_shared([boom, boom, boom], helper)
+    helper.close()
 
 
 def test_the_graph_split_follows_measured_costs():
-    """Each graph run is timed into its layer's milliseconds per row; the thread then takes the
-    group with the costliest measured layer, whatever its row count."""
+    """Each graph run is timed into its layer's milliseconds per row; the layers are then taken
+    costliest measured first, whatever their row counts."""
     explainer, batch, _ = _explainer()
     explainer.answer(batch, 0, 1, None)
     assert set(explainer._ms_per_row) == {l.layer for l in explainer.spec.layers}
@@ -386,7 +432,26 @@ def test_answers_run_in_line_when_the_graph_thread_cannot_take_work():
     work, and the answer runs every graph in line instead of failing."""
     explainer, batch, _ = _explainer()
     want = explainer.answer(batch, 0, 1, None)
-    explainer._graph_pool().shutdown(wait=True)  # refuses new futures, as at interpreter shutdown
+    assert explainer.helper is not None and explainer.helper._pool is not None  # started by the first answer
+    explainer.helper._pool.shutdown(wait=True)  # refuses new futures, as at interpreter shutdown
     got = explainer.answer(batch, 0, 1, None)
     assert [(r.record.concept, r.record.effect) for r in got] == [(r.record.concept, r.record.effect) for r in want]
     explainer.close()
+
+
+def test_use_helper_closes_only_the_explainers_own_thread():
+    """The service hands every view one shared helper; swapping it out again (None: in line)
+    must not close it under the other views."""
+    from handlers.runtime.helper import HelperThread
+    explainer, batch, _ = _explainer()
+    own = explainer.helper
+    shared = HelperThread("shared")
+    explainer.use_helper(shared)
+    assert own is not None and own.closed and not shared.closed
+    explainer.use_helper(None)
+    assert not shared.closed and explainer.helper is None
+    want = explainer.answer(batch, 0, 1, None)  # in line
+    explainer.use_helper(shared)
+    got = explainer.answer(batch, 0, 1, None)
+    assert [(r.record.concept, r.record.effect) for r in got] == [(r.record.concept, r.record.effect) for r in want]
+    shared.close()
