@@ -186,19 +186,19 @@ class ConceptExplainer:
             self._ms_per_row[layer] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
         return out
 
-    def _run_graphs(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int
-                    ) -> dict[str, tuple[float, np.ndarray]]:
+    def _run_graphs(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int,
+                    helper: HelperThread | None) -> dict[str, tuple[float, np.ndarray]]:
         """:meth:`network_probabilities` of every layer in ``channels`` (layer -> its channels
-        asked), costliest measured layer first, shared between this thread and :attr:`helper`
+        asked), costliest measured layer first, shared between this thread and ``helper``
         (:func:`run_shared`: the helper takes the next layer whenever it is free, so a helper
         still busy with ClaDec leaves them all to this thread; onnxruntime releases the GIL,
-        so the two overlap). In line without a helper or after :meth:`close`."""
+        so the two overlap). In line without a helper or once it is closed."""
         out: dict[str, tuple[float, np.ndarray]] = {}
 
         def task(layer: str) -> Callable[[], None]:
             return lambda: out.update(self._run_layers(batch, row, {layer: channels[layer]}, target))
         run_shared([task(l) for l in costliest_first({l: self._cost(l, len(c)) for l, c in channels.items()})],
-                   self.helper)
+                   helper)
         return out
 
     def use_helper(self, helper: HelperThread | None) -> None:
@@ -210,9 +210,11 @@ class ConceptExplainer:
             own.close()
 
     def close(self) -> None:
-        """Stop the helper thread; later answers run every graph in line. Idempotent."""
-        if self.helper is not None:
-            self.helper.close()
+        """Stop the explainer's own helper thread (a shared one is its owner's to close); later
+        answers run every graph in line. Idempotent."""
+        if self._own_helper is not None:
+            self._own_helper.close()
+        self.helper = None
 
     def tables_answer(self, network_concepts: int | None) -> bool:
         """Whether :meth:`answer` with this ``network_concepts`` reads the Bayesian network's
@@ -230,7 +232,8 @@ class ConceptExplainer:
         return sorted(range(len(records)), key=lambda i: (-screening_score(records[i], self._screen[records[i].concept]),
                                                           records[i].concept))
 
-    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int | None) -> list[SourcedRecord]:
+    def answer(self, batch: ConceptBatch, row: int, target: int, network_concepts: int | None,
+               share: bool = True) -> list[SourcedRecord]:
         """Every concept's causal answer for image ``row``, in the order an answer lists them:
         the concepts the network answered (``network_concepts`` of them, None = all; chosen by
         screening order when fewer than all, then sorted by |effect|), followed by the ones the
@@ -243,7 +246,10 @@ class ConceptExplainer:
         states but is anchored at the network's level: its probability at the observed state
         is the network's ``P(target)`` with the concept's layer spliced in unchanged
         (:meth:`CausalRecord.anchored_at`). Effects are unchanged by the anchor unless a
-        probability had to be clipped to [0, 1]. Without the graphs the tables answer alone."""
+        probability had to be clipped to [0, 1]. Without the graphs the tables answer alone.
+
+        share: run the graphs together with :attr:`helper`; False runs them on this thread
+        (background verification, which must not take the helper from live requests)."""
         evidence = batch.evidence(row)
         if not self.tables_answer(network_concepts):
             # the tables' own answers are not needed: only the weights pi and the states
@@ -260,7 +266,7 @@ class ConceptExplainer:
         answered: list[SourcedRecord] = []
         anchors: dict[str, float] = {}
         channels = {layer: [self._where[records[i].concept][1] for i in idx] for layer, idx in by_layer.items()}
-        runs = self._run_graphs(batch, row, channels, target)
+        runs = self._run_graphs(batch, row, channels, target, self.helper if share else None)
         for layer, idx in by_layer.items():
             probes = self.layers[layer].probes
             anchors[layer], probs = runs[layer]

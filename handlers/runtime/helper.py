@@ -14,7 +14,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -86,8 +86,9 @@ def run_shared(tasks: Sequence[Callable[[], None]], helper: HelperThread | None)
     """Run every task once, on this thread and on ``helper`` together, and return when all are
     done. Both take the next task from the front of ``tasks`` (give them costliest first);
     the helper joins as an urgent job when it is free (after the job it runs, before the
-    ones waiting), so a helper still busy takes nothing and this thread runs them all. A task's error stops the others from starting and
-    is raised here, once the task the helper runs (if any) has finished."""
+    ones waiting), so a helper still busy takes nothing and this thread runs them all. A
+    task's error stops the others from starting and is raised here, once the task the helper
+    runs (if any) has finished; this thread's own error wins over the helper's."""
     queue = deque(tasks)
     lock = threading.Lock()
 
@@ -107,6 +108,9 @@ def run_shared(tasks: Sequence[Callable[[], None]], helper: HelperThread | None)
     joined = helper.submit(drain, urgent=True) if helper is not None and len(tasks) > 1 else None
     try:
         drain()
-    finally:
+    except BaseException:
         if joined is not None and not joined.cancel():
-            joined.result()
+            wait([joined])  # the helper's task ends before the error leaves; this error wins
+        raise
+    if joined is not None and not joined.cancel():
+        joined.result()

@@ -185,7 +185,7 @@ class ExplainerService:
         self.steps: list[View] = []
         # One helper thread beside the request thread, shared by ClaDec and the concept graphs
         # (handlers.runtime.helper); overlap_views off: every view in line.
-        helper = HelperThread("explainer-helper") if settings.overlap_views else None
+        helper = self._helper = HelperThread("explainer-helper") if settings.overlap_views else None
         if concepts is not None:
             concepts.use_helper(helper)
             self.steps += [ConceptsStep(concepts, settings.network_concepts), VerifyStep(concepts, self.meta.name)]
@@ -226,6 +226,8 @@ class ExplainerService:
         then runs in line; sampled verification stops)."""
         for step in self.steps:
             step.close()
+        if self._helper is not None:
+            self._helper.close()
         if self.verifier is not None:
             self.verifier.close()
 

@@ -245,7 +245,8 @@ class BackgroundVerifier:
 
     def _verify(self, job: VerifyJob) -> list[Sample]:
         batch = self.explainer.encode(job.activations)
-        records = self.explainer.answer(batch, 0, job.target, job.network_concepts)
+        # in line: the worker's helper thread belongs to the live requests
+        records = self.explainer.answer(batch, 0, job.target, job.network_concepts, share=False)
         return verification_samples(verify_records(self.explainer, batch, 0, job.target, records), self.version)
 
     def _report(self, *samples: Sample) -> None:

@@ -328,14 +328,24 @@ def test_the_tables_answer_only_when_the_network_answers_fewer_than_every_concep
 
 
 def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
-    """One group of layers' graphs runs on the explainer's thread; after close() every graph
+    """Some layers' graphs run on the explainer's helper thread; after close() every graph
     runs here. Both give the very same answers."""
     import threading
+    import time
     explainer, batch, _ = _explainer()
+    shipped, where = explainer.network_probabilities, []
+
+    def slowed(*args, **kwargs):  # long enough for the helper to join before this thread is done
+        where.append(threading.current_thread().name)
+        time.sleep(0.05)
+        return shipped(*args, **kwargs)
+    explainer.network_probabilities = slowed
     before = set(threading.enumerate())  # other tests' explainers may hold graph threads of their own
     threaded = [explainer.answer(batch, row, 1, None) for row in range(2)]
     own = [t for t in set(threading.enumerate()) - before if t.name.startswith("concept-graphs")]
-    assert own
+    assert own and any(name.startswith("concept-graphs") for name in where)
+    assert explainer.answer(batch, 0, 1, None, share=False) is not None
+    assert all(name == threading.current_thread().name for name in where[-len(explainer.spec.layers):])
     explainer.close()
     explainer.close()  # idempotent
     in_line = [explainer.answer(batch, row, 1, None) for row in range(2)]
@@ -344,7 +354,7 @@ def test_the_graph_thread_changes_no_number_and_close_runs_in_line():
             [(b.record.concept, b.source, b.record.effect) for b in b_list]
         for a, b in zip(a_list, b_list):
             np.testing.assert_array_equal(a.record.probabilities, b.record.probabilities)
-    assert not any(t.is_alive() for t in own) and explainer.helper is not None and explainer.helper.closed
+    assert not any(t.is_alive() for t in own) and explainer.helper is None
 
 
 def test_costliest_first_orders_by_cost_then_name():
@@ -354,21 +364,55 @@ def test_costliest_first_orders_by_cost_then_name():
     assert costliest_first({}) == []
 
 
+def _busy_helper(name: str):
+    """A helper whose thread is held by a first job until the returned event is set."""
+    import threading
+
+    from handlers.runtime.helper import HelperThread
+    helper, started, release = HelperThread(name), threading.Event(), threading.Event()
+    blocker = helper.submit(lambda: (started.set(), release.wait(10))[1])
+    assert blocker is not None and started.wait(10)
+    return helper, release, blocker
+
+
 def test_run_shared_leaves_every_task_to_the_caller_while_the_helper_is_busy():
     """The helper is held by an earlier job (as by ClaDec): the caller runs every task itself,
     in order, and returns without waiting for the helper; the helper's share is cancelled."""
     import threading
 
-    from handlers.runtime.helper import HelperThread, run_shared
-    helper = HelperThread("busy")
-    release = threading.Event()
-    blocker = helper.submit(release.wait)
+    from handlers.runtime.helper import run_shared
+    helper, release, blocker = _busy_helper("busy")
     ran: list[tuple[int, str]] = []
     run_shared([lambda i=i: ran.append((i, threading.current_thread().name)) for i in range(3)], helper)
     assert ran == [(i, threading.current_thread().name) for i in range(3)]
     release.set()
-    assert blocker is not None and blocker.result(timeout=10)
+    assert blocker.result(timeout=10)
     helper.close()
+
+
+def test_urgent_jobs_run_before_the_waiting_ones():
+    from handlers.runtime.helper import HelperThread
+    helper, release, _ = _busy_helper("order")
+    order: list[str] = []
+    later = [helper.submit(order.append, "normal 1"), helper.submit(order.append, "urgent", urgent=True),
+             helper.submit(order.append, "normal 2")]
+    release.set()
+    for f in later:
+        assert f is not None and f.result(timeout=10) is None
+    assert order == ["urgent", "normal 1", "normal 2"]
+    helper.close()
+    assert helper.submit(order.append, "after close") is None
+    fresh = HelperThread("unused")
+    assert fresh.submit(len, "") is not None
+    fresh.close()
+
+
+def test_close_runs_the_waiting_jobs_first():
+    helper, release, _ = _busy_helper("closing")
+    waiting = [helper.submit(lambda i=i: i * i) for i in range(4)]
+    release.set()
+    helper.close()
+    assert [f.result(timeout=0) for f in waiting if f is not None] == [0, 1, 4, 9]
 
 
 def test_run_shared_hands_tasks_to_a_free_helper_and_waits_for_them():
@@ -394,14 +438,29 @@ def test_run_shared_hands_tasks_to_a_free_helper_and_waits_for_them():
     assert seen[-2:] == [threading.current_thread().name] * 2
 
 
-def test_run_shared_raises_a_tasks_error_here():
+def test_run_shared_raises_the_helpers_error_after_the_callers_task():
+    """The caller's first task is slow and succeeds; the helper takes the second, which fails:
+    the error comes out of run_shared once the caller's task is done, and the third task
+    never starts."""
+    import threading
+    import time
+
     from handlers.runtime.helper import HelperThread, run_shared
     helper = HelperThread("errors")
+    done: list[str] = []
+    here = threading.current_thread().name
+
+    def slow() -> None:
+        time.sleep(0.2)
+        done.append(threading.current_thread().name)
 
     def boom() -> None:
         raise ValueError("graph failed")
     with pytest.raises(ValueError, match="graph failed"):
-        run_shared([boom, boom, boom], helper)
+        run_shared([slow, boom, slow], helper)
+    assert done == [here]
+    with pytest.raises(ValueError, match="graph failed"):  # the caller's own error
+        run_shared([boom, boom], helper)
     helper.close()
 
 

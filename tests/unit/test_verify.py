@@ -73,6 +73,7 @@ class FakeExplainer:
         self.interventions = {"a": object(), "b": object()}
         self.gate = gate
         self.calls: list[tuple[str, tuple[int, ...]]] = []
+        self.shares: list[bool] = []  # answer(share=...) of each call
 
     def where(self, concept):
         layer, c = concept.split("/c")
@@ -87,7 +88,8 @@ class FakeExplainer:
             self.gate.wait(30)
         return ConceptBatch({}, {}, {})
 
-    def answer(self, batch, row, target, network_concepts):
+    def answer(self, batch, row, target, network_concepts, share=True):
+        self.shares.append(share)
         return [SourcedRecord(CausalRecord(f"{l}/c{c}", 1, PI, np.full(3, 0.5)), "bayesian_network")
                 for l in "ab" for c in range(2)]
 
@@ -113,7 +115,8 @@ def test_verify_records_refuses_a_layer_without_graph():
 def test_background_verifier_drops_when_full_and_never_blocks():
     gate = threading.Event()
     got: list = []
-    v = BackgroundVerifier(FakeExplainer(gate), "1", got.extend, capacity=1)
+    fake = FakeExplainer(gate)
+    v = BackgroundVerifier(fake, "1", got.extend, capacity=1)
     job = VerifyJob({}, 0, 0)
     assert v.offer(job)
     for _ in range(200):  # wait until the thread holds the first job
@@ -127,6 +130,7 @@ def test_background_verifier_drops_when_full_and_never_blocks():
     assert v.wait_idle(10)
     outcomes = [dict(s.labels)["outcome"] for s in got if s.name == M.VERIFY_JOBS]
     assert outcomes.count("verified") == 2
+    assert fake.shares == [False, False]  # in line: the worker's helper thread is the live requests'
     v.close()
     assert not v.offer(job)
 
