@@ -208,9 +208,10 @@ class ClaDecJob:
         return out, (time.perf_counter() - t0) * 1000
 
     def decode(self, activations: dict[str, np.ndarray]) -> None:
-        """Start the decoders on the runner's thread (after this batch's references), so they
-        run beside the concept and feature views on the calling thread. Without a thread (or
-        after the runner closed) :meth:`finish` decodes in line."""
+        """Queue the decoders on the helper (after this batch's references and behind any
+        urgent job, such as the concept graphs it shares), so they run beside the other views
+        on the calling thread. Without a helper (or once it is closed) :meth:`finish` decodes
+        in line."""
         if self._helper is not None and self._decoding is None:
             self._decoding = self._helper.submit(self._reconstructions, activations)  # None once closed
 

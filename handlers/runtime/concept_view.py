@@ -173,17 +173,15 @@ class ConceptExplainer:
         ``layer``: its rows times the layer's measured milliseconds per row (1 until measured)."""
         return self._ms_per_row.get(layer, 1.0) * self._rows(layer, concepts)
 
-    def _run_layers(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int
-                    ) -> dict[str, tuple[float, np.ndarray]]:
-        """:meth:`network_probabilities` of each layer in ``channels``, one after another, each
-        timed into the layer's running milliseconds per row (an exponential average)."""
-        out = {}
-        for layer, chans in channels.items():
-            t0 = time.perf_counter()
-            out[layer] = self.network_probabilities(batch, row, layer, chans, target, self.layers[layer].probes)
-            per_row = (time.perf_counter() - t0) * 1000 / self._rows(layer, len(chans))
-            seen = self._ms_per_row.get(layer)
-            self._ms_per_row[layer] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
+    def _run_layer(self, batch: ConceptBatch, row: int, layer: str, chans: list[int], target: int
+                   ) -> tuple[float, np.ndarray]:
+        """:meth:`network_probabilities` of ``chans`` of ``layer``, timed into the layer's
+        running milliseconds per row (an exponential average)."""
+        t0 = time.perf_counter()
+        out = self.network_probabilities(batch, row, layer, chans, target, self.layers[layer].probes)
+        per_row = (time.perf_counter() - t0) * 1000 / self._rows(layer, len(chans))
+        seen = self._ms_per_row.get(layer)
+        self._ms_per_row[layer] = per_row if seen is None else 0.8 * seen + 0.2 * per_row
         return out
 
     def _run_graphs(self, batch: ConceptBatch, row: int, channels: dict[str, list[int]], target: int,
@@ -196,7 +194,7 @@ class ConceptExplainer:
         out: dict[str, tuple[float, np.ndarray]] = {}
 
         def task(layer: str) -> Callable[[], None]:
-            return lambda: out.update(self._run_layers(batch, row, {layer: channels[layer]}, target))
+            return lambda: out.__setitem__(layer, self._run_layer(batch, row, layer, channels[layer], target))
         run_shared([task(l) for l in costliest_first({l: self._cost(l, len(c)) for l, c in channels.items()})],
                    helper)
         return out

@@ -195,9 +195,9 @@ class HandlerSettings:
             its layer (at 224 px the two demo layers' RefAEs cost 1.8 classifier runs).
         overlap_views: one helper thread beside the request thread (onnxruntime and zlib
             release the GIL): ClaDec's reference autoencoders (they need only the input)
-            beside the classifier, then its decoders, then whichever concept intervention
-            graphs the request thread has not yet taken; lowers explanation latency when a
-            core is free. Off: every view in line on the request thread.
+            beside the classifier, then whichever concept intervention graphs the request
+            thread has not yet taken, then ClaDec's decoders; lowers explanation latency when
+            a core is free. Off: every view in line on the request thread.
         providers: onnxruntime execution providers, in order of preference; providers
             not available on the machine are skipped, CPU is always the last resort.
             Names onnxruntime does not know at all (typos) are rejected.
