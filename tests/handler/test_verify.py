@@ -41,6 +41,20 @@ def _effect(p, state, pi):
     return p[state] - float(np.dot(pi, p))
 
 
+def _recall3_under_rounding(network_effects: np.ndarray, rounding: float = 5e-7) -> set[float]:
+    """The answer's recall@3 (its first three concepts against the network's three largest
+    |effects|, as the server ranks them unrounded) that effects rounded to 6 decimals allow:
+    one value, unless |effects| within two roundings of the third largest tie after rounding
+    (the tiny model has effects of a few 1e-6), when each way of breaking that tie counts."""
+    a = np.abs(network_effects)
+    third = np.sort(a)[::-1][2]
+    sure = {i for i in range(len(a)) if a[i] > third + 2 * rounding}
+    tied = {i for i in range(len(a)) if abs(a[i] - third) <= 2 * rounding}
+    shown, need = {0, 1, 2}, 3 - len(sure)
+    return {round((len(sure & shown) + j) / 3, 6)
+            for j in range(max(0, need - len(tied - shown)), min(need, len(tied & shown)) + 1)}
+
+
 def test_verify_equals_torch_interventions(handler, model_dir, tiny_full_bundle, tiny_classifier, sample_pngs):
     """Every verified concept carries the network's own P(target | do(state)) (torch, same
     weights, to 1e-4) and its effect with the served weights; network-answered concepts agree
@@ -72,7 +86,6 @@ def test_verify_equals_torch_interventions(handler, model_dir, tiny_full_bundle,
         v = body["verification"]
         s, m = np.array(served_e), np.array(network_e)
         lin = 2 * np.mean((s - s.mean()) * (m - m.mean())) / (s.var() + m.var() + (s.mean() - m.mean()) ** 2)
-        top3_network = set(np.argsort(-np.abs(m), kind="stable")[:3])
         assert v["concepts"] == 12
         assert v["mae_p"] == pytest.approx(np.mean(errors), abs=2e-6)
         assert v["effect_mae"] == pytest.approx(np.abs(s - m).mean(), abs=2e-6)
@@ -80,7 +93,7 @@ def test_verify_equals_torch_interventions(handler, model_dir, tiny_full_bundle,
         # that error over the effects' spread, which is small for the tiny model's effects
         rounding = 1e-4 + 10 * 5e-7 / max(min(s.std(), m.std()), 1e-9)
         assert v["ccc"] == pytest.approx(lin, abs=rounding)
-        assert v["recall3"] == pytest.approx(len(top3_network & {0, 1, 2}) / 3)
+        assert v["recall3"] in _recall3_under_rounding(m)
         assert body["timings_ms"]["verify"] >= 0
 
 
