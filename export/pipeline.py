@@ -33,7 +33,7 @@ from torch import nn
 from export.cladec import ClaDecConfig
 from export.concepts import ConceptConfig
 from export.data.loader import ImageDataset
-from export.device import DEVICE_HELP, resolve_device
+from export.device import DEVICE_HELP, channels_last_inference, resolve_device
 from export.errors import FailedChecksError, PipelineError, describe_checks
 from export.features import FeatureConfig
 from export.quantize import QuantizeConfig
@@ -115,9 +115,14 @@ class LoadedClassifier:
 
     def to(self, device: str) -> LoadedClassifier:
         """The same classifier on ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
-        :func:`export.device.resolve_device`), with a factory whose fresh copies start there."""
+        :func:`export.device.resolve_device`), with a factory whose fresh copies start there.
+        On the CPU one of this project's architectures also switches to channels-last weights
+        (:func:`export.device.channels_last_inference`), in place; a user's model keeps its
+        layout (its code may ``view`` activations)."""
         dev = resolve_device(device)
         if dev.type == "cpu":
+            if "architecture" in self.info:  # one of this project's networks: safe in any layout
+                channels_last_inference(self.model)
             return self
         make = self.factory
         return dataclasses.replace(self, model=self.model.to(dev), factory=lambda: make().to(dev))

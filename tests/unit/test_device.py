@@ -257,3 +257,33 @@ def test_fast_bf16_reads_the_cpus_instruction_sets(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx: v, raising=False)
         assert dev.fast_bf16(torch.device("cpu")) is (amx or avx)
     assert dev.fast_bf16(torch.device("meta")) is False
+
+
+def test_a_project_classifier_infers_in_channels_last_on_the_cpu_with_the_same_logits(tiny_classifier, tmp_path):
+    """On the CPU the build's own architectures switch to channels-last weights (faster float32
+    convolutions): the logits stay those of the contiguous model up to float rounding. A
+    user's model keeps its layout (its code may ``view`` activations)."""
+    from safetensors.torch import save_file
+    loaded = pipeline.load_classifier(ModelSource(classifier=tiny_classifier))
+    conv = next(m for m in loaded.model.modules() if isinstance(m, nn.Conv2d))
+    x = torch.randn(4, loaded.spec.channels, loaded.spec.height, loaded.spec.width)
+    with torch.no_grad():
+        before = loaded.model(x)
+        assert conv.weight.is_contiguous()
+        on_cpu = loaded.to("cpu")
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        assert torch.allclose(on_cpu.model(x), before, atol=1e-4, rtol=1e-4)
+
+    user_file = tmp_path / "user_net.py"
+    user_file.write_text("from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+                         "        super().__init__()\n        self.conv = nn.Conv2d(3, 4, 3)\n"
+                         "        self.fc = nn.Linear(4 * 30 * 30, 2)\n\n    def forward(self, x):\n"
+                         "        h = self.conv(x)\n        return self.fc(h.view(h.shape[0], -1))\n")
+    weights = tmp_path / "user_net.safetensors"
+    from export.models import load_user_model
+    save_file(load_user_model(user_file, "Net").state_dict(), str(weights))
+    user = pipeline.load_classifier(ModelSource(model_file=user_file, model_class="Net", weights=weights,
+                                                classes=("a", "b"), size=32, channels=3)).to("cpu")
+    assert user.model.conv.weight.is_contiguous()
+    with torch.no_grad():
+        assert user.model(torch.randn(2, 3, 32, 32)).shape == (2, 2)  # its view still works
