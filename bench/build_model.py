@@ -49,13 +49,25 @@ class Counts:
     ae_epochs: int | None = 1  # None: the methods' defaults (epochs with their least step counts)
     cladec_images: int | None = None  # None: ae_images
     cladec_epochs: int | None = None  # None: as ae_epochs
+    analysis_images: int | None = None  # None: n_train (the layer analysis of a trained model)
+    cladec_width: int = ClaDecConfig.decoder_width  # channels of a ClaDec decoder's first feature map
+    cladec_batch: int = ClaDecConfig.batch_size  # images per ClaDec decoder and RefAE step
 
 
-# ClaDec at 224 px on 2 cores: a RefAE step (a fresh encoder up to the layer, the whole network
-# for avgpool) takes about 5 s in bf16 at batch 128, so the trained build gives it 80 steps on
-# 1,000 images and serves the alpha = 0 decoder only
-TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=10, intervention_images=200, validity_images=100,
-                 cladec_eval_images=300, ae_epochs=None, cladec_images=1000, cladec_epochs=10)
+# Counts that fit the 45-minute budget of a 2-core build (docs/deployment.md says what each
+# trades). The classifier needs its 10 epochs (held-out accuracy 0.53 after 6, 1.0 after 7-10).
+# The concept autoencoders train 7 epochs of 16 steps (their losses flattened after 8-9 of the
+# 12 the methods' 180-step floor gives). The network's interventions run on 160 training
+# images (rows scale with them); the validity keeps 100 held-out images. ClaDec: a RefAE step
+# (a fresh encoder up to the layer, the whole network for avgpool) takes about 4 s in bf16 at
+# batch 128, so the RefAEs and decoders get 80 steps on 1,000 images and only the alpha = 0
+# decoder is served. At that budget 32-wide decoders on batches of 128 were recognised in 24 %
+# at layer2 (RefAE 31 %, chance 10 %), the 128-wide ones on batches of 64 that serve the demo in
+# 9 % (RefAE 41 %): a wide decoder needs more steps than 2 cores give here (docs/deployment.md).
+# The layer analysis reads 1,500 images.
+TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=10, intervention_images=160, validity_images=100,
+                 cladec_eval_images=300, ae_epochs=7, cladec_images=1000, cladec_epochs=10, analysis_images=1500,
+                 cladec_width=32, cladec_batch=128)
 
 #: bundle file whose presence means a step already ran (a resumed build skips it)
 STEP_FILES = {"concepts": "concepts.json", "cladec": "cladec.json", "features": "features.json",
@@ -135,6 +147,7 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
         cladec=ClaDecConfig(train_images=c.cladec_images or c.ae_images, eval_images=c.cladec_eval_images,
                             fresh_classifier_epochs=0, sweep_alphas=(), seed=seed,
                             alphas=(0.0,) if trained else ClaDecConfig.alphas,
+                            decoder_width=c.cladec_width, batch_size=c.cladec_batch,
                             precision=precision if trained else "fp32",
                             epochs=cladec_epochs, min_steps=ClaDecConfig.min_steps if cladec_epochs is None else 0))))
     step("features", lambda: pipeline.add_features(pipeline.FeaturesStep(
@@ -142,7 +155,7 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
     step("quantization", lambda: pipeline.quantize(pipeline.QuantizeStep(bundle=bundle, data=data)))
     if trained:
         timed(report, "analysis", lambda: {k: v for k, v in pipeline.analyze(pipeline.AnalyzeStep(
-            bundle=bundle, data=data, model=model, device=device, images=c.n_train,
+            bundle=bundle, data=data, model=model, device=device, images=c.analysis_images or c.n_train,
             out=out / "analysis")).items() if k != "concept_names"})
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if reused is not None:  # every step's seconds, this run's and the reused ones'
