@@ -65,7 +65,8 @@ Jpeg = Annotated[bytes, PlainSerializer(_base64, return_type=str, when_used="unl
                  WithJsonSchema({"type": "string", "contentEncoding": "base64", "contentMediaType": "image/jpeg"})]
 
 
-#: Encodings of the ClaDec images a request may ask for (``image_format``); png is the default.
+#: Encodings of the ClaDec images a request may ask for (``image_format``); without one, the
+#: model's setting decides (:func:`handlers.runtime.imaging.cladec_image_format`).
 CLADEC_IMAGE_FORMATS = ("png", "jpeg")
 
 
@@ -232,8 +233,8 @@ class ClaDecImage(Answer):
 
     layer: str
     alpha: float
-    reconstruction_png: Png | Absent = omitted("the decoder's image (image_format png, the default)")
-    reconstruction_jpeg: Jpeg | Absent = omitted("the decoder's image with image_format jpeg")
+    reconstruction_png: Png | Absent = omitted("the decoder's image (image_format png; the default below 128 px)")
+    reconstruction_jpeg: Jpeg | Absent = omitted("the decoder's image with image_format jpeg (the default from 128 px)")
     reference_png: Png | Absent = omitted("the reference autoencoder's reconstruction: on the first entry "
                                  "of each layer only (the layer's other alphas share it); absent with "
                                  "reference=false")

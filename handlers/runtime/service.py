@@ -37,7 +37,7 @@ from handlers.runtime.devices import in_use, plan_devices
 from handlers.runtime.errors import ExplanationsUnavailable
 from handlers.runtime.features import FeatureView
 from handlers.runtime.helper import HelperThread
-from handlers.runtime.imaging import decode_image, normalize, to_pixels
+from handlers.runtime.imaging import cladec_image_format, decode_image, normalize, to_pixels
 from handlers.runtime.metrics import (
     CONCEPT_STATE,
     ERRORS,
@@ -179,7 +179,9 @@ class ExplainerService:
             classes=tuple(self.meta.classes), views=self.views,
             num_concepts=concepts.num_concepts if concepts is not None else 0, top_k=settings.top_k,
             top_concepts=settings.top_concepts, cladec_reference=settings.cladec_reference,
-            cladec_alphas=settings.cladec_alphas, cladec_image_format=settings.cladec_image_format)
+            cladec_alphas=settings.cladec_alphas,
+            cladec_image_format=cladec_image_format(settings.cladec_image_format, self.meta.input.height,
+                                                    self.meta.input.width))
         self._monitor_rng = random.Random(0)
         # The views, in the order they run on a batch (a later one reads the earlier ones' parts).
         self.steps: list[View] = []

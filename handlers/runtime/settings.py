@@ -130,10 +130,10 @@ def _parse_alpha_choice(name: str, value: Any) -> str:
 
 
 def _parse_image_format(name: str, value: Any) -> str:
-    from handlers.runtime.answer import CLADEC_IMAGE_FORMATS
+    from handlers.runtime.imaging import CLADEC_FORMAT_SETTINGS
     word = _parse_str(name, value).lower()
-    if word not in CLADEC_IMAGE_FORMATS:
-        raise SettingsError(f"handler setting {name} must be one of {list(CLADEC_IMAGE_FORMATS)}, got {_show(value)}")
+    if word not in CLADEC_FORMAT_SETTINGS:
+        raise SettingsError(f"handler setting {name} must be one of {list(CLADEC_FORMAT_SETTINGS)}, got {_show(value)}")
     return word
 
 
@@ -207,7 +207,9 @@ class HandlerSettings:
         cladec_alphas: ClaDec entries per layer unless the request sets ``alphas``: "lowest"
             (the layer's lowest archived alpha; alpha 0 is pure ClaDec) or "all".
         cladec_image_format: encoding of the ClaDec images unless the request sets
-            ``image_format``: "png" (lossless) or "jpeg" (quality 90; several times smaller).
+            ``image_format``: "png" (lossless), "jpeg" (quality 90; several times smaller) or
+            "auto" (JPEG from 128 px on the shorter side, PNG below:
+            :func:`handlers.runtime.imaging.cladec_image_format` gives the measurements).
         cladec_chunk_rows: rows of a batch per ClaDec decoder or reference-autoencoder run
             (0: the whole batch at once); bounds their intermediate buffers for large
             ``batchSize`` (``make bench`` measures the effect on peak memory and latency).
@@ -246,7 +248,7 @@ class HandlerSettings:
     providers: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
     cpu_int8: bool = True
     cladec_alphas: str = "lowest"
-    cladec_image_format: str = "png"
+    cladec_image_format: str = "auto"
     cladec_chunk_rows: int = 2
     network_concepts: int | None = None
     verify_fraction: float = 0.01

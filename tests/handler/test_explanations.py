@@ -263,6 +263,26 @@ def test_cladec_alphas_and_jpeg(handler, model_dir, sample_pngs):
             assert np.array_equal(np.asarray(b), np.asarray(Image.open(ref)))
 
 
+def test_cladec_format_auto_follows_the_image_size(model_dir, sample_pngs, monkeypatch):
+    """The default "auto" sends the 32 px test model's ClaDec images as PNG; a worker whose
+    threshold its size reaches sends JPEG by default, and a request's image_format still wins."""
+    import handlers.runtime.imaging as imaging
+
+    def first_entry(h: ConceptExplainerHandler, **options) -> set[str]:
+        status, body = explain(h, model_dir, sample_pngs[0], **options)
+        assert status == 200
+        return set(body["cladec"][0])
+
+    small = ConceptExplainerHandler()
+    small.initialize(make_context(model_dir))
+    assert first_entry(small) == {"layer", "alpha", "reconstruction_png", "reference_png"}
+    monkeypatch.setattr(imaging, "AUTO_JPEG_MIN_SIDE", 32)
+    large = ConceptExplainerHandler()
+    large.initialize(make_context(model_dir))
+    assert first_entry(large) == {"layer", "alpha", "reconstruction_jpeg", "reference_jpeg"}
+    assert first_entry(large, image_format="png") == {"layer", "alpha", "reconstruction_png", "reference_png"}
+
+
 @pytest.mark.parametrize("options", [{"alphas": [0.5]}, {"alphas": "some"}, {"alphas": []}, {"alphas": [True]},
                                      {"image_format": "gif"}, {"image_format": 1}])
 def test_bad_cladec_choices_are_400(handler, model_dir, sample_pngs, options):

@@ -292,3 +292,20 @@ def test_blas_threads_limit_numpy_in_the_process():
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok [2]")
+
+
+@pytest.mark.parametrize("setting, side, expected", [
+    ("auto", 32, "png"), ("auto", 64, "png"), ("auto", 127, "png"), ("auto", 128, "jpeg"), ("auto", 224, "jpeg"),
+    ("png", 224, "png"), ("jpeg", 32, "jpeg")])
+def test_cladec_image_format_auto_is_jpeg_from_128_px(setting, side, expected):
+    from handlers.runtime.imaging import cladec_image_format
+    assert cladec_image_format(setting, side, side) == expected
+    assert cladec_image_format(setting, side, 1000) == expected  # the shorter side decides
+    assert HandlerSettings().cladec_image_format == "auto"
+    assert HandlerSettings.from_mapping({"cladec_image_format": " Auto "}).cladec_image_format == "auto"
+
+
+def test_cladec_image_format_rejects_other_settings():
+    from handlers.runtime.imaging import cladec_image_format
+    with pytest.raises(ValueError, match="webp"):
+        cladec_image_format("webp", 224, 224)
