@@ -115,6 +115,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "explanations_without_reference": {"options": {"reference": False}},
     "explanations_all_alphas": {"options": {"alphas": "all"}},
     "explanations_jpeg": {"options": {"image_format": "jpeg"}},
+    "explanations_png": {"options": {"image_format": "png"}},
     "explanations_float_graphs": {"model": "xf"},
 }
 
@@ -466,10 +467,13 @@ def _levers() -> list[tuple[str, Callable[[dict], str], str]]:
         ("every archived alpha (`\"alphas\": \"all\"`, the old default): p50, bytes",
          lambda s: _variant(s, "explanations_all_alphas"), "default: lowest alpha"),
         ("ClaDec images as JPEG (`\"image_format\": \"jpeg\"`): p50, bytes", lambda s: _variant(s, "explanations_jpeg"),
-         "on request"),
+         "default from 128 px"),
+        ("ClaDec images as PNG (`\"image_format\": \"png\"`): p50, bytes", lambda s: _variant(s, "explanations_png"),
+         "default below 128 px"),
         ("without ClaDec reference images (`\"reference\": false`): p50, bytes",
          lambda s: _variant(s, "explanations_without_reference"), "on request"),
-        ("ClaDec images of one answer: PNG, lossless WebP, JPEG q90", formats, "PNG default, JPEG on request"),
+        ("ClaDec images of one answer: PNG, lossless WebP, JPEG q90", formats,
+         "auto: PNG below 128 px, JPEG from 128 px"),
         ("the helper thread, one explanation in process: every view in line, ClaDec on the helper, ClaDec and "
          "the concept graphs sharing it (shipped)", overlap, "kept"),
         ("ClaDec graphs on a batch of 8 in fresh processes: whole batch vs 2 rows at a time "
