@@ -191,18 +191,18 @@ def encode_png(pixels: np.ndarray, level: int = PNG_LEVEL) -> bytes:
             + _png_chunk(b"IDAT", _png_idat(arr.reshape(h, w * ch), ch, level)) + _png_chunk(b"IEND", b""))
 
 
-#: JPEG quality of explanation images sent with image_format jpeg: on the demo's 64 px and the
-#: 224 px bench model's ClaDec images, 4-5x fewer bytes than PNG and 3-10x faster to encode
-#: (bench/run.py, "image formats"); 4:2:0 chroma subsampling, Pillow's default.
+#: JPEG quality of explanation images sent as JPEG: on the demo's 64 px and the 224 px bench
+#: model's ClaDec images, 5-11x fewer bytes than PNG and 2-4x faster to encode (bench/run.py,
+#: "image formats"); 4:2:0 chroma subsampling, Pillow's default.
 JPEG_QUALITY = 90
 
 #: Shorter image side from which ClaDec images are JPEG unless a model or request says
-#: otherwise (setting ``cladec_image_format: auto``). Measured on served answers (12 held-out
-#: images each): at 224 px JPEG q90 moves a pixel by 0.015-0.017 RMS (0-1 units) where the
-#: reconstructions differ from the input by 0.064-0.21, so it adds at most 5 % to their squared
-#: error, and a layer2 image shrinks from 63-79 KB to 8 KB; at 64 px the PNGs are 4-8 KB and
-#: JPEG would add 17 % to the reference autoencoder's error (0.013 against 0.033), its 4:2:0
-#: chroma at 32 px blurring the shape's colour, so small images stay lossless.
+#: otherwise (setting ``cladec_image_format: auto``). ``python -m bench.image_format_error``
+#: on 12 held-out images of each model: at 224 px JPEG q90 adds a median 0-3 % (at most 7 %)
+#: to a ClaDec or reference image's squared error against the input, and an image shrinks from
+#: 37-67 KB to 2-6.5 KB; at 64 px the PNGs are 4.5-8 KB, and JPEG would add a median 16 % (up
+#: to 27 %) to the reference autoencoder's, whose images are close to the input (RMS 0.032),
+#: its 4:2:0 chroma at 32 px blurring the shape's colour; so small images stay lossless.
 AUTO_JPEG_MIN_SIDE = 128
 
 #: What the setting ``cladec_image_format`` accepts: an encoding, or "auto" (by image size).
