@@ -109,7 +109,7 @@ latency: venv
 	$(PY) -m bench.latency --model $(MODEL) --image $(SAMPLE) --requests 200
 
 ## Benchmarks (python -m bench.run): the demo model and the trained ResNet-18-sized model at
-## 224 px (make model-224, built on first use: about 50 minutes on 2 cores), each against a real
+## 224 px (make model-224, built on first use: about 45 minutes on 2 cores), each against a real
 ## TorchServe.
 BUNDLE := build/$(MODEL)/bundle/manifest.json
 $(BUNDLE):

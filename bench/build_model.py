@@ -55,15 +55,16 @@ class Counts:
 
 
 # Counts that fit the 45-minute budget of a 2-core build (docs/deployment.md says what each
-# trades). The classifier needs its 10 epochs (held-out accuracy 0.53 after 6, 1.0 after 7-10).
+# trades). The classifier needs its 10 epochs (held-out accuracy 0.53 after 6, 0.97-1.0 from 7).
 # The concept autoencoders train 7 epochs of 16 steps (their losses flattened after 8-9 of the
 # 12 the methods' 180-step floor gives). The network's interventions run on 160 training
 # images (rows scale with them); the validity keeps 100 held-out images. ClaDec: a RefAE step
-# (a fresh encoder up to the layer, the whole network for avgpool) takes about 4 s in bf16 at
+# (a fresh encoder up to the layer, the whole network for avgpool) takes 2.6-3 s in bf16 at
 # batch 128, so the RefAEs and decoders get 80 steps on 1,000 images and only the alpha = 0
-# decoder is served. At that budget 32-wide decoders on batches of 128 were recognised in 24 %
-# at layer2 (RefAE 31 %, chance 10 %), the 128-wide ones on batches of 64 that serve the demo in
-# 9 % (RefAE 41 %): a wide decoder needs more steps than 2 cores give here (docs/deployment.md).
+# decoder is served. At that budget layer2's ClaDec images were recognised in 24 % and 11 % of
+# held-out images in two builds with these counts (RefAE 31 % and 33 %, chance 10 %), and in 9 %
+# (RefAE 41 %) with 160 steps of 64: ClaDec needs more steps than 2 cores give here
+# (docs/deployment.md).
 # The layer analysis reads 1,500 images.
 TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=10, intervention_images=160, validity_images=100,
                  cladec_eval_images=300, ae_epochs=7, cladec_images=1000, cladec_epochs=10, analysis_images=1500,

@@ -102,12 +102,14 @@ def autocast(device: torch.device, mixed: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed)
 
 
-
 def channels_last_inference(model: nn.Module) -> nn.Module:
     """``model`` (in place) with its 4-d weights in channels-last layout, which oneDNN's CPU
     convolutions run faster in float32 too: the same outputs up to float rounding (1e-5 on the
     logits). On this project's 2-core machine a ResNet-18-sized forward pass at 224 px, batch
     64, took 1.16 s against 1.53 s contiguous (64 px demo, batch 256: 61 against 69 ms). The
-    build's float32 passes (activations, the network's interventions, evaluations) gain that;
-    training keeps its own layout (:class:`export.train.TrainConfig`)."""
+    build's float32 passes (activations, the network's interventions, evaluations) gain that.
+    Copies inherit the layout: a ClaDec reference autoencoder's encoder (a re-initialised copy
+    of the classifier) trains in channels-last, which bf16 training uses anyway
+    (:class:`export.train.TrainConfig`); saved weights are made contiguous
+    (:func:`export.models.save_weights`)."""
     return model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # (missing from torch's stubs)

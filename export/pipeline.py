@@ -117,8 +117,8 @@ class LoadedClassifier:
         """The same classifier on ``device`` (``auto``, ``cpu``, ``cuda[:N]``:
         :func:`export.device.resolve_device`), with a factory whose fresh copies start there.
         On the CPU one of this project's architectures also switches to channels-last weights
-        (:func:`export.device.channels_last_inference`), in place; a user's model keeps its
-        layout (its code may ``view`` activations)."""
+        (:func:`export.device.channels_last_inference`), in place, and copies made from it
+        inherit it; a user's model keeps its layout (its code may ``view`` activations)."""
         dev = resolve_device(device)
         if dev.type == "cpu":
             if "architecture" in self.info:  # one of this project's networks: safe in any layout

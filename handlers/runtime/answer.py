@@ -238,7 +238,7 @@ class ClaDecImage(Answer):
     reference_png: Png | Absent = omitted("the reference autoencoder's reconstruction: on the first entry "
                                  "of each layer only (the layer's other alphas share it); absent with "
                                  "reference=false")
-    reference_jpeg: Jpeg | Absent = omitted("reference_png with image_format jpeg")
+    reference_jpeg: Jpeg | Absent = omitted("reference_png with image_format jpeg (the default from 128 px)")
 
     @model_validator(mode="after")
     def _one_format(self) -> ClaDecImage:

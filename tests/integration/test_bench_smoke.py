@@ -43,11 +43,11 @@ def test_bench_smoke(tiny_full_bundle: Path, tiny_classifier: Path, tiny_data: P
         for v in ("explanations_without_reference", "explanations_all_alphas", "explanations_jpeg",
                   "explanations_png", "explanations_float_graphs"):
             assert c1[v]["n"] > 0 and c1[v]["response_bytes"] > c1["predictions"]["response_bytes"], v
-        # the demo's 64 px is below the auto threshold: its default answer carries PNG (the same
-        # bytes up to the digits of its timings), JPEG on request is several times smaller
+        # the smoke models' 32 px is below the auto threshold: the default answer carries PNG (the
+        # same bytes up to the digits of its timings), JPEG on request is smaller
         default_bytes = c1["explanations"]["response_bytes"]
         assert abs(c1["explanations_png"]["response_bytes"] - default_bytes) < 0.01 * default_bytes
-        assert c1["explanations_jpeg"]["response_bytes"] < 0.8 * default_bytes
+        assert c1["explanations_jpeg"]["response_bytes"] < default_bytes
         assert c1["explanations_all_alphas"]["response_bytes"] > c1["explanations"]["response_bytes"]  # 2 alphas
         assert size["worker_peak_rss_mb"]["explanations_float_graphs"] > 0
         # the offline levers: every explanation graph in 8 bits, merged encoders, saved optimisation, formats
