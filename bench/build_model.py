@@ -70,6 +70,10 @@ TRAINED = Counts(n_train=3000, n_test=500, ae_images=2000, epochs=10, interventi
                  cladec_eval_images=300, ae_epochs=7, cladec_images=1000, cladec_epochs=10, analysis_images=1500,
                  cladec_width=32, cladec_batch=128)
 
+#: the counts the method steps in ``out / "bundle"`` were built with (a resumed build keeps
+#: those steps only when they match)
+METHOD_COUNTS = "method-counts.json"
+
 #: bundle file whose presence means a step already ran (a resumed build skips it)
 STEP_FILES = {"concepts": "concepts.json", "cladec": "cladec.json", "features": "features.json",
               "quantization": "quantization.json"}
@@ -99,9 +103,11 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
     autoencoders and ClaDec train in ``precision`` (:class:`export.train.TrainConfig`).
     ``counts`` None: the timing model with ``n_train``, ``n_test`` and ``ae_images``.
     ``reuse_classifier``: keep the data and classifier in ``out`` when
-    :func:`reusable_training` finds them, and the method steps already in its bundle (a build
-    that stopped resumes at the first missing step; a skipped step's seconds are the ones its
-    file recorded). Returns the build report (also written to ``out / "build-report.json"``)."""
+    :func:`reusable_training` finds them, and the method steps already in its bundle when they
+    were built with the same counts, architecture, size and precision (``out /
+    METHOD_COUNTS``; a build that stopped resumes at the first missing step, a build with other
+    counts runs every method step again; a skipped step's seconds are the ones its file
+    recorded). Returns the build report (also written to ``out / "build-report.json"``)."""
     c = counts or Counts(n_train=n_train, n_test=n_test, ae_images=ae_images)
     trained = c.epochs > 0
     t0 = time.perf_counter()
@@ -123,9 +129,16 @@ def build(out: Path, arch: str = "resnet18_like", size: int = 224, n_train: int 
         report.setdefault("step_seconds", {})["train"] = reused.get("seconds")
         report["reused_classifier"] = True
 
+    method_record = {"arch": arch, "size": size, "precision": report["precision"], "counts": dataclasses.asdict(c)}
+    counts_file = out / METHOD_COUNTS
+    keep_steps = (reused is not None and counts_file.exists()
+                  and json.loads(counts_file.read_text()) == method_record)
+    out.mkdir(parents=True, exist_ok=True)
+    counts_file.write_text(json.dumps(method_record, indent=2) + "\n")
+
     def step(name: str, run: Callable[[], dict[str, Any]]) -> None:
         done = bundle / STEP_FILES[name]
-        if reused is None or not done.exists():
+        if not keep_steps or not done.exists():
             timed(report, name, run)
             return
         recorded = json.loads(done.read_text()).get("report", {})  # the step's own report, as it ran

@@ -1,6 +1,7 @@
 """bench/build_model.py's resumed builds: which steps run again and what the report says."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,15 @@ def test_a_matching_classifier_is_found_and_a_different_one_is_not(tmp_path: Pat
     assert reusable_training(tmp_path / "other", "resnet18_like", 32, COUNTS) is None
 
 
+def _method_counts(out: Path, counts: Counts) -> None:
+    """The record a build with ``counts`` (at 32 px, the default architecture) leaves beside its bundle."""
+    (out / build_model.METHOD_COUNTS).write_text(json.dumps(
+        {"arch": "resnet18_like", "size": 32, "precision": "bf16", "counts": dataclasses.asdict(counts)}))
+
+
 def test_a_resumed_build_skips_the_classifier_and_the_steps_in_the_bundle(tmp_path: Path, calls: list[str]):
     _trained_folder(tmp_path)
+    _method_counts(tmp_path, COUNTS)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "metadata.json").write_text("{}")
@@ -68,3 +76,20 @@ def test_without_reuse_every_step_runs(tmp_path: Path, calls: list[str]):
     report = build(tmp_path, size=32, counts=COUNTS)
     assert calls == list(STEPS)
     assert "reused_classifier" not in report and "seconds_all_steps" not in report
+
+
+@pytest.mark.parametrize("recorded", [None, dataclasses.replace(COUNTS, intervention_images=COUNTS.intervention_images + 1)])
+def test_method_steps_built_with_other_or_unknown_counts_run_again(tmp_path: Path, calls: list[str], recorded):
+    """Only the classifier is kept when the bundle's steps were built with other counts (or
+    nothing says with which); the new counts are recorded for the next resume."""
+    _trained_folder(tmp_path)
+    if recorded is not None:
+        _method_counts(tmp_path, recorded)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "metadata.json").write_text("{}")
+    (bundle / "concepts.json").write_text(json.dumps({"report": {"seconds": 1304.0}}))
+    report = build(tmp_path, size=32, counts=COUNTS, reuse_classifier=True)
+    assert calls == ["add_concepts", "add_cladec", "add_features", "quantize", "analyze"]
+    assert report["train"]["reused"] and "reused" not in report["concepts"]
+    assert json.loads((tmp_path / build_model.METHOD_COUNTS).read_text())["counts"] == dataclasses.asdict(COUNTS)
