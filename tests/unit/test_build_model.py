@@ -53,14 +53,21 @@ def _method_counts(out: Path, counts: Counts) -> None:
         {"arch": "resnet18_like", "size": 32, "precision": "bf16", "counts": dataclasses.asdict(counts)}))
 
 
-def test_a_resumed_build_skips_the_classifier_and_the_steps_in_the_bundle(tmp_path: Path, calls: list[str]):
-    _trained_folder(tmp_path)
-    _method_counts(tmp_path, COUNTS)
-    bundle = tmp_path / "bundle"
+def _resume_after_concepts(out: Path, recorded: Counts | None) -> dict[str, Any]:
+    """A trained classifier and a bundle whose concept step is done (built with ``recorded``
+    counts; None: no record), resumed with :data:`COUNTS`; returns the build report."""
+    _trained_folder(out)
+    if recorded is not None:
+        _method_counts(out, recorded)
+    bundle = out / "bundle"
     bundle.mkdir()
     (bundle / "metadata.json").write_text("{}")
     (bundle / "concepts.json").write_text(json.dumps({"report": {"seconds": 1304.0}}))
-    report = build(tmp_path, size=32, counts=COUNTS, reuse_classifier=True)
+    return build(out, size=32, counts=COUNTS, reuse_classifier=True)
+
+
+def test_a_resumed_build_skips_the_classifier_and_the_steps_in_the_bundle(tmp_path: Path, calls: list[str]):
+    report = _resume_after_concepts(tmp_path, COUNTS)
     assert calls == ["add_cladec", "add_features", "quantize", "analyze"]
     assert report["train"]["reused"] and report["concepts"] == {"reused": True, "seconds": 1304.0}
     assert report["step_seconds"]["train"] == 600.0 and report["step_seconds"]["concepts"] == 1304.0
@@ -82,14 +89,7 @@ def test_without_reuse_every_step_runs(tmp_path: Path, calls: list[str]):
 def test_method_steps_built_with_other_or_unknown_counts_run_again(tmp_path: Path, calls: list[str], recorded):
     """Only the classifier is kept when the bundle's steps were built with other counts (or
     nothing says with which); the new counts are recorded for the next resume."""
-    _trained_folder(tmp_path)
-    if recorded is not None:
-        _method_counts(tmp_path, recorded)
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "metadata.json").write_text("{}")
-    (bundle / "concepts.json").write_text(json.dumps({"report": {"seconds": 1304.0}}))
-    report = build(tmp_path, size=32, counts=COUNTS, reuse_classifier=True)
+    report = _resume_after_concepts(tmp_path, recorded)
     assert calls == ["add_concepts", "add_cladec", "add_features", "quantize", "analyze"]
     assert report["train"]["reused"] and "reused" not in report["concepts"]
     assert json.loads((tmp_path / build_model.METHOD_COUNTS).read_text())["counts"] == dataclasses.asdict(COUNTS)
